@@ -1,0 +1,223 @@
+"""The model zoo: tiny offline models, full-size random-weight architectures, and local checkpoints (path:DIR).
+
+Every backend starts from the same fixed prompts, seed and initial latents per model x shape (MLPerf style).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.errors import UserError
+from harness.models.full import FULL_MODELS, build_full
+from harness.models.tiny import BUILDERS as TINY_BUILDERS
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PROMPTS = (
+    "a photograph of an astronaut riding a horse on the moon",
+    "a watercolor painting of a lighthouse at dawn, soft light",
+    "an isometric render of a tiny city made of glass",
+    "a macro photo of a dew drop on a green leaf",
+)
+GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5}
+MANIFEST = "diffbench_manifest.json"
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    kind: str              # sd | sdxl | sd3 | flux
+    source: str            # tiny | full | path
+    description: str
+
+    @property
+    def gpu_only(self) -> bool:
+        return self.source == "full"
+
+
+MODELS: dict[str, ModelSpec] = {
+    "tiny-sd": ModelSpec("tiny-sd", "sd", "tiny", "SD1.5-like UNet, seeded, built offline"),
+    "tiny-sd3": ModelSpec("tiny-sd3", "sd3", "tiny", "SD3-like MMDiT, seeded, built offline"),
+    "sd15": ModelSpec("sd15", "sd", "full", "Stable Diffusion 1.5 architecture, random weights"),
+    "sdxl": ModelSpec("sdxl", "sdxl", "full", "SDXL base 1.0 architecture, random weights"),
+    "sd35-large": ModelSpec("sd35-large", "sd3", "full", "SD3.5-large architecture, random weights"),
+    "flux-dev": ModelSpec("flux-dev", "flux", "full", "FLUX.1-dev architecture, random weights"),
+}
+_KIND_BY_PIPELINE = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+                     "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+
+
+@dataclass
+class LoadedModel:
+    """A real diffusers pipeline plus the names of the components backends may replace."""
+    name: str
+    kind: str
+    pipeline: Any
+    dtype: str
+    device: str
+    text_encoders: list[str]
+    denoiser: str                      # "unet" or "transformer"
+    vae: str = "vae"
+    source: str = ""
+    weights_sha256: str = ""
+    notes: list[str] = field(default_factory=list)   # e.g. "cache rebuilt: hash mismatch"
+
+    @property
+    def components(self) -> list[str]:
+        return [*self.text_encoders, self.denoiser, self.vae]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(getattr(self.pipeline, "vae_scale_factor", 8))
+
+
+def spec(name: str) -> ModelSpec:
+    if name.startswith("path:"):
+        folder = Path(name[5:]).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"model folder {folder} does not exist")
+        index = folder / "model_index.json"
+        if not index.is_file():
+            raise UserError(f"{folder} is not a diffusers model folder (no model_index.json)")
+        try:
+            cls = json.loads(index.read_text()).get("_class_name", "")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise UserError(f"{index} is not valid JSON: {exc}")
+        if cls not in _KIND_BY_PIPELINE:
+            raise UserError(f"{folder}: pipeline {cls!r} is not supported; supported: {', '.join(_KIND_BY_PIPELINE)}")
+        return ModelSpec(name, _KIND_BY_PIPELINE[cls], "path", f"local checkpoint {folder}")
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; choose from {', '.join(MODELS)} or path:DIR")
+    return MODELS[name]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DIFFBENCH_CACHE", Path.cwd() / ".cache")).resolve()
+
+
+def weights_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every weights file (relative path -> digest), and the combined digest under ''."""
+    files = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        files[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    combined = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return {"": combined, **files}
+
+
+def save_tiny(name: str, target: Path) -> str:
+    """Build a tiny model and save it atomically into `target` (temp folder + rename). Returns its weights hash."""
+    pipeline = TINY_BUILDERS[name]()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        pipeline.save_pretrained(str(tmp), safe_serialization=True)
+        digest = weights_digest(tmp)
+        (tmp / MANIFEST).write_text(json.dumps({"model": name, "weights": digest}, indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return digest[""]
+
+
+def ensure_tiny(name: str, root: Path | None = None) -> tuple[Path, str, list[str]]:
+    """The tiny model's folder, built if missing; a corrupt or partial entry is detected by hash and rebuilt."""
+    folder = (root or cache_root()) / "models" / name
+    notes: list[str] = []
+    manifest = folder / MANIFEST
+    if folder.exists():
+        problem = None
+        try:
+            expected = json.loads(manifest.read_text())["weights"]
+            if weights_digest(folder) != expected:
+                problem = "weights hash mismatch"
+        except (OSError, KeyError, json.JSONDecodeError) as exc:
+            problem = f"unreadable manifest ({type(exc).__name__})"
+        if problem is None:
+            return folder, expected[""], notes
+        notes.append(f"model cache {name} rebuilt: {problem}")
+    digest = save_tiny(name, folder)
+    return folder, digest, notes
+
+
+def _component_names(pipeline) -> tuple[list[str], str]:
+    components = pipeline.components
+    text_encoders = [k for k in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                     if components.get(k) is not None]
+    denoiser = "unet" if components.get("unet") is not None else "transformer"
+    return text_encoders, denoiser
+
+
+def load(name: str, dtype: str, device: str = "cpu") -> LoadedModel:
+    from diffusers import DiffusionPipeline
+
+    model_spec = spec(name)
+    torch_dtype = TORCH_DTYPES[dtype]
+    notes: list[str] = []
+    digest = ""
+    if model_spec.source == "full":
+        pipeline = build_full(name, torch_dtype, device)
+        source = f"configs/{name} (random weights)"
+    else:
+        if model_spec.source == "tiny":
+            folder, digest, notes = ensure_tiny(name)
+        else:
+            folder = Path(name[5:]).expanduser()
+        try:
+            pipeline = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True)
+        except (OSError, ValueError, EnvironmentError) as exc:
+            if model_spec.source == "path":
+                raise UserError(f"{folder} could not be loaded as a diffusers model: {str(exc).splitlines()[0]}")
+            raise
+        pipeline = pipeline.to(device)
+        source = str(folder)
+    pipeline.set_progress_bar_config(disable=True)
+    text_encoders, denoiser = _component_names(pipeline)
+    return LoadedModel(name, model_spec.kind, pipeline, dtype, device, text_encoders, denoiser,
+                       source=source, weights_sha256=digest, notes=notes)
+
+
+def seed_for(case) -> int:
+    """A fixed seed per model x shape, stable across runs and machines."""
+    key = f"{case.model}|{case.batch}|{case.height}x{case.width}"
+    return zlib.crc32(key.encode()) & 0x7FFFFFFF
+
+
+def initial_latents(model: LoadedModel, case) -> torch.Tensor:
+    """The same starting noise for every backend: drawn on the CPU in fp32 from the fixed seed."""
+    f = model.vae_scale_factor
+    h, w = case.height // f, case.width // f
+    denoiser_config = getattr(model.pipeline, model.denoiser).config
+    generator = torch.Generator("cpu").manual_seed(seed_for(case))
+    if model.kind == "flux":
+        channels = denoiser_config.in_channels // 4
+        noise = torch.randn((case.batch, channels, h, w), generator=generator)
+        # FluxPipeline takes packed latents: 2x2 patches flattened into the sequence
+        noise = noise.view(case.batch, channels, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        noise = noise.reshape(case.batch, (h // 2) * (w // 2), channels * 4)
+    else:
+        noise = torch.randn((case.batch, denoiser_config.in_channels, h, w), generator=generator)
+    return noise.to(device=model.device, dtype=TORCH_DTYPES[case.dtype])
+
+
+def pipeline_inputs(model: LoadedModel, case) -> dict[str, Any]:
+    """Keyword arguments for one pipeline call: fixed prompts, seed, latents, steps, size."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(case.batch)]
+    kwargs = dict(prompt=prompts, num_inference_steps=case.steps, height=case.height, width=case.width,
+                  guidance_scale=GUIDANCE[model.kind], latents=initial_latents(model, case), output_type="np",
+                  generator=torch.Generator("cpu").manual_seed(seed_for(case)))
+    if model.kind in ("sd", "sdxl", "sd3"):
+        kwargs["negative_prompt"] = [""] * case.batch
+    if model.kind == "flux":
+        kwargs["max_sequence_length"] = 512
+    return kwargs
