@@ -1,0 +1,87 @@
+"""Test-only backends that misbehave on purpose (never registered in production code paths).
+
+`faulty+<fault>` wraps the reference pipeline's denoiser with an executor that
+  raise  -- raises RuntimeError            hang  -- sleeps far past any timeout
+  nan    -- returns NaN                    oom   -- raises torch.OutOfMemoryError
+  blank  -- makes the VAE return a constant image
+  scaled -- scales the denoiser output by 1.01 (a subtly wrong executor that parity must catch)
+  slow   -- sleeps DIFFBENCH_FAULT_SLEEP seconds (default 0.01) per denoiser call (a real slowdown for the gate)
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from backends import base as registry
+from backends.base import Backend, Prepared
+
+FAULTS = ("raise", "hang", "nan", "oom", "blank", "scaled", "slow")
+
+
+class _Wrapped(torch.nn.Module):
+    """Carries the original module's config/dtype/device, as every executor must."""
+
+    def __init__(self, inner, fault: str):
+        super().__init__()
+        self.inner, self.fault = inner, fault
+        self.config = inner.config
+
+    @property
+    def dtype(self):
+        return self.inner.dtype
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, *args, **kwargs):
+        if self.fault == "raise":
+            raise RuntimeError("injected executor failure")
+        if self.fault == "hang":
+            time.sleep(3600)
+        if self.fault == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+        if self.fault == "slow":
+            time.sleep(float(os.environ.get("DIFFBENCH_FAULT_SLEEP", "0.01")))
+        out = self.inner(*args, **kwargs)
+        if self.fault == "nan":
+            return (torch.full_like(out[0], float("nan")),)
+        if self.fault == "scaled":
+            return (out[0] * 1.01,)
+        return out
+
+
+class FaultyBackend(Backend):
+    name = "faulty"
+    variants = FAULTS
+    description = "test-only fault injection"
+
+    def prepare(self, model, case, cache) -> Prepared:
+        pipeline = model.pipeline
+        executors = {}
+        if case.variant == "blank":
+            vae = getattr(pipeline, model.vae)
+            original = vae.decode
+            vae.decode = lambda z, *a, **k: (torch.zeros_like(original(z, *a, **k)[0]),)
+            executors[model.vae] = vae
+        else:
+            wrapped = _Wrapped(getattr(pipeline, model.denoiser), case.variant)
+            setattr(pipeline, model.denoiser, wrapped)
+            executors[model.denoiser] = wrapped
+        return Prepared(pipeline=pipeline, executors=executors, info={"fault": case.variant})
+
+
+def register() -> None:
+    registry.register("faulty", FaultyBackend)
+
+
+def unregister() -> None:
+    registry.unregister("faulty")

@@ -1,0 +1,28 @@
+"""How fast, how big? Per-stage latency, cold start, build time and peak memory per case.
+
+pytest-benchmark drives the timed loop (pedantic rounds: one multi-second call per round); our stage timer
+splits each call into stages and the record carries them with the case's parity verdict.
+"""
+import pytest
+
+
+def test_latency(case, diffbench_session, benchmark):
+    options = diffbench_session.options
+
+    def loop(call, warmup, repeats):
+        benchmark.pedantic(call, rounds=repeats, warmup_rounds=warmup, iterations=1)
+
+    record = diffbench_session.result(case, loop=loop)
+    if record.status == "unsupported":
+        pytest.skip(f"unsupported: {record.reason}")
+    assert record.status in ("passed", "failed"), f"{record.status}: {record.error_class}: {record.reason}"
+    assert record.e2e["n"] == options.repeats
+    for stage in ("text_encode", "denoise", "denoise_step", "vae_decode"):
+        assert record.stages[stage]["n"] > 0, f"stage {stage} was not timed"
+    assert record.stages["denoise_step"]["n"] == case.steps * options.repeats
+    assert record.cold_s > record.e2e["p50"] > 0
+    assert record.memory.get("peak_mb"), "no peak memory recorded"
+    assert record.parity.get("verdict") in ("pass", "fail"), "latency without a parity verdict"
+    benchmark.extra_info.update(case=case.id, parity=record.parity["verdict"],
+                                stages_p50_ms={k: v["p50"] * 1000 for k, v in record.stages.items()},
+                                cold_s=record.cold_s, build=record.build, peak_mb=record.memory["peak_mb"])
