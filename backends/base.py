@@ -133,8 +133,8 @@ def get(name: str) -> Backend:
             module_name, _, cls_name = target.partition(":")
             try:
                 cls = getattr(importlib.import_module(module_name), cls_name)
-            except ImportError as exc:
-                cls = _unavailable_backend(name, f"module {module_name} failed to import: {exc}")
+            except Exception as exc:  # a broken backend module must not take the others down
+                cls = _unavailable_backend(name, f"{target} failed to load: {type(exc).__name__}: {exc}")
         else:
             cls = target
         _INSTANCES[name] = cls()

@@ -51,25 +51,28 @@ def build_full(name: str, dtype: torch.dtype, device: str, seed: int = 0):
     pipeline_cls = getattr(diffusers, index["_class_name"])
     torch.manual_seed(seed)
     components = {}
-    with _default_dtype_and_device(dtype, device):
-        for component, spec in index.items():
-            if component.startswith("_") or not isinstance(spec, list):
-                continue
-            library, class_name = spec
-            folder = root / component
-            if component in _SKIPPED or class_name is None:
-                components[component] = None
-            elif component.startswith("tokenizer"):
-                components[component] = _tokenizer(folder, class_name)
-            elif component == "scheduler":
-                cls = getattr(diffusers, class_name)
-                components[component] = cls.from_config(cls.load_config(str(folder)))
-            elif library == "transformers":
-                cls = getattr(transformers, class_name)
-                components[component] = cls(cls.config_class.from_json_file(str(folder / "config.json"))).eval()
-            else:
-                cls = getattr(diffusers, class_name)
-                components[component] = cls.from_config(cls.load_config(str(folder))).eval()
+    for component, spec in index.items():
+        if component.startswith("_") or not isinstance(spec, list):
+            continue
+        library, class_name = spec
+        folder = root / component
+        if component in _SKIPPED or class_name is None:
+            components[component] = None
+        elif component.startswith("tokenizer"):
+            components[component] = _tokenizer(folder, class_name)
+        elif component == "scheduler":  # schedulers keep their tables on the CPU: build outside the device context
+            cls = getattr(diffusers, class_name)
+            components[component] = cls.from_config(cls.load_config(str(folder)))
+        else:
+            with _default_dtype_and_device(dtype, device):
+                if library == "transformers":
+                    cls = getattr(transformers, class_name)
+                    config = cls.config_class.from_json_file(str(folder / "config.json"))
+                    # the config may name its own dtype (transformers honours it): force the requested one
+                    components[component] = cls(config).to(dtype).eval()
+                else:
+                    cls = getattr(diffusers, class_name)
+                    components[component] = cls.from_config(cls.load_config(str(folder))).eval()
     if "requires_safety_checker" in index or "safety_checker" in components:
         components["requires_safety_checker"] = False
     return pipeline_cls(**components)

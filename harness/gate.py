@@ -1,0 +1,361 @@
+"""Regression gate: current records vs a baseline, per case id and device class.
+
+Threshold grammar (one spec per string; later specs for the same metric win):
+
+    e2e.p50:+10%        end-to-end latency statistic (p50 p90 p99 mean min max) may grow by at most 10 %
+    denoise.p50:+10%    the same for a stage of record["stages"] (text_encode, denoise, denoise_step, vae_decode, other)
+    memory.peak:+5%     record["memory"]["peak_mb"] may grow by at most 5 %
+    parity.psnr:-1dB    record["parity"]["image"]["psnr"] may drop by at most 1 dB
+    status              passed before and not passed now is a regression (always applied, listed for clarity)
+
+Aliases from DESIGN.md: latency.<stat> = e2e.<stat>, vram.peak = memory.peak, psnr = parity.psnr.
+
+Noise rule (latency only): records carry summary statistics of n repeats, not samples. A latency change counts only
+when it exceeds the threshold AND k = 3 standard errors of the difference, sqrt(std_b²/n_b + std_c²/n_c) -- the
+Welch-test bound for a difference of means (a ~99.7 % band if the noise were normal). The same bound is applied to
+every percentile: for the median it is close (its standard error is ~1.25 σ/√n), for p99 it underestimates the
+noise, so tail gates stay the stricter ones. With n = 1 or std = 0 there is no spread and the threshold alone decides.
+A change inside the noise band is PASS with a note that says so.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from harness.device import device_class as _env_device_class
+from harness.errors import UserError
+from harness.records import REQUIRED, SCHEMA_VERSION, load_many, read_records, sanitize
+
+VERDICTS = ("PASS", "REGRESSED", "IMPROVED", "NEW", "MISSING")
+LATENCY_STATS = ("p50", "p90", "p99", "mean", "min", "max")
+STAGE_NAMES = ("e2e", "text_encode", "denoise", "denoise_step", "vae_decode", "other")
+NOISE_K = 3.0
+# PSNR of identical images is infinite (stored as null); anything above this is "identical" for the gate.
+PSNR_CAP_DB = 100.0
+DEFAULT_THRESHOLDS = ["status", "e2e.p50:+10%", "e2e.p99:+15%", "memory.peak:+5%", "parity.psnr:-1dB"]
+_ALIASES = {"latency": "e2e", "vram": "memory", "psnr": "parity.psnr", "vram.peak": "memory.peak"}
+
+
+@dataclass(frozen=True)
+class Threshold:
+    metric: str          # canonical: "status", "e2e.p50", "denoise.p99", "memory.peak", "parity.psnr"
+    limit: float = 0.0   # percent for latency/memory, dB for psnr (always positive)
+    unit: str = ""       # "%", "dB" or "" (status)
+
+    @property
+    def spec(self) -> str:
+        if self.metric == "status":
+            return "status"
+        sign = "-" if self.unit == "dB" else "+"
+        return f"{self.metric}:{sign}{self.limit:g}{self.unit}"
+
+
+_SPEC = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(?::\s*([+-]?)\s*(\d+(?:\.\d+)?)\s*(%|dB|db)\s*)?$")
+
+
+def _canonical_metric(name: str, spec: str) -> str:
+    name = _ALIASES.get(name, name)
+    head, _, tail = name.partition(".")
+    head = _ALIASES.get(head, head)
+    name = f"{head}.{tail}" if tail else head
+    if name in ("status", "memory.peak", "parity.psnr"):
+        return name
+    if head in STAGE_NAMES and tail in LATENCY_STATS:
+        return name
+    allowed = (f"status, memory.peak, parity.psnr, <stage>.<stat> with stage in {'/'.join(STAGE_NAMES)} "
+               f"and stat in {'/'.join(LATENCY_STATS)}")
+    raise UserError(f"unknown gate metric {name!r} in threshold {spec!r}; allowed: {allowed}")
+
+
+def parse_thresholds(specs: list[str]) -> dict[str, Threshold]:
+    """Parse threshold specs into {metric: Threshold}. The status rule is always included."""
+    out: dict[str, Threshold] = {"status": Threshold("status")}
+    for spec in specs:
+        if not isinstance(spec, str):
+            raise UserError(f"malformed threshold {spec!r}: expected a string such as e2e.p50:+10%")
+        m = _SPEC.match(spec)
+        if not m:
+            raise UserError(f"malformed threshold {spec!r}: expected METRIC:+N% (latency, memory), "
+                            f"parity.psnr:-NdB or status")
+        name, sign, number, unit = m.groups()
+        metric = _canonical_metric(name, spec)
+        if metric == "status":
+            if number is not None:
+                raise UserError(f"malformed threshold {spec!r}: status takes no value")
+            continue
+        if number is None:
+            raise UserError(f"malformed threshold {spec!r}: {metric} needs a limit, e.g. "
+                            f"{'-1dB' if metric == 'parity.psnr' else '+10%'}")
+        unit = "dB" if unit.lower() == "db" else unit
+        want_unit, want_sign = ("dB", "-") if metric == "parity.psnr" else ("%", "+")
+        if unit != want_unit or sign not in ("", want_sign):
+            raise UserError(f"malformed threshold {spec!r}: {metric} takes {want_sign}N{want_unit} "
+                            f"(the direction that is worse)")
+        out[metric] = Threshold(metric, float(number), unit)
+    return out
+
+
+def load_thresholds_toml(path: str | Path) -> list[str]:
+    """Threshold specs from a TOML file: either `thresholds = ["e2e.p50:+10%", ...]` or a table
+    `[thresholds]` of `"e2e.p50" = "+10%"` (and `status = true`)."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"cannot read thresholds file {p}: {exc.strerror or exc}")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"malformed thresholds file {p}: {exc}")
+    section = data.get("gate", data)  # [gate] thresholds = ... or a top-level thresholds
+    table = section.get("thresholds") if isinstance(section, dict) else None
+    if isinstance(table, list) and all(isinstance(s, str) for s in table):
+        return list(table)
+    if isinstance(table, dict):
+        specs = []
+        for metric, value in table.items():
+            if value is True and metric == "status":
+                specs.append("status")
+            elif isinstance(value, str):
+                specs.append(f"{metric}:{value}")
+            else:
+                raise UserError(f"thresholds file {p}: {metric} = {value!r} must be a string such as \"+10%\"")
+        return specs
+    raise UserError(f"thresholds file {p}: expected `thresholds = [\"e2e.p50:+10%\", ...]` or a [thresholds] table")
+
+
+def device_class(record: dict) -> str:
+    """GPU name + compute capability, or the CPU model, from record["env"]."""
+    env = record.get("env") or {}
+    if not env:
+        return "unknown device"
+    return _env_device_class(env)
+
+
+# -- comparing -------------------------------------------------------------------------------------------------
+@dataclass
+class GateRow:
+    case_id: str
+    device_class: str
+    metric: str
+    baseline: float | str | None
+    current: float | str | None
+    change: str
+    threshold: str
+    verdict: str
+    note: str = ""
+
+
+@dataclass
+class GateResult:
+    rows: list[GateRow] = field(default_factory=list)
+    thresholds: list[str] = field(default_factory=list)
+
+    @property
+    def regressed(self) -> bool:
+        return any(r.verdict == "REGRESSED" for r in self.rows)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.regressed else 0
+
+    def counts(self) -> dict[str, int]:
+        return {v: sum(r.verdict == v for r in self.rows) for v in VERDICTS}
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{n} {v.lower()}" for v, n in self.counts().items() if n)
+        return f"gate: {'REGRESSED' if self.regressed else 'PASS'} ({counts or 'nothing compared'})"
+
+    def table(self, all_rows: bool = False) -> str:
+        """Terminal table: the rows that are not PASS (all rows with all_rows), then a summary line."""
+        shown = [r for r in self.rows if all_rows or r.verdict != "PASS"]
+        lines = []
+        if shown:
+            cols = ("verdict", "case_id", "device_class", "metric", "baseline", "current", "change", "threshold",
+                    "note")
+            cells = [[_fmt(getattr(r, c)) for c in cols] for r in shown]
+            widths = [min(60, max(len(c), *(len(row[i]) for row in cells))) for i, c in enumerate(cols)]
+            lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
+            for row in cells:
+                lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return sanitize({"regressed": self.regressed, "exit_code": self.exit_code, "counts": self.counts(),
+                         "thresholds": self.thresholds, "rows": [asdict(r) for r in self.rows]})
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _check_records(records: list[dict], side: str) -> None:
+    for r in records:
+        if not isinstance(r, dict):
+            raise UserError(f"{side}: not a diffbench record: {str(r)[:60]!r}")
+        missing = [k for k in REQUIRED if k not in r]
+        if missing:
+            raise UserError(f"{side}: record {r.get('case_id', '?')} is not a diffbench record "
+                            f"(missing {', '.join(missing)})")
+        if r["schema"] != SCHEMA_VERSION:
+            raise UserError(f"{side}: record {r['case_id']} has schema version {r['schema']} but this diffbench "
+                            f"reads {SCHEMA_VERSION}; save a new baseline")
+
+
+def _index(records: list[dict]) -> dict[tuple[str, str], dict]:
+    """(case_id, device class) -> the latest record (a rerun of a case supersedes the earlier one)."""
+    out: dict[tuple[str, str], dict] = {}
+    for r in sorted(records, key=lambda r: r.get("timestamp") or 0):
+        out[(r["case_id"], device_class(r))] = r
+    return out
+
+
+def _latency(record: dict, metric: str) -> dict | None:
+    stage, stat = metric.split(".")
+    stats = record.get("e2e") if stage == "e2e" else (record.get("stages") or {}).get(stage)
+    if not stats or stats.get(stat) is None:
+        return None
+    return stats
+
+
+def _psnr(record: dict) -> float | None:
+    image = (record.get("parity") or {}).get("image") or {}
+    if "psnr" not in image or image.get("error"):
+        return None
+    value = image["psnr"]
+    # null psnr without an error is an identical image (inf does not survive JSON)
+    return PSNR_CAP_DB if value is None else min(float(value), PSNR_CAP_DB)
+
+
+def compare(baseline: list[dict], current: list[dict], thresholds) -> GateResult:
+    """Compare current records with the baseline. thresholds: parse_thresholds() output or a list of specs."""
+    if not isinstance(thresholds, dict):
+        thresholds = parse_thresholds(list(thresholds))
+    _check_records(baseline, "baseline")
+    _check_records(current, "current")
+    base, cur = _index(baseline), _index(current)
+    result = GateResult(thresholds=[t.spec for t in thresholds.values()])
+    for key in sorted(set(base) | set(cur)):
+        case_id, dev = key
+        b, c = base.get(key), cur.get(key)
+        if b is None:
+            result.rows.append(GateRow(case_id, dev, "case", None, c["status"], "", "", "NEW",
+                                       "not in the baseline for this device class"))
+            continue
+        if c is None:
+            result.rows.append(GateRow(case_id, dev, "case", b["status"], None, "", "", "MISSING",
+                                       "in the baseline but not measured now"))
+            continue
+        result.rows.extend(_compare_case(case_id, dev, b, c, thresholds))
+    return result
+
+
+def _compare_case(case_id: str, dev: str, b: dict, c: dict, thresholds: dict) -> list[GateRow]:
+    rows = []
+    bs, cs = b["status"], c["status"]
+    if bs == "passed" and cs != "passed":
+        rows.append(GateRow(case_id, dev, "status", bs, cs, f"{bs}→{cs}", "status", "REGRESSED",
+                            (c.get("reason") or "")[:200]))
+    elif bs != "passed" and cs == "passed":
+        rows.append(GateRow(case_id, dev, "status", bs, cs, f"{bs}→{cs}", "status", "IMPROVED", ""))
+    else:
+        rows.append(GateRow(case_id, dev, "status", bs, cs, "", "status", "PASS",
+                            "" if cs == "passed" else f"not passed on either side; no metrics compared"))
+    if not (bs == cs == "passed"):
+        return rows
+    for metric, t in thresholds.items():
+        if metric == "status":
+            continue
+        if metric == "memory.peak":
+            bv = (b.get("memory") or {}).get("peak_mb")
+            cv = (c.get("memory") or {}).get("peak_mb")
+            rows.append(_relative_row(case_id, dev, t, bv, cv, noise=0.0, unit="MB"))
+        elif metric == "parity.psnr":
+            rows.append(_psnr_row(case_id, dev, t, _psnr(b), _psnr(c)))
+        else:
+            sb, sc = _latency(b, metric), _latency(c, metric)
+            if sb is None and sc is None:
+                continue  # stage not measured by this pipeline on either side
+            stat = metric.split(".")[1]
+            noise = _noise(sb, sc) if sb and sc else 0.0
+            rows.append(_relative_row(case_id, dev, t, sb and sb[stat], sc and sc[stat], noise=noise, unit="s"))
+    return rows
+
+
+def _noise(sb: dict, sc: dict) -> float:
+    """k standard errors of the difference between the two runs (0 when a side has no spread)."""
+    var = 0.0
+    for s in (sb, sc):
+        n, std = s.get("n") or 0, s.get("std") or 0.0
+        if n > 1:
+            var += std * std / n
+    return NOISE_K * math.sqrt(var)
+
+
+def _relative_row(case_id, dev, t: Threshold, bv, cv, noise: float, unit: str) -> GateRow:
+    if bv is None or cv is None:
+        side = "baseline" if bv is None else "current"
+        return GateRow(case_id, dev, t.metric, bv, cv, "", t.spec, "PASS", f"not measured in the {side}; not compared")
+    bv, cv = float(bv), float(cv)
+    diff = cv - bv
+    pct = diff / bv * 100 if bv > 0 else (0.0 if diff == 0 else math.inf)
+    change = f"{pct:+.1f}%"
+    verdict, note = "PASS", ""
+    if abs(pct) > t.limit:
+        if noise and abs(diff) <= noise:
+            note = (f"{change} is within run-to-run noise (±{noise:.4g} {unit} = {NOISE_K:g} standard errors "
+                    f"of the difference); not counted")
+        else:
+            verdict = "REGRESSED" if diff > 0 else "IMPROVED"
+            if noise:
+                note = f"beyond noise (±{noise:.4g} {unit} = {NOISE_K:g} standard errors of the difference)"
+    return GateRow(case_id, dev, t.metric, bv, cv, change, t.spec, verdict, note)
+
+
+def _psnr_row(case_id, dev, t: Threshold, bv, cv) -> GateRow:
+    if bv is None or cv is None:
+        side = "baseline" if bv is None else "current"
+        return GateRow(case_id, dev, t.metric, bv, cv, "", t.spec, "PASS",
+                       f"no image PSNR in the {side}; not compared")
+    diff = cv - bv
+    verdict = "REGRESSED" if diff < -t.limit else "IMPROVED" if diff > t.limit else "PASS"
+    note = f"values capped at {PSNR_CAP_DB:g} dB (identical images)" if PSNR_CAP_DB in (bv, cv) else ""
+    return GateRow(case_id, dev, t.metric, bv, cv, f"{diff:+.2f}dB", t.spec, verdict, note)
+
+
+# -- baselines ---------------------------------------------------------------------------------------------------
+def load_baseline(path: str | Path) -> list[dict]:
+    """A baseline file (records JSONL); bad or foreign files are UserError."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"baseline {p} does not exist")
+    try:
+        return read_records(p)
+    except UserError as exc:
+        raise UserError(f"baseline: {exc}")
+
+
+def save_baseline(records_paths, out_file: str | Path) -> Path:
+    """Merge records files into one baseline JSONL: the latest record per (case id, device class), without the
+    image path (it is relative to the run folder and means nothing beside the baseline)."""
+    if isinstance(records_paths, (str, Path)):
+        records_paths = [records_paths]
+    records = load_many(records_paths)
+    out = Path(out_file)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", encoding="utf-8") as fh:
+            for r in _index(records).values():
+                data = {k: v for k, v in r.items() if k != "_source"}
+                data["image"] = ""
+                fh.write(json.dumps(sanitize(data), allow_nan=False) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write baseline {out}: {exc.strerror or exc}")
+    return out
