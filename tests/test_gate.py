@@ -1,0 +1,221 @@
+"""The regression gate: thresholds, verdicts, device classes, noise, bad input."""
+import json
+
+import pytest
+
+from harness import gate
+from harness.errors import UserError
+from harness.records import load_many
+from reports.samples import CPU_ENV, H100_ENV, write_sample_run
+
+SD_ORT = "tiny-sd/onnxruntime/fp32/b1/64x64/s4"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gate")
+    return {
+        "base": write_sample_run(root / "base", seed=1, images=False),
+        "same": write_sample_run(root / "same", seed=1, images=False),
+        "slow": write_sample_run(root / "slow", seed=1, scale=1.2, images=False),
+        "failed": write_sample_run(root / "failed", seed=1, images=False, failed=(SD_ORT,)),
+        "gpu": write_sample_run(root / "gpu", seed=1, images=False, env=H100_ENV),
+        "root": root,
+    }
+
+
+def regressed_cases(result):
+    return {r.case_id for r in result.rows if r.verdict == "REGRESSED"}
+
+
+def test_records_against_themselves_pass(runs):
+    records = load_many([runs["base"]])
+    result = gate.compare(records, records, gate.DEFAULT_THRESHOLDS)
+    assert result.exit_code == 0 and not result.regressed
+    assert {r.verdict for r in result.rows} == {"PASS"}
+    assert "gate: PASS" in result.table()
+
+
+def test_twenty_percent_slower_regresses_and_names_the_cases(runs):
+    base, slow = load_many([runs["base"]]), load_many([runs["slow"]])
+    result = gate.compare(base, slow, gate.parse_thresholds(["e2e.p50:+10%"]))
+    assert result.exit_code == 1
+    passed = {r["case_id"] for r in base if r["status"] == "passed"}
+    assert regressed_cases(result) == passed
+    table = result.table()
+    assert "REGRESSED" in table and SD_ORT in table
+    row = next(r for r in result.rows if r.case_id == SD_ORT and r.metric == "e2e.p50")
+    assert row.change.startswith("+20.")
+    assert "beyond noise" in row.note
+    # a looser threshold lets the same change through
+    assert gate.compare(base, slow, ["e2e.p50:+25%"]).exit_code == 0
+
+
+def test_faster_run_is_improved_not_regressed(runs):
+    result = gate.compare(load_many([runs["slow"]]), load_many([runs["base"]]), ["e2e.p50:+10%"])
+    assert result.exit_code == 0
+    assert any(r.verdict == "IMPROVED" and r.metric == "e2e.p50" for r in result.rows)
+
+
+def test_stage_threshold_reads_record_stages(runs):
+    base = load_many([runs["base"]])
+    current = json.loads(json.dumps(base))
+    for r in current:
+        if r["case_id"] == SD_ORT:
+            for key in ("p50", "mean", "min", "max", "p90", "p99"):
+                r["stages"]["vae_decode"][key] *= 2
+    result = gate.compare(base, current, ["vae_decode.p50:+10%"])
+    assert regressed_cases(result) == {SD_ORT}
+    assert gate.compare(base, current, ["e2e.p50:+10%"]).exit_code == 0  # e2e barely moved (vae is ~12 %)
+
+
+def test_passed_to_failed_is_a_regression_whatever_the_thresholds(runs):
+    result = gate.compare(load_many([runs["base"]]), load_many([runs["failed"]]), ["e2e.p50:+1000%"])
+    assert result.exit_code == 1
+    row = next(r for r in result.rows if r.verdict == "REGRESSED")
+    assert (row.case_id, row.metric, row.current) == (SD_ORT, "status", "failed")
+    assert "ParityError" in row.note
+    # and back: failed -> passed is an improvement
+    back = gate.compare(load_many([runs["failed"]]), load_many([runs["base"]]), [])
+    assert back.exit_code == 0
+    assert [(r.case_id, r.verdict) for r in back.rows if r.metric == "status" and r.verdict != "PASS"] == [
+        (SD_ORT, "IMPROVED")]
+
+
+def test_memory_and_psnr_thresholds():
+    base = {"schema": 1, "run_id": "a", "case_id": "m/onnxruntime/fp32/b1/64x64/s4", "model": "m",
+            "backend": "onnxruntime", "variant": "", "dtype": "fp32", "batch": 1, "height": 64, "width": 64,
+            "steps": 4, "status": "passed", "env": CPU_ENV, "memory": {"peak_mb": 1000.0},
+            "parity": {"verdict": "pass", "image": {"psnr": 50.0, "passed": True}}}
+    cur = json.loads(json.dumps(base))
+    cur["memory"]["peak_mb"] = 1060.0
+    cur["parity"]["image"]["psnr"] = 48.5
+    result = gate.compare([base], [cur], ["memory.peak:+5%", "parity.psnr:-1dB"])
+    verdicts = {r.metric: r.verdict for r in result.rows}
+    assert verdicts == {"status": "PASS", "memory.peak": "REGRESSED", "parity.psnr": "REGRESSED"}
+    assert gate.compare([base], [cur], ["vram.peak:+10%", "psnr:-2dB"]).exit_code == 0
+    # identical images store PSNR as null (inf): it is compared as the cap, so identical -> 60 dB is a drop
+    base["parity"]["image"]["psnr"] = None
+    cur["parity"]["image"]["psnr"] = 60.0
+    row = next(r for r in gate.compare([base], [cur], ["parity.psnr:-1dB"]).rows if r.metric == "parity.psnr")
+    assert row.verdict == "REGRESSED" and row.baseline == gate.PSNR_CAP_DB
+
+
+def test_new_and_missing_cases_are_not_errors(runs):
+    base = load_many([runs["base"]])
+    gone = [r for r in base if r["case_id"] != SD_ORT]
+    result = gate.compare(base, gone, gate.DEFAULT_THRESHOLDS)
+    assert result.exit_code == 0
+    assert [(r.case_id, r.verdict) for r in result.rows if r.verdict != "PASS"] == [(SD_ORT, "MISSING")]
+    result = gate.compare(gone, base, gate.DEFAULT_THRESHOLDS)
+    assert [(r.case_id, r.verdict) for r in result.rows if r.verdict != "PASS"] == [(SD_ORT, "NEW")]
+
+
+def test_device_classes_are_never_compared(runs):
+    """The same case measured on an H100 is not compared with a CPU baseline: MISSING there, NEW here."""
+    cpu, gpu = load_many([runs["base"]]), load_many([runs["gpu"]])
+    assert gate.device_class(gpu[0]) == "NVIDIA H100 80GB HBM3 (sm 9.0)"
+    assert gate.device_class(cpu[0]).startswith("CPU Intel(R) Xeon(R)")
+    result = gate.compare(cpu, gpu, gate.DEFAULT_THRESHOLDS)  # the GPU run is 20x faster: must not be IMPROVED
+    assert result.exit_code == 0
+    assert {r.verdict for r in result.rows} == {"NEW", "MISSING"}
+    # merged runners: each case is compared within its own device class
+    result = gate.compare(cpu + gpu, load_many([runs["slow"]]) + gpu, ["e2e.p50:+10%"])
+    regressed = {(r.case_id, r.device_class) for r in result.rows if r.verdict == "REGRESSED"}
+    assert regressed and all(dev.startswith("CPU") for _, dev in regressed)
+
+
+def test_noise_aware_change_within_spread_does_not_count(tmp_path):
+    """+30 % median with a huge spread over 5 repeats is noise; the same +30 % with a tight spread is not."""
+    base = load_many([write_sample_run(tmp_path / "b", seed=3, jitter=0.6, repeats=5, images=False,
+                                       models=("tiny-sd",), backends=("diffusers",))])
+    cur = json.loads(json.dumps(base))
+    for r in cur:
+        if r["status"] == "passed":
+            r["e2e"]["p50"] = base[0]["e2e"]["p50"] * 1.3
+    result = gate.compare(base, cur, ["e2e.p50:+10%"])
+    row = next(r for r in result.rows if r.metric == "e2e.p50")
+    assert row.verdict == "PASS" and row.change == "+30.0%"
+    assert "within run-to-run noise" in row.note and "standard errors" in row.note
+    assert result.exit_code == 0
+    for r in (*base, *cur):
+        if r["status"] == "passed":
+            r["e2e"]["std"] = 0.001
+    row = next(r for r in gate.compare(base, cur, ["e2e.p50:+10%"]).rows if r.metric == "e2e.p50")
+    assert row.verdict == "REGRESSED"
+
+
+def test_unsupported_records_only_get_the_status_rule(runs):
+    base = load_many([runs["base"]])
+    result = gate.compare(base, load_many([runs["slow"]]), ["e2e.p50:+10%"])
+    unsupported = {r["case_id"] for r in base if r["status"] == "unsupported"}
+    rows = [r for r in result.rows if r.case_id in unsupported]
+    assert rows and {r.metric for r in rows} == {"status"} and {r.verdict for r in rows} == {"PASS"}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("latency.p42:+10%", "unknown gate metric"),
+    ("throughput.p50:+10%", "unknown gate metric"),
+    ("e2e.p50", "needs a limit"),
+    ("e2e.p50:-10%", "malformed threshold"),
+    ("parity.psnr:+1%", "malformed threshold"),
+    ("e2e.p50:+ten%", "malformed threshold"),
+    ("status:+1%", "status takes no value"),
+])
+def test_bad_threshold_is_a_user_error(spec, message):
+    with pytest.raises(UserError, match=message):
+        gate.parse_thresholds([spec])
+
+
+def test_threshold_grammar_and_toml(tmp_path):
+    parsed = gate.parse_thresholds(["e2e.p99:+15%", "denoise.p50:10%", "memory.peak:+5%", "parity.psnr:-1dB",
+                                    "e2e.p99:+20%"])
+    assert parsed["e2e.p99"].limit == 20.0  # the later spec wins (CLI after the TOML file)
+    assert set(parsed) == {"status", "e2e.p99", "denoise.p50", "memory.peak", "parity.psnr"}
+    assert parsed["parity.psnr"].spec == "parity.psnr:-1dB"
+    (tmp_path / "list.toml").write_text('thresholds = ["e2e.p50:+10%", "status"]\n')
+    assert gate.load_thresholds_toml(tmp_path / "list.toml") == ["e2e.p50:+10%", "status"]
+    (tmp_path / "table.toml").write_text('[thresholds]\n"e2e.p50" = "+10%"\nstatus = true\n')
+    assert gate.load_thresholds_toml(tmp_path / "table.toml") == ["e2e.p50:+10%", "status"]
+    (tmp_path / "bad.toml").write_text('thresholds = [\n')
+    with pytest.raises(UserError, match="malformed thresholds file"):
+        gate.load_thresholds_toml(tmp_path / "bad.toml")
+    with pytest.raises(UserError, match="cannot read"):
+        gate.load_thresholds_toml(tmp_path / "absent.toml")
+
+
+def test_malformed_baseline_is_a_user_error(tmp_path, runs):
+    bad = tmp_path / "baseline.jsonl"
+    bad.write_text('{"not": "a record"}\n{"either": 1}\n')
+    with pytest.raises(UserError):
+        gate.load_baseline(bad)
+    bad.write_text("garbage line\n" + runs["base"].read_text())
+    with pytest.raises(UserError, match="not a JSON record"):
+        gate.load_baseline(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        gate.load_baseline(tmp_path / "absent.jsonl")
+    with pytest.raises(UserError, match="not a diffbench record"):
+        gate.compare([{"case_id": "x"}], load_many([runs["base"]]), [])
+
+
+def test_other_schema_version_is_a_user_error(tmp_path, runs):
+    records = load_many([runs["base"]])
+    old = [{**r, "schema": 0} for r in records]
+    with pytest.raises(UserError, match="schema version 0"):
+        gate.compare(old, records, gate.DEFAULT_THRESHOLDS)
+    path = tmp_path / "old.jsonl"
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "_source"}) + "\n" for r in old))
+    with pytest.raises(UserError, match="schema version 0"):
+        gate.load_baseline(path)
+
+
+def test_save_baseline_merges_and_round_trips(tmp_path, runs):
+    out = gate.save_baseline([runs["base"], runs["gpu"]], tmp_path / "baselines" / "main.jsonl")
+    saved = gate.load_baseline(out)
+    assert len(saved) == len(load_many([runs["base"]])) + len(load_many([runs["gpu"]]))
+    assert all(r["image"] == "" for r in saved)
+    result = gate.compare(saved, load_many([runs["same"], runs["gpu"]]), gate.DEFAULT_THRESHOLDS)
+    assert result.exit_code == 0 and {r.verdict for r in result.rows} == {"PASS"}
+    json.dumps(result.to_dict(), allow_nan=False)
+    with pytest.raises(UserError):
+        gate.save_baseline([tmp_path / "absent.jsonl"], tmp_path / "x.jsonl")
