@@ -1,0 +1,174 @@
+"""TritonBackend: pipeline components served by a real Triton Inference Server, called with tritonclient.
+
+prepare() writes the model repository, starts one local tritonserver per session (or uses DIFFBENCH_TRITON_URL),
+loads the component models and swaps executors into the pipeline. Variants pick the protocol (http default, grpc)
+and what is served: the denoiser only, or with "-all" the text encoder and VAE decoder too.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from backends.base import Backend, Prepared, Support, module_available, timed
+from backends.triton import repository as repo
+from backends.triton.client import (Client, DenoiserExecutor, TextEncoderExecutor, VaeDecoderExecutor, failure)
+from backends.triton.server import ExternalServer, TritonServer, TritonServerError, missing_reason
+
+URL_ENV = "DIFFBENCH_TRITON_URL"
+LOG_DIR_ENV = "DIFFBENCH_TRITON_LOG_DIR"
+LOAD_TIMEOUT_S = 300.0
+
+
+def served_roles(model_kind: str, variant: str) -> list[str]:
+    return ["denoiser", "text_encoder", "vae_decoder"] if variant.endswith("all") else ["denoiser"]
+
+
+def protocol_of(variant: str) -> str:
+    return "grpc" if variant.startswith("grpc") else "http"
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    variants = ("", "http", "grpc", "http-all", "grpc-all")
+    description = "Triton Inference Server (python backend, torch) via tritonclient HTTP/gRPC"
+
+    def __init__(self):
+        self.server: TritonServer | ExternalServer | None = None
+        self.repository: Path | None = None
+        self.loaded: set[str] = set()
+        self.server_start_s: float | None = None
+        self._lock = threading.Lock()
+
+    # -- support --------------------------------------------------------------------------------------------------
+    def available(self) -> Support:
+        for name in ("tritonclient.http", "tritonclient.grpc"):
+            found = module_available(name)
+            if not found:
+                return found
+        if not os.environ.get(URL_ENV):
+            reason = missing_reason()
+            if reason:
+                return Support.no(reason)
+        return Support.yes()
+
+    def support(self, case, env) -> Support:
+        basic = super().support(case, env)
+        if not basic:
+            return basic
+        from harness import models
+        spec = models.spec(case.model)
+        if spec.source == "full":
+            return Support.no("triton serves components loaded from a model folder; full-size random-weight "
+                              "architectures exist only in memory (save one and use path:DIR)")
+        if spec.kind == "flux":
+            return Support.no("flux denoiser is not served by the triton backend yet (its ids have no batch "
+                              "dimension)")
+        if case.variant.endswith("all") and spec.kind != "sd":
+            return Support.no(f"variant {case.variant}: {spec.kind} text encoders are not served yet "
+                              "(only sd's CLIPTextModel)")
+        return Support.yes()
+
+    # -- server ---------------------------------------------------------------------------------------------------
+    def ensure_server(self, cache) -> TritonServer | ExternalServer:
+        """The session's server: started once, reused by every case; a dead one is replaced."""
+        with self._lock:
+            if self.server is not None and self.server.alive():
+                return self.server
+            if self.server is not None:   # it died: start afresh, forget what it had loaded
+                self.server.stop()
+                self.loaded.clear()
+            url = os.environ.get(URL_ENV)
+            if url:
+                self.server = ExternalServer(url)
+                self.repository = None
+            else:
+                base = Path(cache or tempfile.gettempdir()) / "triton"
+                base.mkdir(parents=True, exist_ok=True)
+                session = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=base))
+                self.repository = session / "repository"
+                self.repository.mkdir()
+                log_dir = Path(os.environ.get(LOG_DIR_ENV) or session)
+                self.server = TritonServer(self.repository, log_dir).start()
+            self.server_start_s = self.server.start_s
+            return self.server
+
+    def load(self, name: str) -> None:
+        """Load a model by name (explicit model control); a failure carries the server's message."""
+        if name in self.loaded:
+            return
+        admin = Client(self.server, "http", timeout_s=LOAD_TIMEOUT_S)
+        try:
+            if not (self.server.external and admin.raw.is_model_ready(name)):
+                admin.raw.load_model(name)
+        except Exception as exc:
+            raise failure(self.server, f"tritonserver failed to load model {name}", exc) from exc
+        finally:
+            admin.close()
+        self.loaded.add(name)
+
+    # -- prepare --------------------------------------------------------------------------------------------------
+    def prepare(self, model, case, cache) -> Prepared:
+        protocol = protocol_of(case.variant)
+        build: dict[str, float] = {}
+        pipeline = model.pipeline
+        components = {"denoiser": model.denoiser, "vae_decoder": model.vae}
+        if model.text_encoders:
+            components["text_encoder"] = model.text_encoders[0]
+        roles = served_roles(model.kind, case.variant)
+        server = None
+        with timed(build, "server_start"):
+            server = self.ensure_server(cache)
+        served = []
+        with timed(build, "repository"):
+            for role in roles:
+                subfolder = components[role]
+                config = repo.component_config(model.source, subfolder)
+                name = repo.safe_name(f"{model.name}_{model.dtype}_{subfolder}_{role}")
+                spec = repo.component_model(name, model.kind, role, config, model.dtype, model.source, subfolder,
+                                            device=str(model.device))
+                if self.repository is not None:
+                    repo.write_model(self.repository, spec)
+                served.append((role, subfolder, spec))
+        with timed(build, "model_load"):
+            for _, _, spec in served:
+                self.load(spec.name)
+        client = Client(server, protocol)
+        executors, originals = {}, {}
+        for role, subfolder, spec in served:
+            original = getattr(pipeline, subfolder)
+            wire = spec.inputs[0].dtype if role != "text_encoder" else spec.outputs[0].dtype
+            if role == "denoiser":
+                executor = DenoiserExecutor(original, client, spec.name, wire, model.kind)
+            elif role == "text_encoder":
+                executor = TextEncoderExecutor(original, client, spec.name, wire)
+            else:
+                executor = VaeDecoderExecutor(original, client, spec.name, wire)
+            originals[subfolder] = original
+            setattr(pipeline, subfolder, executor)
+            executors[subfolder] = executor
+
+        def restore():
+            for sub, original in originals.items():
+                setattr(pipeline, sub, original)
+            client.close()
+
+        info = {"triton": {
+            "protocol": protocol, "served": {sub: spec.name for _, sub, spec in served},
+            "server": "external" if server.external else "local", "url": server.http_url,
+            "grpc_url": server.grpc_url, "log": str(server.log_path) if server.log_path else None,
+            "repository": str(self.repository) if self.repository else None,
+            "server_start_s": self.server_start_s, "backend": "python (torch)",
+            "wire_dtype": served[0][2].inputs[0].dtype,
+            "max_batch_size": served[0][2].max_batch_size,
+        }}
+        return Prepared(pipeline=pipeline, executors=executors, build=build, info=info, on_close=[restore])
+
+    def close(self) -> None:
+        with self._lock:
+            if self.server is not None:
+                self.server.stop()
+            self.server = None
+            self.loaded.clear()

@@ -1,0 +1,105 @@
+"""Triton python-backend model: one diffusers pipeline component (denoiser, text encoder or VAE decoder) run with
+torch. Copied verbatim into <repository>/<model>/1/model.py by backends/triton/repository.py; everything
+model-specific comes from the config parameters (source folder, subfolder, role, model kind, dtype).
+
+Dynamic batching hands execute() several requests at once: inputs of the same shape are concatenated along the
+batch dimension, run in one call, and the output is split back per request.
+"""
+import json
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+LIBRARIES = ("diffusers", "transformers")
+
+
+def load_component(source, subfolder, dtype):
+    import importlib
+
+    import torch
+    with open(os.path.join(source, "model_index.json")) as fh:
+        library, cls_name = json.load(fh)[subfolder]
+    if library not in LIBRARIES:
+        raise ValueError(f"component {subfolder}: library {library!r} is not one of {LIBRARIES}")
+    cls = getattr(importlib.import_module(library), cls_name)
+    module = cls.from_pretrained(source, subfolder=subfolder, torch_dtype=getattr(torch, DTYPES[dtype]))
+    return module.eval()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        import torch
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        threads = int(params.get("torch_threads") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.role, self.kind = params["role"], params["model_kind"]
+        self.dtype = getattr(torch, DTYPES[params["dtype"]])
+        self.device = torch.device(params.get("device") or "cpu")
+        self.module = load_component(params["source"], params["subfolder"], params["dtype"]).to(self.device)
+        self.inputs = [i["name"] for i in config["input"]]
+        self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]
+
+    def execute(self, requests):
+        torch = self.torch
+        # group requests whose inputs have the same shapes (beyond batch): one torch call per group
+        groups = {}
+        for index, request in enumerate(requests):
+            arrays = {}
+            for name in self.inputs:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    arrays[name] = tensor.as_numpy()
+            key = tuple((n, a.shape[1:]) for n, a in sorted(arrays.items()))
+            groups.setdefault(key, []).append((index, arrays))
+        responses = [None] * len(requests)
+        for members in groups.values():
+            try:
+                sizes = [next(iter(a.values())).shape[0] for _, a in members]
+                batched = {n: np.concatenate([a[n] for _, a in members]) for n in members[0][1]}
+                with torch.inference_mode():
+                    outputs = self.run(batched)
+                start = 0
+                for (index, _), size in zip(members, sizes):
+                    tensors = [pb_utils.Tensor(name, out[start:start + size].astype(np_dtype))
+                               for (name, np_dtype), out in zip(self.outputs, outputs)]
+                    responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
+                    start += size
+            except Exception as exc:  # the client gets the error message, the server keeps serving
+                error = pb_utils.TritonError(f"{type(exc).__name__}: {exc}")
+                for index, _ in members:
+                    responses[index] = pb_utils.InferenceResponse(output_tensors=[], error=error)
+        return responses
+
+    def tensor(self, array):
+        t = self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def run(self, x):
+        """Component call -> list of numpy outputs in config order."""
+        m = self.module
+        if self.role == "denoiser":
+            timestep = self.torch.from_numpy(x["timestep"].reshape(-1).astype(np.float32)).to(self.device)
+            if self.kind in ("sd", "sdxl"):
+                added = None
+                if "text_embeds" in x:
+                    added = {"text_embeds": self.tensor(x["text_embeds"]), "time_ids": self.tensor(x["time_ids"])}
+                out = m(self.tensor(x["sample"]), timestep, encoder_hidden_states=self.tensor(x["encoder_hidden_states"]),
+                        added_cond_kwargs=added, return_dict=False)[0]
+            else:
+                out = m(hidden_states=self.tensor(x["hidden_states"]), timestep=timestep,
+                        encoder_hidden_states=self.tensor(x["encoder_hidden_states"]),
+                        pooled_projections=self.tensor(x["pooled_projections"]), return_dict=False)[0]
+            outs = [out]
+        elif self.role == "text_encoder":
+            result = m(self.torch.from_numpy(x["input_ids"].astype(np.int64)).to(self.device))
+            outs = [result.last_hidden_state, result.pooler_output]
+        elif self.role == "vae_decoder":
+            outs = [m.decode(self.tensor(x["latent"]), return_dict=False)[0]]
+        else:
+            raise ValueError(f"unknown role {self.role!r}")
+        return [o.float().cpu().numpy() for o in outs]

@@ -1,0 +1,192 @@
+"""Triton model repositories: config.pbtxt text per served model, plus the model files.
+
+Three kinds of served model:
+- a component (denoiser, text encoder, VAE decoder) run by the python backend with torch (`model_templates/
+  component.py`, loading the component with from_pretrained from the model folder) -- what runs on this CPU server;
+- the same component for the onnxruntime / tensorrt_plan backends of a GPU server (NGC container): config text and
+  the model file name only (the ONNX / engine file comes from the export / engine-build caches);
+- the whole pipeline (prompt, seed, steps, height, width in -> image out) for serving benchmarks.
+
+Model files are copied from templates: no user string is ever written into code; the model folder, component and
+dtype reach model.py as config parameters (escaped pbtxt strings).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TEMPLATES = Path(__file__).parent / "model_templates"
+MODES = ("python", "onnxruntime", "tensorrt_plan")
+WIRE_DTYPE = {"fp32": "FP32", "fp16": "FP16", "bf16": "FP32"}   # numpy has no bfloat16: bf16 travels as FP32
+NUMPY_DTYPE = {"FP32": "float32", "FP16": "float16", "INT64": "int64", "INT32": "int32", "BYTES": "object"}
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str                       # Triton datatype without TYPE_: FP32, FP16, INT64, INT32, BYTES
+    dims: list[int]                  # without the batch dimension (max_batch_size > 0)
+    optional: bool = False
+    reshape: list[int] | None = None  # e.g. [] for a per-sample scalar sent as [batch, 1]
+
+
+@dataclass
+class ServedModel:
+    name: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    mode: str = "python"
+    max_batch_size: int = 8
+    preferred_batch_sizes: list[int] = field(default_factory=lambda: [2, 4, 8])
+    max_queue_delay_us: int = 2000
+    instances: int = 1
+    kind: str = "KIND_CPU"
+    parameters: dict[str, str] = field(default_factory=dict)
+    template: str = "component.py"   # python mode: which model_templates file becomes 1/model.py
+
+    @property
+    def model_file(self) -> str:
+        return {"python": "model.py", "onnxruntime": "model.onnx", "tensorrt_plan": "model.plan"}[self.mode]
+
+
+def safe_name(text: str) -> str:
+    """A Triton model name (a folder name): letters, digits, '_', '-', '.'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "model"
+
+
+def _pbtxt_str(value: str) -> str:
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _tensor_text(t: TensorSpec, is_input: bool) -> str:
+    parts = [f"name: {_pbtxt_str(t.name)}", f"data_type: TYPE_{t.dtype}", f"dims: [ {', '.join(map(str, t.dims))} ]"]
+    if t.reshape is not None:
+        parts.append(f"reshape: {{ shape: [ {', '.join(map(str, t.reshape))} ] }}")
+    if is_input and t.optional:
+        parts.append("optional: true")
+    return "  {\n    " + "\n    ".join(parts) + "\n  }"
+
+
+def config_text(m: ServedModel) -> str:
+    """The config.pbtxt of one served model."""
+    if m.mode not in MODES:
+        raise ValueError(f"unknown repository mode {m.mode!r}; choose from {', '.join(MODES)}")
+    lines = [f"name: {_pbtxt_str(m.name)}"]
+    if m.mode == "python":
+        lines.append('backend: "python"')
+    elif m.mode == "onnxruntime":
+        lines += ['platform: "onnxruntime_onnx"', 'backend: "onnxruntime"', 'default_model_filename: "model.onnx"']
+    else:
+        lines += ['platform: "tensorrt_plan"', 'backend: "tensorrt"', 'default_model_filename: "model.plan"']
+    lines.append(f"max_batch_size: {m.max_batch_size}")
+    lines.append("input [\n" + ",\n".join(_tensor_text(t, True) for t in m.inputs) + "\n]")
+    lines.append("output [\n" + ",\n".join(_tensor_text(t, False) for t in m.outputs) + "\n]")
+    if m.max_batch_size > 0:
+        preferred = [b for b in m.preferred_batch_sizes if b <= m.max_batch_size]
+        lines.append("dynamic_batching {\n"
+                     + (f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n" if preferred else "")
+                     + f"  max_queue_delay_microseconds: {m.max_queue_delay_us}\n}}")
+    lines.append(f"instance_group [\n  {{\n    count: {m.instances}\n    kind: {m.kind}\n  }}\n]")
+    for key, value in m.parameters.items():
+        lines.append(f"parameters {{\n  key: {_pbtxt_str(key)}\n  value: {{ string_value: {_pbtxt_str(value)} }}\n}}")
+    return "\n".join(lines) + "\n"
+
+
+# -- what each component takes and returns ------------------------------------------------------------------------
+def component_io(model_kind: str, role: str, config: dict, wire: str, mode: str = "python"
+                 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Input and output tensors of a component. role: 'denoiser', 'text_encoder' or 'vae_decoder'.
+
+    Raises NotImplementedError for what is not served yet (the backend turns it into 'unsupported')."""
+    # ONNX / TensorRT models take the timestep as shape (batch,); the python model flattens [batch, 1] itself
+    timestep = TensorSpec("timestep", "FP32", [1], reshape=[] if mode != "python" else None)
+    if role == "denoiser":
+        if model_kind in ("sd", "sdxl"):
+            c = config["in_channels"]
+            inputs = [TensorSpec("sample", wire, [c, -1, -1]), timestep,
+                      TensorSpec("encoder_hidden_states", wire, [-1, config["cross_attention_dim"]])]
+            if model_kind == "sdxl":   # added_cond_kwargs
+                inputs += [TensorSpec("text_embeds", wire, [-1]), TensorSpec("time_ids", wire, [-1])]
+            return inputs, [TensorSpec("out_sample", wire, [config.get("out_channels", c), -1, -1])]
+        if model_kind == "sd3":
+            c = config["in_channels"]
+            inputs = [TensorSpec("hidden_states", wire, [c, -1, -1]),
+                      TensorSpec("encoder_hidden_states", wire, [-1, config["joint_attention_dim"]]),
+                      TensorSpec("pooled_projections", wire, [config["pooled_projection_dim"]]), timestep]
+            return inputs, [TensorSpec("out_sample", wire, [config.get("out_channels") or c, -1, -1])]
+        raise NotImplementedError(f"{model_kind} denoiser is not served by the triton backend yet "
+                                  "(flux ids have no batch dimension)")
+    if role == "text_encoder":
+        if model_kind != "sd":
+            raise NotImplementedError(f"{model_kind} text encoders are not served yet (they need hidden states)")
+        return ([TensorSpec("input_ids", "INT64", [-1])],
+                [TensorSpec("last_hidden_state", wire, [-1, config["hidden_size"]]),
+                 TensorSpec("pooler_output", wire, [config["hidden_size"]])])
+    if role == "vae_decoder":
+        if model_kind == "flux":
+            raise NotImplementedError("flux VAE decoding is not served yet")
+        return ([TensorSpec("latent", wire, [config["latent_channels"], -1, -1])],
+                [TensorSpec("image", wire, [config.get("out_channels", 3), -1, -1])])
+    raise ValueError(f"unknown component role {role!r}")
+
+
+def component_model(name: str, model_kind: str, role: str, config: dict, dtype: str, source: str | Path,
+                    subfolder: str, mode: str = "python", max_batch_size: int = 8, instances: int = 1,
+                    kind: str | None = None, max_queue_delay_us: int = 2000, threads: int = 0,
+                    device: str = "cpu") -> ServedModel:
+    wire = WIRE_DTYPE[dtype] if mode == "python" else {"fp32": "FP32", "fp16": "FP16", "bf16": "BF16"}[dtype]
+    inputs, outputs = component_io(model_kind, role, config, wire, mode)
+    params = {"role": role, "model_kind": model_kind, "subfolder": subfolder, "dtype": dtype}
+    if mode == "python":
+        params["source"] = str(source)
+        params["torch_threads"] = str(threads)
+        params["device"] = device
+    return ServedModel(name=name, inputs=inputs, outputs=outputs, mode=mode, max_batch_size=max_batch_size,
+                       instances=instances, kind=kind or ("KIND_CPU" if mode == "python" else "KIND_GPU"),
+                       max_queue_delay_us=max_queue_delay_us, parameters=params)
+
+
+def pipeline_model(name: str, source: str | Path, dtype: str, max_batch_size: int = 8,
+                   max_queue_delay_us: int = 20000, threads: int = 0) -> ServedModel:
+    """The whole pipeline as one served model: requests with the same steps/size/guidance are batched into one
+    pipeline call (one generator per request, so results do not depend on the batching)."""
+    scalar = lambda n, t, opt=False: TensorSpec(n, t, [1], optional=opt)  # noqa: E731
+    return ServedModel(
+        name=name, template="pipeline.py", max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+        inputs=[scalar("PROMPT", "BYTES"), scalar("NEGATIVE_PROMPT", "BYTES", True), scalar("SEED", "INT64"),
+                scalar("STEPS", "INT32"), scalar("HEIGHT", "INT32"), scalar("WIDTH", "INT32"),
+                scalar("GUIDANCE", "FP32", True)],
+        outputs=[TensorSpec("IMAGE", "FP32", [-1, -1, 3])],
+        parameters={"source": str(source), "dtype": dtype, "torch_threads": str(threads)})
+
+
+def write_model(repository: str | Path, model: ServedModel, model_file: str | Path | None = None) -> Path:
+    """Write <repository>/<name>/config.pbtxt and 1/<model file>. Python mode copies its template; the other
+    modes take `model_file` (the exported ONNX / built engine) when given, else only the config is written.
+    Rewrites only what changed, so a loaded model's folder is not touched needlessly."""
+    folder = Path(repository) / model.name
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    _write_if_changed(folder / "config.pbtxt", config_text(model))
+    if model.mode == "python":
+        _write_if_changed(folder / "1" / "model.py", (TEMPLATES / model.template).read_text())
+    elif model_file is not None:
+        target = folder / "1" / model.model_file
+        shutil.copy2(model_file, target)
+        data = Path(str(model_file) + ".data")   # dynamo-exported ONNX keeps its weights beside it
+        if data.is_file():
+            shutil.copy2(data, folder / "1" / data.name)
+    return folder
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text() != text:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+def component_config(source: str | Path, subfolder: str) -> dict:
+    return json.loads((Path(source) / subfolder / "config.json").read_text())
