@@ -312,13 +312,36 @@ def _export_to(spec: ComponentSpec, folder: Path, exporter: str, opset: int) -> 
                               do_constant_folding=True, dynamo=False)
         else:
             torch.onnx.export(spec.wrapper, args, str(raw / ONNX_FILE), input_names=names,
-                              output_names=spec.outputs, dynamic_axes=spec.dynamic_axes, opset_version=opset,
+                              output_names=spec.outputs, dynamic_shapes=dynamo_shapes(spec), opset_version=opset,
                               dynamo=True, external_data=True, optimize=True, verbose=False)
-    # one layout for every exporter and size: graph in model.onnx, all weights in model.onnx.data beside it
     proto = onnx.load(str(raw / ONNX_FILE), load_external_data=True)
+    name_dynamic_axes(proto, spec.dynamic_axes)
+    # one layout for every exporter and size: graph in model.onnx, all weights in model.onnx.data beside it
     onnx.save_model(proto, str(folder / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=0)
+                    location=DATA_FILE)
     shutil.rmtree(raw)
+
+
+def dynamo_shapes(spec: ComponentSpec) -> dict:
+    """dynamic_axes as torch.export dynamic_shapes, keyed like the wrapper's signature (*tensors or named)."""
+    from torch.export import Dim
+
+    per_input = [{axis: Dim.DYNAMIC for axis in spec.dynamic_axes.get(n, {})} for n in spec.inputs]
+    params = list(inspect.signature(spec.wrapper.forward).parameters.values())
+    if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        return {params[0].name: tuple(per_input)}
+    return {p.name: shape for p, shape in zip(params, per_input)}
+
+
+def name_dynamic_axes(proto, axes: dict[str, dict[int, str]]) -> None:
+    """Give the graph's dynamic input/output dims our axis names (both exporters), so IO binding and TensorRT
+    profiles can tell which dims are batch, height, width or sequence."""
+    for value in [*proto.graph.input, *proto.graph.output]:
+        for axis, label in axes.get(value.name, {}).items():
+            dims = value.type.tensor_type.shape.dim
+            if axis < len(dims):
+                dims[axis].ClearField("dim_value")
+                dims[axis].dim_param = label
 
 
 def export_component(spec: ComponentSpec, module: torch.nn.Module, root: Path, model_name: str, dtype: str,

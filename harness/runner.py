@@ -287,8 +287,10 @@ def run_case(case: Case, session: Session, loop: Callable | None = None) -> Reco
         record.status, record.reason = "unsupported", support.reason
         return record
     try:
+        with time_limit(options.timeout_s):   # the reference has its own budget: it is computed once per shape
+            reference = session.reference(case)
         with time_limit(options.timeout_s):
-            _measure_case(case, session, record, loop)
+            _measure_case(case, session, record, reference, loop)
     except (Interrupted, KeyboardInterrupt):
         record.status, record.error_class, record.reason = "interrupted", "Interrupted", "run interrupted by signal"
         session.write(record)
@@ -307,10 +309,9 @@ def run_case(case: Case, session: Session, loop: Callable | None = None) -> Reco
     return record
 
 
-def _measure_case(case: Case, session: Session, record: Record, loop) -> None:
+def _measure_case(case: Case, session: Session, record: Record, reference: Reference, loop) -> None:
     options = session.options
     cuda = options.device == "cuda"
-    reference = session.reference(case)
     meter = MemoryMeter(cuda)
     meter.start()
     backend = registry.get(case.backend)

@@ -1,0 +1,119 @@
+"""A failing case never takes the run down or loses a result: each injected fault ends as its record and the
+cases after it still run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.cases import Case
+from harness.records import read_records
+from harness.runner import RunOptions, Session
+from suites import fault_backends
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def faulty():
+    fault_backends.register()
+    yield
+    fault_backends.unregister()
+
+
+EXPECTED = {  # fault -> (status, error class, text in the reason)
+    "raise": ("error", "RuntimeError", "injected executor failure"),
+    "hang": ("error", "TimeoutError", "timeout"),
+    "nan": ("failed", "NaNError", "NaN"),
+    "oom": ("error", "OutOfMemoryError", "out of memory"),
+    "blank": ("failed", "ConstantImageError", "constant"),
+}
+
+
+def test_every_fault_is_a_record_and_the_run_goes_on(faulty, tmp_path):
+    # a passing case before (imports and reference done, so the timeout below only meets the hang) and after
+    cases = [Case("tiny-sd", "diffusers")] + [Case("tiny-sd", "faulty", f) for f in EXPECTED] + [
+        Case("tiny-sd", "diffusers", steps=2)]
+    session = Session(tmp_path, RunOptions(warmup=0, repeats=1, timeout_s=10.0))
+    started = time.monotonic()
+    try:
+        for case in cases:
+            session.result(case)
+    finally:
+        session.close()
+    assert time.monotonic() - started < 120, "the hung case was not cut off by its timeout"
+    records = {r["case_id"]: r for r in read_records(session.records_path)}
+    assert len(records) == len(cases)
+    for fault, (status, error_class, text) in EXPECTED.items():
+        r = records[Case("tiny-sd", "faulty", fault).id]
+        assert (r["status"], r["error_class"]) == (status, error_class), (fault, r["reason"])
+        assert text.lower() in r["reason"].lower(), (fault, r["reason"])
+    assert records[Case("tiny-sd", "diffusers", steps=2).id]["status"] == "passed", "the case after the faults did not run"
+
+
+def test_unsupported_variant_is_a_record(faulty, tmp_path):
+    session = Session(tmp_path, RunOptions(warmup=0, repeats=1))
+    record = session.result(Case("tiny-sd", "faulty", "no-such-fault"))
+    session.close()
+    assert record.status == "unsupported" and "unknown variant" in record.reason
+
+
+_RUNNER = """
+import sys
+from suites import fault_backends
+fault_backends.register()
+from harness.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _diffbench(args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DIFFBENCH_FAULT_SLEEP": "0.4"}
+    return subprocess.Popen([sys.executable, "-c", _RUNNER, *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_then_resume_records_every_case_once(tmp_path, sig):
+    """Interrupt mid-run: the current case is recorded as interrupted, the JSONL stays valid, --resume finishes."""
+    args = ["run", "--model", "tiny-sd", "--backend", "diffusers", "--backend", "faulty+slow",
+            "--steps", "2", "--steps", "3", "--warmup", "0", "--repeats", "3", "--no-report",
+            "--results-dir", str(tmp_path)]
+    proc = _diffbench(args)
+    deadline = time.monotonic() + 120
+    records_file = None
+    while time.monotonic() < deadline:   # wait until the first case is on disk and the slow ones are running
+        found = list(tmp_path.glob("*/records.jsonl"))
+        if found and found[0].read_text().count("\n") >= 1:
+            records_file = found[0]
+            break
+        time.sleep(0.2)
+    assert records_file, "no record appeared"
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    first = read_records(records_file)                         # still valid JSONL
+    assert any(r["status"] == "interrupted" for r in first), [r["status"] for r in first]
+
+    resume = _diffbench(["run", "--resume", str(records_file.parent), "--model", "tiny-sd", "--backend",
+                         "diffusers", "--backend", "faulty+slow", "--steps", "2", "--steps", "3", "--warmup", "0",
+                         "--repeats", "3", "--no-report"])
+    out, err = resume.communicate(timeout=300)
+    assert resume.returncode == 0, err
+    assert "skip" in out
+    final = [r for r in read_records(records_file) if r["status"] != "interrupted"]
+    ids = [r["case_id"] for r in final]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 4, ids
+
+
+def test_no_tritonserver_or_child_left_behind():
+    """Our runs start servers as child processes; none may outlive the run (checked for this process tree)."""
+    import psutil
+    children = [p for p in psutil.Process().children(recursive=True) if "tritonserver" in (p.name() or "")]
+    assert not children, children

@@ -1,0 +1,100 @@
+import json
+
+import pytest
+
+from harness.cases import Case, Matrix, load_matrix, matrix_from_toml_text, parse_size
+from harness.device import arch_family, device_class
+from harness.errors import UserError
+from harness.records import Record, RecordWriter, load_many, read_records, recorded_case_ids
+
+
+def _record(case_id="tiny-sd/diffusers/fp32/b1/64x64/s4", **kw):
+    return Record.for_case(Case.from_id(case_id), "run1", **kw)
+
+
+def test_case_id_is_stable_and_round_trips():
+    c = Case("tiny-sd", "torch_compile", "max-autotune", "bf16", 2, 64, 96, 4)
+    assert c.id == "tiny-sd/torch_compile+max-autotune/bf16/b2/64x96/s4"
+    assert Case.from_id(c.id) == c
+    assert Case("tiny-sd", "diffusers").id == "tiny-sd/diffusers/fp32/b1/64x64/s4"
+    p = Case("path:/models/my sd", "onnxruntime")
+    assert Case.from_id(p.id) == p
+
+
+def test_matrix_expansion_and_validation():
+    cases = Matrix(models=["tiny-sd"], backends=["diffusers", "onnxruntime"], dtypes=["fp32", "bf16"]).expand()
+    assert len(cases) == 4 and len({c.id for c in cases}) == 4
+    with pytest.raises(UserError, match="not divisible by the VAE factor"):
+        Matrix(sizes=[(60, 64)]).expand()
+    with pytest.raises(UserError, match="unknown dtype"):
+        Matrix(dtypes=["fp8x"]).expand()
+    assert parse_size("1024") == (1024, 1024) and parse_size("64x96") == (64, 96)
+
+
+def test_embedded_default_and_toml():
+    default = load_matrix(None)
+    assert "tiny-sd" in default.models and "diffusers" in default.backends
+    m = matrix_from_toml_text('[matrix]\nmodels=["tiny-sd3"]\nsizes=["128x64"]\nsteps=[2]\n', "t")
+    assert [c.id for c in m.expand()][0] == "tiny-sd3/diffusers/fp32/b1/128x64/s2"
+    with pytest.raises(UserError, match="malformed TOML"):
+        matrix_from_toml_text("[matrix\nmodels=", "bad.toml")
+    with pytest.raises(UserError, match="unknown key"):
+        matrix_from_toml_text("[matrix]\nmodel=['x']", "bad.toml")
+
+
+def test_record_round_trip(tmp_path):
+    path = tmp_path / "records.jsonl"
+    with RecordWriter(path) as w:
+        w.write(_record(stages={"denoise": {"p50": 0.1, "n": 3}}))
+        w.write(_record("tiny-sd3/diffusers/fp32/b1/64x64/s4", status="failed", reason="x"))
+    records = read_records(path)
+    assert [r["case_id"] for r in records] == ["tiny-sd/diffusers/fp32/b1/64x64/s4",
+                                                "tiny-sd3/diffusers/fp32/b1/64x64/s4"]
+    assert records[0]["stages"]["denoise"]["p50"] == 0.1 and records[1]["status"] == "failed"
+    assert recorded_case_ids(path) == {r["case_id"] for r in records}
+
+
+def test_truncated_last_line_is_dropped_with_warning(tmp_path):
+    path = tmp_path / "records.jsonl"
+    with RecordWriter(path) as w:
+        w.write(_record())
+    with open(path, "a") as fh:
+        fh.write(json.dumps(_record("tiny-sd3/diffusers/fp32/b1/64x64/s4").to_dict())[:57])
+    with pytest.warns(UserWarning, match="truncated"):
+        records = read_records(path)
+    assert len(records) == 1
+
+
+def test_bad_records_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(UserError, match="holds no records"):
+        read_records(empty)
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({**_record().to_dict(), "schema": 99}) + "\n")
+    with pytest.raises(UserError, match="schema version 99"):
+        read_records(other)
+    corrupt = tmp_path / "corrupt.jsonl"
+    corrupt.write_text("{oops\n" + json.dumps(_record().to_dict()) + "\n")
+    with pytest.raises(UserError, match="not a JSON record"):
+        read_records(corrupt)
+
+
+def test_load_many_merges(tmp_path):
+    for i in range(2):
+        with RecordWriter(tmp_path / f"r{i}.jsonl") as w:
+            w.write(_record())
+    assert len(load_many([tmp_path / "r0.jsonl", tmp_path / "r1.jsonl"])) == 2
+
+
+@pytest.mark.parametrize("cap, family", [((10, 0), "Blackwell (datacenter)"), ((10, 3), "Blackwell (datacenter)"),
+                                         ((12, 0), "Blackwell (workstation/consumer)"), ((9, 0), "Hopper"),
+                                         ((8, 9), "Ada"), ((8, 0), "Ampere"), ((8, 6), "Ampere"),
+                                         ((7, 5), "Turing")])
+def test_arch_mapping(cap, family):
+    assert arch_family(*cap) == family
+
+
+def test_device_class():
+    assert device_class({"gpu": {"name": "NVIDIA H100", "capability": "9.0"}}) == "NVIDIA H100 (sm 9.0)"
+    assert device_class({"gpu": None, "cpu": {"model": "Xeon"}}) == "CPU Xeon"

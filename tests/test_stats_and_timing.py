@@ -1,0 +1,73 @@
+import time
+
+import pytest
+import torch
+
+from harness.timing import StageTimer, measure, stats
+
+
+def test_stats_known_answers():
+    s = stats([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert s["p50"] == 3.0 and s["mean"] == 3.0 and s["n"] == 5
+    assert s["p90"] == pytest.approx(4.6) and s["p99"] == pytest.approx(4.96)
+    assert s["std"] == pytest.approx(1.5811388, rel=1e-6)  # sample std (ddof=1)
+    assert s["min"] == 1.0 and s["max"] == 5.0
+
+
+def test_stats_single_and_empty():
+    assert stats([2.0])["std"] == 0.0
+    assert stats([]) == {"n": 0}
+
+
+class _Sleepy(torch.nn.Module):
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return x
+
+
+class _Vae:
+    def decode(self, z):
+        time.sleep(0.02)
+        return (z,)
+
+
+class _Pipe:
+    def __init__(self):
+        self.text_encoder = _Sleepy(0.01)
+        self.unet = _Sleepy(0.005)
+        self.vae = _Vae()
+
+    def __call__(self):
+        x = self.text_encoder(torch.zeros(1))
+        for _ in range(3):
+            x = self.unet(x)
+        time.sleep(0.01)  # "other": scheduler, post-processing
+        return self.vae.decode(x)
+
+
+def test_stage_timer_splits_stages_and_discards_warmup():
+    pipe = _Pipe()
+    timer = StageTimer(cuda=False).attach(pipe, ["text_encoder"], "unet", "vae")
+    measure(timer, pipe, warmup=2, repeats=3)
+    stages, e2e = timer.summary()
+    assert e2e["n"] == 3 and stages["denoise_step"]["n"] == 9
+    assert stages["text_encode"]["p50"] == pytest.approx(0.01, abs=0.008)
+    assert stages["denoise"]["p50"] == pytest.approx(0.015, abs=0.01)
+    assert stages["vae_decode"]["p50"] == pytest.approx(0.02, abs=0.01)
+    assert stages["other"]["p50"] == pytest.approx(0.01, abs=0.008)
+    total = sum(stages[s]["mean"] for s in ("text_encode", "denoise", "vae_decode", "other"))
+    assert total == pytest.approx(e2e["mean"], rel=1e-6)
+    timer.detach()
+    assert "decode" not in vars(pipe.vae) and not pipe.unet._forward_hooks
+
+
+def test_measure_with_external_loop():
+    """pytest-benchmark style: the loop calls us warmup+repeats times; warm-up is still discarded."""
+    pipe = _Pipe()
+    timer = StageTimer().attach(pipe, ["text_encoder"], "unet", "vae")
+    measure(timer, pipe, 1, 2, loop=lambda call, w, r: [call() for _ in range(w + r)])
+    assert timer.summary()[1]["n"] == 2
