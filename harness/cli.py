@@ -140,11 +140,14 @@ def summary_table(records) -> str:
 
 
 def _check_writable(folder: Path) -> None:
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise UserError(f"results folder {folder} is not writable")
+    """Create the folder and a probe file in it: permission bits alone lie for root and read-only mounts."""
+    import tempfile
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UserError(f"results folder {folder} is not writable: {exc.strerror or exc}")
 
 
 def cmd_run(args) -> int:

@@ -160,7 +160,9 @@ def _component_names(pipeline) -> tuple[list[str], str]:
 
 def load(name: str, dtype: str, device: str = "cpu") -> LoadedModel:
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.disable_progress_bar()
     model_spec = spec(name)
     torch_dtype = TORCH_DTYPES[dtype]
     notes: list[str] = []
