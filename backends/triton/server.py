@@ -226,7 +226,7 @@ class TritonServer:
                 self.start_s = time.perf_counter() - t0
                 return self
             except TritonServerError as exc:
-                collision = "address already in use" in str(exc).lower() or "failed to start" in str(exc).lower()
+                collision = "already in use" in str(exc).lower()   # triton: "Socket '...' already in use"
                 if fixed or not collision or attempt == attempts - 1:
                     raise
                 os.replace(self.log_path, self.log_dir / f"tritonserver.attempt{attempt}.log")
@@ -273,19 +273,24 @@ class TritonServer:
                 except subprocess.TimeoutExpired:
                     self._signal(signal.SIGKILL)
                     proc.wait(10)
-            # stubs left behind by a crashed server are in the same group
+            # stubs left behind by a crashed server are in the same group: kill them and wait until they are gone
             self._signal(signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while self._signal(0) and time.monotonic() < deadline:
+                time.sleep(0.05)
             _LIVE.discard(self)
             if self._work is not None:
                 shutil.rmtree(self._work, ignore_errors=True)
                 self._work = None
             return proc.returncode
 
-    def _signal(self, sig: int) -> None:
+    def _signal(self, sig: int) -> bool:
+        """Signal the server's process group; False when the group is empty."""
         try:
             os.killpg(self.proc.pid, sig)
+            return True
         except (ProcessLookupError, PermissionError):
-            pass
+            return False
 
     def __enter__(self):
         return self.start() if self.proc is None else self

@@ -1,0 +1,122 @@
+"""Serving measurements: concurrency sweeps with asyncio clients, the server's statistics split (queue, compute
+input / infer / output), whether dynamic batching batched, and /metrics.
+
+Each sweep level runs in its own event loop with an aio client (HTTP via aiohttp, or grpc.aio): N workers keep N
+requests in flight, bounded by a request count and a time budget, every request under asyncio.wait_for.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from typing import Callable
+
+import numpy as np
+
+from backends.triton.client import AsyncClient
+
+
+def latency_stats(samples) -> dict[str, float]:
+    """p50/p90/p99/mean/std/min/max (seconds) and n, like harness.timing.stats."""
+    a = np.asarray(list(samples), dtype=float)
+    if a.size == 0:
+        return {"n": 0}
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(a.mean()),
+            "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "min": float(a.min()), "max": float(a.max()),
+            "n": int(a.size)}
+
+
+# -- server-side statistics -----------------------------------------------------------------------------------------
+def model_statistics(http_client, model: str) -> dict:
+    """Cumulative counters of one model from the statistics extension (sync tritonclient.http client)."""
+    stats = http_client.get_inference_statistics(model)["model_stats"][0]
+    infer = stats["inference_stats"]
+    return {"requests": int(infer["success"]["count"]), "failures": int(infer["fail"]["count"]),
+            "executions": int(stats.get("execution_count", 0)), "inferences": int(stats.get("inference_count", 0)),
+            **{f"{k}_ns": int(infer[k]["ns"]) for k in ("queue", "compute_input", "compute_infer", "compute_output")},
+            "batch_sizes": {int(b["batch_size"]): int(b["compute_infer"]["count"])
+                            for b in stats.get("batch_stats", [])}}
+
+
+def statistics_delta(before: dict, after: dict) -> dict:
+    """What one sweep level added: per-request server times in ms, executions vs requests, batch sizes seen."""
+    requests = after["requests"] - before["requests"]
+    per = max(requests, 1)
+    split = {f"{k}_ms": (after[f"{k}_ns"] - before[f"{k}_ns"]) / per / 1e6
+             for k in ("queue", "compute_input", "compute_infer", "compute_output")}
+    sizes = {b: n - before["batch_sizes"].get(b, 0) for b, n in after["batch_sizes"].items()}
+    return {"server": split, "server_requests": requests, "executions": after["executions"] - before["executions"],
+            "inferences": after["inferences"] - before["inferences"],
+            "batch_sizes": {str(b): n for b, n in sorted(sizes.items()) if n}}
+
+
+def scrape_metrics(url: str, timeout: float = 10.0) -> dict[str, dict[str, float]]:
+    """Prometheus text from /metrics -> {metric: {labels: value}} (nv_* series only)."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text = response.read().decode()
+    metrics: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        if not line.startswith("nv_"):
+            continue
+        series, _, value = line.rpartition(" ")
+        name, _, labels = series.partition("{")
+        try:
+            metrics.setdefault(name, {})[labels.rstrip("}")] = float(value)
+        except ValueError:
+            continue
+    return metrics
+
+
+# -- load generation -------------------------------------------------------------------------------------------------
+async def _level(server, protocol: str, model: str, request: Callable[[int], dict], outputs: list[str],
+                 concurrency: int, requests: int, budget_s: float, timeout_s: float) -> dict:
+    latencies: list[float] = []
+    errors: list[str] = []
+    counter = iter(range(requests))
+    deadline = time.perf_counter() + budget_s
+    async with AsyncClient(server, protocol, timeout_s=timeout_s) as client:
+        async def worker():
+            for i in counter:   # a shared iterator: each request index is taken once
+                if time.perf_counter() > deadline:
+                    return
+                start = time.perf_counter()
+                try:
+                    await asyncio.wait_for(client.infer(model, request(i), outputs), timeout_s)
+                except Exception as exc:
+                    errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                    return
+                latencies.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return {"latencies": latencies, "wall": wall, "errors": errors}
+
+
+def sweep(server, model: str, request: Callable[[int], dict], outputs: list[str], levels=(1, 2, 4, 8),
+          requests_per_level: Callable[[int], int] = lambda c: max(4, 2 * c), protocol: str = "http",
+          budget_s: float = 20.0, timeout_s: float = 60.0, stats_client=None) -> list[dict]:
+    """One entry per concurrency level: throughput, client latency stats, server split, executions vs requests.
+    Raises on the first level with errors (the message is the client's, with the server log tail if it died)."""
+    import tritonclient.http as httpclient
+    own = stats_client is None
+    stats_client = stats_client or httpclient.InferenceServerClient(server.http_url, network_timeout=timeout_s)
+    results = []
+    try:
+        for concurrency in levels:
+            n = requests_per_level(concurrency)
+            before = model_statistics(stats_client, model)
+            level = asyncio.run(_level(server, protocol, model, request, outputs, concurrency, n, budget_s,
+                                       timeout_s))
+            if level["errors"]:
+                from backends.triton.client import failure
+                raise failure(server, f"sweep at concurrency {concurrency}", RuntimeError(level["errors"][0]))
+            delta = statistics_delta(before, model_statistics(stats_client, model))
+            done = len(level["latencies"])
+            results.append({"concurrency": concurrency, "requests": done, "protocol": protocol,
+                            "throughput_rps": done / level["wall"] if level["wall"] else 0.0,
+                            "latency": latency_stats(level["latencies"]), **delta})
+    finally:
+        if own:
+            stats_client.close()
+    return results
