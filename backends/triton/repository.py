@@ -62,7 +62,9 @@ def _pbtxt_str(value: str) -> str:
 
 
 def _tensor_text(t: TensorSpec, is_input: bool) -> str:
-    parts = [f"name: {_pbtxt_str(t.name)}", f"data_type: TYPE_{t.dtype}", f"dims: [ {', '.join(map(str, t.dims))} ]"]
+    # the config calls BYTES tensors TYPE_STRING
+    data_type = "STRING" if t.dtype == "BYTES" else t.dtype
+    parts = [f"name: {_pbtxt_str(t.name)}", f"data_type: TYPE_{data_type}", f"dims: [ {', '.join(map(str, t.dims))} ]"]
     if t.reshape is not None:
         parts.append(f"reshape: {{ shape: [ {', '.join(map(str, t.reshape))} ] }}")
     if is_input and t.optional:

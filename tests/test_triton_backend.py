@@ -1,0 +1,112 @@
+"""TritonBackend end to end on the tiny models: a real server serving torch components, executors in the real
+diffusers pipeline, parity against the eager reference through the lead's runner. One server for the module."""
+import os
+import signal
+
+import pytest
+import torch
+
+from backends import base
+from backends.triton import server as srv
+from backends.triton.backend import TritonBackend
+from backends.triton.client import DenoiserExecutor
+from backends.triton.server import TritonServerError
+from harness import models
+from harness.cases import Case
+
+pytestmark = pytest.mark.skipif(bool(srv.missing_reason()), reason=srv.missing_reason() or "ok")
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    from harness.runner import RunOptions, Session
+    s = Session(tmp_path_factory.mktemp("results"), RunOptions(warmup=0, repeats=2, save_images=False))
+    yield s
+    s.close()   # close_all() -> TritonBackend.close() stops the server
+
+
+@pytest.mark.parametrize("variant", ["http", "grpc"])
+def test_runner_case_passes_parity(session, variant):
+    record = session.result(Case("tiny-sd", "triton", variant))
+    assert record.status == "passed", (record.reason, record.info.get("traceback"))
+    assert record.parity["verdict"] == "pass"
+    assert record.parity["components"]["unet"]["max_abs"] < 1e-4
+    assert {"repository", "server_start", "model_load"} <= set(record.build)
+    info = record.info["triton"]
+    assert info["protocol"] == variant and info["served"] == {"unet": "tiny-sd_fp32_unet_denoiser"}
+    assert record.stages["denoise_step"]["n"] > 0
+
+
+def test_one_server_per_session(session):
+    backend = base.get("triton")
+    assert backend.server is not None and backend.server.alive()
+    first = session.records["tiny-sd/triton+http/fp32/b1/64x64/s4"]
+    second = session.records["tiny-sd/triton+grpc/fp32/b1/64x64/s4"]
+    assert first.build["server_start"] > second.build["server_start"]   # reused: no second start
+    assert second.build["model_load"] < first.build["model_load"]       # already loaded
+
+
+def test_sd3_transformer_served(session):
+    record = session.result(Case("tiny-sd3", "triton", "grpc"))
+    assert record.status == "passed", (record.reason, record.info.get("traceback"))
+    assert record.parity["components"]["transformer"]["passed"]
+
+
+def test_executor_contract(session):
+    backend = base.get("triton")
+    model = models.load("tiny-sd", "fp32")
+    original = model.pipeline.unet
+    prepared = backend.prepare(model, Case("tiny-sd", "triton", "http"), models.cache_root())
+    try:
+        unet = prepared.pipeline.unet
+        assert isinstance(unet, DenoiserExecutor) and isinstance(unet, torch.nn.Module)
+        assert unet.config is original.config and unet.dtype == torch.float32 and unet.device.type == "cpu"
+        sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        text = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
+        t = torch.tensor(500.0)                                # 0-d, as the pipeline passes it
+        got = unet(sample, t, encoder_hidden_states=text, return_dict=False)
+        assert isinstance(got, tuple) and got[0].shape == sample.shape
+        with torch.inference_mode():
+            want = original(sample, t, encoder_hidden_states=text).sample
+        assert torch.allclose(got[0], want, atol=1e-5)
+        assert torch.allclose(unet(sample, t, encoder_hidden_states=text).sample, want, atol=1e-5)
+        with pytest.raises(NotImplementedError, match="timestep_cond"):
+            unet(sample, t, encoder_hidden_states=text, timestep_cond=torch.zeros(2, 4))
+    finally:
+        prepared.close()
+    assert model.pipeline.unet is original   # close() puts the original back
+
+
+def test_external_url(session, monkeypatch):
+    running = base.get("triton").server
+    monkeypatch.setenv("DIFFBENCH_TRITON_URL", f"http://{running.http_url}")
+    monkeypatch.setenv("DIFFBENCH_TRITON_GRPC_URL", running.grpc_url)
+    external = TritonBackend()
+    model = models.load("tiny-sd", "fp32")
+    prepared = external.prepare(model, Case("tiny-sd", "triton", "grpc"), models.cache_root())
+    try:
+        assert prepared.info["triton"]["server"] == "external"
+        assert external.server.proc is None and external.repository is None
+        out = prepared.pipeline(**models.pipeline_inputs(model, Case("tiny-sd", "triton", "grpc"))).images
+        assert out.shape == (1, 64, 64, 3)
+    finally:
+        prepared.close()
+        external.close()
+    assert running.alive()   # closing the external backend leaves the server alone
+
+
+def test_dead_server_raises_with_log_tail(session):
+    backend = base.get("triton")
+    model = models.load("tiny-sd", "fp32")
+    prepared = backend.prepare(model, Case("tiny-sd", "triton", "http"), models.cache_root())
+    try:
+        os.killpg(backend.server.proc.pid, signal.SIGKILL)
+        backend.server.proc.wait(10)
+        with pytest.raises(TritonServerError) as info:
+            prepared.pipeline(**models.pipeline_inputs(model, Case("tiny-sd", "triton", "http")))
+    finally:
+        prepared.close()
+    message = str(info.value)
+    assert "tritonserver is gone" in message and "log tail" in message
+    backend.close()
+    assert backend.server is None

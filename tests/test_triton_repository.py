@@ -1,0 +1,130 @@
+"""Model repository writer and support rules: text only, no server. Every config is parsed with Triton's own
+ModelConfig protobuf (from tritonclient), so a syntax slip fails here, not at server start."""
+import pytest
+
+from backends.triton import repository as repo
+from backends.triton.backend import TritonBackend
+from harness.cases import Case
+
+UNET = {"in_channels": 4, "out_channels": 4, "cross_attention_dim": 32}
+SD3 = {"in_channels": 16, "joint_attention_dim": 32, "pooled_projection_dim": 64}
+
+
+def parse(text):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def test_python_denoiser_config():
+    m = repo.component_model("tiny-sd_fp32_unet", "sd", "denoiser", UNET, "fp32", "/models/tiny sd", "unet")
+    cfg = parse(repo.config_text(m))
+    assert cfg.backend == "python" and cfg.max_batch_size == 8
+    assert [i.name for i in cfg.input] == ["sample", "timestep", "encoder_hidden_states"]
+    assert list(cfg.input[0].dims) == [4, -1, -1] and list(cfg.input[2].dims) == [-1, 32]
+    assert cfg.output[0].name == "out_sample"
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [2, 4, 8]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_CPU
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert params["source"] == "/models/tiny sd" and params["role"] == "denoiser" and params["dtype"] == "fp32"
+
+
+@pytest.mark.parametrize("mode,platform,backend,filename", [
+    ("onnxruntime", "onnxruntime_onnx", "onnxruntime", "model.onnx"),
+    ("tensorrt_plan", "tensorrt_plan", "tensorrt", "model.plan")])
+def test_gpu_backend_configs(mode, platform, backend, filename):
+    m = repo.component_model("sd3_fp16_transformer", "sd3", "denoiser", SD3, "fp16", "", "transformer", mode=mode)
+    cfg = parse(repo.config_text(m))
+    assert (cfg.platform, cfg.backend, cfg.default_model_filename) == (platform, backend, filename)
+    assert m.model_file == filename
+    assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_GPU
+    from tritonclient.grpc import model_config_pb2
+    assert {i.data_type for i in cfg.input if i.name != "timestep"} == {model_config_pb2.TYPE_FP16}
+    timestep = next(i for i in cfg.input if i.name == "timestep")
+    assert timestep.HasField("reshape") and list(timestep.reshape.shape) == []   # (batch,) into the engine
+    assert "source" not in cfg.parameters                                       # no python-only parameters
+
+
+def test_bf16_travels_as_fp32_to_the_python_backend_but_is_bf16_for_tensorrt():
+    py = repo.component_model("m", "sd", "denoiser", UNET, "bf16", "/m", "unet")
+    trt = repo.component_model("m", "sd", "denoiser", UNET, "bf16", "", "unet", mode="tensorrt_plan")
+    assert py.inputs[0].dtype == "FP32" and trt.inputs[0].dtype == "BF16"
+    parse(repo.config_text(trt))
+
+
+def test_pipeline_model_config():
+    cfg = parse(repo.config_text(repo.pipeline_model("tiny-sd_pipeline", "/m", "fp32")))
+    names = {i.name: i for i in cfg.input}
+    from tritonclient.grpc import model_config_pb2
+    assert names["PROMPT"].data_type == model_config_pb2.TYPE_STRING and names["NEGATIVE_PROMPT"].optional
+    assert cfg.output[0].name == "IMAGE" and list(cfg.output[0].dims) == [-1, -1, 3]
+
+
+def test_other_roles_and_unserved_kinds():
+    ins, outs = repo.component_io("sd", "text_encoder", {"hidden_size": 32}, "FP32")
+    assert ins[0].dtype == "INT64" and [o.name for o in outs] == ["last_hidden_state", "pooler_output"]
+    ins, outs = repo.component_io("sd", "vae_decoder", {"latent_channels": 4}, "FP32")
+    assert list(ins[0].dims) == [4, -1, -1] and list(outs[0].dims) == [3, -1, -1]
+    ins, _ = repo.component_io("sdxl", "denoiser", {"in_channels": 4, "cross_attention_dim": 2048}, "FP32")
+    assert {"text_embeds", "time_ids"} <= {i.name for i in ins}
+    with pytest.raises(NotImplementedError, match="flux"):
+        repo.component_io("flux", "denoiser", {}, "FP32")
+    with pytest.raises(NotImplementedError):
+        repo.component_io("sd3", "text_encoder", {}, "FP32")
+    with pytest.raises(ValueError, match="mode"):
+        repo.config_text(repo.ServedModel("x", [], [], mode="pytorch_libtorch"))
+
+
+def test_strings_are_escaped_and_names_safe():
+    m = repo.component_model("m", "sd", "denoiser", UNET, "fp32", '/tmp/a "quoted"\\path\nnext', "unet")
+    cfg = parse(repo.config_text(m))
+    assert cfg.parameters["source"].string_value == '/tmp/a "quoted"\\path\nnext'
+    assert repo.safe_name("path:/x/y my model") == "path_x_y_my_model"
+    assert repo.safe_name("../..") == "model"
+
+
+def test_write_model(tmp_path):
+    m = repo.component_model("tiny", "sd", "denoiser", UNET, "fp32", "/m", "unet")
+    folder = repo.write_model(tmp_path, m)
+    assert (folder / "config.pbtxt").read_text() == repo.config_text(m)
+    assert (folder / "1" / "model.py").read_text() == (repo.TEMPLATES / "component.py").read_text()
+    mtime = (folder / "config.pbtxt").stat().st_mtime_ns
+    repo.write_model(tmp_path, m)   # unchanged: not rewritten
+    assert (folder / "config.pbtxt").stat().st_mtime_ns == mtime
+    onnx = tmp_path / "export.onnx"
+    onnx.write_bytes(b"onnx")
+    (tmp_path / "export.onnx.data").write_bytes(b"weights")
+    g = repo.component_model("g", "sd", "denoiser", UNET, "fp16", "", "unet", mode="onnxruntime")
+    gfolder = repo.write_model(tmp_path / "gpu", g, onnx)
+    assert (gfolder / "1" / "model.onnx").read_bytes() == b"onnx"
+    assert (gfolder / "1" / "export.onnx.data").is_file()   # external data keeps its referenced name
+
+
+def test_templates_compile():
+    for template in repo.TEMPLATES.glob("*.py"):
+        compile(template.read_text(), str(template), "exec")
+
+
+@pytest.mark.parametrize("model,variant,reason", [
+    ("sd15", "", "full-size"), ("flux-dev", "", "full-size"), ("tiny-sd3", "http-all", "text encoders"),
+    ("tiny-sd", "pytorch", "unknown variant")])
+def test_support_reasons(model, variant, reason):
+    s = TritonBackend().support(Case(model, "triton", variant), {"device": "cpu"})
+    assert not s and reason in s.reason
+
+
+def test_support_without_binary(monkeypatch):
+    monkeypatch.setenv("DIFFBENCH_TRITONSERVER", "/nonexistent/tritonserver")
+    monkeypatch.delenv("DIFFBENCH_TRITON_URL", raising=False)
+    s = TritonBackend().support(Case("tiny-sd", "triton"), {"device": "cpu"})
+    assert not s and "tritonserver binary not found" in s.reason
+    monkeypatch.setenv("DIFFBENCH_TRITON_URL", "127.0.0.1:8000")   # an external server needs no binary
+    assert TritonBackend().support(Case("tiny-sd", "triton", "grpc"), {"device": "cpu"})
+
+
+def test_registry_entry():
+    from backends import base
+    assert base._REGISTRY["triton"] == "backends.triton:TritonBackend"
+    import backends.triton
+    assert backends.triton.TritonBackend.name == "triton"
