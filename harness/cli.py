@@ -128,12 +128,19 @@ def run_options(device: str, quick: bool, warmup: int | None, repeats: int | Non
 
 
 def summary_table(records) -> str:
-    rows = [("case", "status", "e2e p50 ms", "psnr dB", "reason")]
+    """One line per case: status, e2e p50, speed-up vs the reference measured in the same run, PSNR, reason."""
+    from backends.base import REFERENCE
+    reference_p50 = {(r.model, r.dtype, r.batch, r.height, r.width, r.steps): r.e2e.get("p50")
+                     for r in records if r.backend == REFERENCE and r.status == "passed"}
+    rows = [("case", "status", "e2e p50 ms", "vs eager", "psnr dB", "reason")]
     for r in records:
         p50 = r.e2e.get("p50")
+        ref = reference_p50.get((r.model, r.dtype, r.batch, r.height, r.width, r.steps))
         psnr = (r.parity.get("image") or {}).get("psnr") if r.parity else None
         rows.append((r.case_id, r.status, f"{p50 * 1000:.1f}" if p50 else "-",
-                     ("inf" if psnr == float("inf") else f"{psnr:.1f}") if psnr is not None else "-",
+                     f"{ref / p50:.2f}x" if p50 and ref else "-",
+                     ("inf" if psnr in (None, float("inf")) and r.parity.get("image", {}).get("passed")
+                      else f"{psnr:.1f}" if psnr is not None else "-"),
                      (r.reason or "")[:70]))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
