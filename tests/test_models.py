@@ -67,3 +67,12 @@ def test_full_size_architectures_build_on_meta_in_requested_dtype(name, componen
         if isinstance(value, torch.nn.Module):
             assert {p.dtype for p in value.parameters()} == {torch.bfloat16}
             assert next(value.parameters()).device.type == "meta"
+
+
+def test_pickled_checkpoints_are_refused(tmp_path):
+    """Weights load with safetensors only: a .bin (pickle) checkpoint we did not write is never unpickled."""
+    from harness.models.tiny import build_tiny_sd
+    build_tiny_sd().save_pretrained(tmp_path, safe_serialization=False)
+    assert list(tmp_path.rglob("*.bin"))
+    with pytest.raises(UserError, match="no file named diffusion_pytorch_model.safetensors"):
+        models.load(f"path:{tmp_path}", "fp32")

@@ -176,7 +176,8 @@ def load(name: str, dtype: str, device: str = "cpu") -> LoadedModel:
         else:
             folder = Path(name[5:]).expanduser()
         try:
-            pipeline = DiffusionPipeline.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True)
+            pipeline = DiffusionPipeline.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True,
+                                                         use_safetensors=True)  # never unpickle weights
         except (OSError, ValueError, EnvironmentError) as exc:
             if model_spec.source == "path":
                 raise UserError(f"{folder} could not be loaded as a diffusers model: {str(exc).splitlines()[0]}")
