@@ -7,9 +7,6 @@ Variants: "" = legacy (TorchScript) exporter, 1 s per model; "dynamo" = torch.ex
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
-import inspect
 from pathlib import Path
 
 import numpy as np
@@ -108,107 +105,6 @@ def _element_type(dtype: torch.dtype):
             torch.int32: np.int32}.get(dtype, np.float16)
 
 
-class _Executor(torch.nn.Module):
-    """Base stand-in: carries the original config, dtype and device (diffusers reads them), holds no weights."""
-
-    def __init__(self, original, runner: OrtRunner):
-        super().__init__()
-        self.config = original.config
-        self._dtype, self._device = original.dtype, original.device
-        self.runner = runner
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    def to(self, *args, **kwargs):
-        # the ONNX graph has fixed precision; pipelines that "upcast" the VAE only change what we report
-        dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
-        if dtype is not None:
-            self._dtype = dtype
-        return self
-
-
-def _import_class(path: str):
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-class TextEncoderExecutor(_Executor):
-    """Returns the same ModelOutput class as the transformers model (fields, pooled/text_embeds, hidden_states)."""
-
-    def __init__(self, original, runner, meta: dict):
-        super().__init__(original, runner)
-        self.output_class = _import_class(meta["output_class"])
-        self.fields, self.has_hidden = meta["fields"], meta["hidden_states"]
-
-    def forward(self, input_ids, attention_mask=None, output_hidden_states=None, return_dict=True, **_):
-        if attention_mask is not None and not bool((attention_mask == 1).all()):
-            raise NotImplementedError("the ONNX text encoder was exported without an attention mask input")
-        out = self.runner({"input_ids": input_ids})
-        fields = dict(zip(self.fields, out))
-        hidden = tuple(out[len(self.fields):]) if self.has_hidden and output_hidden_states else None
-        result = self.output_class(**fields, hidden_states=hidden)
-        return result if return_dict is not False else result.to_tuple()
-
-
-class DenoiserExecutor(_Executor):
-    """Keyword call like the diffusers UNet/transformer; 0-d timestep expanded to (batch,); returns (sample,)."""
-
-    def __init__(self, original, runner, inputs: list[str], meta: dict):
-        super().__init__(original, runner)
-        self.input_names, self.groups, self.first = inputs, meta["groups"], meta["first"]
-        self._arg_order = list(inspect.signature(original.forward).parameters)   # for positional calls
-
-    def forward(self, *args, return_dict: bool = True, **kwargs):
-        kwargs.update(zip(self._arg_order, args))
-        sample = kwargs[self.first]
-        feeds = {}
-        for name in self.input_names:
-            group, _, key = name.partition(".")
-            value = kwargs.get(group) if key else kwargs.get(name)
-            if key:
-                value = (value or {}).get(key)
-            if value is None:
-                raise ValueError(f"{name} was exported as an input but the pipeline did not pass it")
-            if not isinstance(value, torch.Tensor):
-                value = torch.tensor(value, device=sample.device)
-            if name == "timestep" and value.ndim == 0:
-                value = value.expand(sample.shape[0])
-            feeds[name] = value
-        out = self.runner(feeds)[0].to(sample.dtype)
-        if return_dict:
-            from diffusers.models.modeling_outputs import Transformer2DModelOutput
-            return Transformer2DModelOutput(sample=out)
-        return (out,)
-
-    @contextlib.contextmanager
-    def cache_context(self, name):   # FluxPipeline wraps each call in transformer.cache_context(...)
-        yield
-
-
-class VaeExecutor(_Executor):
-    """`.decode(latents, return_dict=False) -> (image,)`; the encoder is not exported (text-to-image only)."""
-
-    def decode(self, z, return_dict: bool = True, **_):
-        image = self.runner({"latent": z})[0].to(z.dtype)
-        if return_dict:
-            from diffusers.models.autoencoders.vae import DecoderOutput
-            return DecoderOutput(sample=image)
-        return (image,)
-
-    def forward(self, z):
-        return self.decode(z, return_dict=False)[0]
-
-    @property
-    def post_quant_conv(self):  # SDXL reads its dtype after "upcasting" the VAE
-        return torch.nn.Linear(1, 1, bias=False, dtype=self._dtype)
-
-
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     variants = ("", "dynamo", "trt-ep")
@@ -256,7 +152,7 @@ class OnnxRuntimeBackend(Backend):
         return [cuda]
 
     def prepare(self, model, case, cache) -> Prepared:
-        from harness.onnx_export import export_model
+        from harness.onnx_export import export_model, make_executor, output_symbols
 
         cache = Path(cache)
         exporter = "dynamo" if case.variant == "dynamo" else "legacy"
@@ -269,18 +165,8 @@ class OnnxRuntimeBackend(Backend):
         executors, used = {}, {}
         with timed(build, "session"):
             for name, export in result.components.items():
-                original = getattr(pipeline, name)
-                symbols = {}
-                if export.role == "vae":
-                    f = export.meta["scale_factor"]
-                    symbols = {"height": ("latent_height", f), "width": ("latent_width", f)}
-                runner = OrtRunner(export.path, providers, opts, model.device, symbols)
-                if export.role == "text_encoder":
-                    executor = TextEncoderExecutor(original, runner, export.meta)
-                elif export.role == "denoiser":
-                    executor = DenoiserExecutor(original, runner, export.inputs, export.meta)
-                else:
-                    executor = VaeExecutor(original, runner)
+                runner = OrtRunner(export.path, providers, opts, model.device, output_symbols(export))
+                executor = make_executor(export, getattr(pipeline, name), runner)
                 setattr(pipeline, name, executor)
                 executors[name] = executor
                 used[name] = runner.providers()
