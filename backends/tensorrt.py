@@ -337,21 +337,22 @@ class TensorRTBackend(Backend):
         self.matrix = list(cases)
 
     def available(self) -> Support:
-        if not torch.cuda.is_available():
-            return Support.no("TensorRT needs a CUDA GPU (none visible to torch)")
+        missing = []
         if _trt_version() is None:
-            return Support.no("tensorrt not installed (pip install tensorrt on a GPU machine)")
-        return Support.yes()
+            missing.append("tensorrt not installed (pip install tensorrt on a GPU machine)")
+        if not torch.cuda.is_available():
+            missing.append("no CUDA GPU visible to torch")
+        return Support.no("; ".join(missing)) if missing else Support.yes()
 
     def support(self, case, env) -> Support:
         if case.variant not in self.variants:
             return super().support(case, env)
         device = env.get("device", "cpu") if isinstance(env, dict) else "cpu"
-        if device != "cuda":
-            return Support.no(f"TensorRT needs a CUDA GPU (this run is on {device})")
         base = self.available()
         if not base:
             return base
+        if device != "cuda":
+            return Support.no(f"TensorRT needs a CUDA GPU (this run is on {device})")
         capability = torch.cuda.get_device_capability()
         precision = precision_for(case)
         for check in (precision_support(precision, capability, _trt_version()), quantization_support(precision)):
