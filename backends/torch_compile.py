@@ -78,8 +78,7 @@ class TorchCompileBackend(Backend):
         return Support.yes()
 
     def prepare(self, model, case, cache) -> Prepared:
-        from harness.models import pipeline_inputs
-
+        previous_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
         cache_dir = set_inductor_cache(Path(cache) / "inductor")
         # a fresh dynamo state per case: compiled code is cached per code object, and stale entries from earlier
         # cases would eat the recompile limit (then dynamo silently falls back to eager)
@@ -108,8 +107,7 @@ class TorchCompileBackend(Backend):
                 "channels_last": bool(knobs.get("channels_last")), "fused_qkv": bool(knobs.get("fuse_qkv")),
                 "inductor_cache_dir": str(cache_dir), "torch": torch.__version__}
         with timed(build, "compile"), torch.inference_mode():
-            # compilation is lazy: one pipeline call on this case's shapes compiles every graph it needs
-            pipeline(**pipeline_inputs(model, case))
+            self.warm_call(model, case)
         stats = dynamo_stats()
         info.update(stats, inductor_cache=cache_state(stats), graphs_at_prepare=stats["graphs"], recompiles=0)
         self._live, self._baseline_graphs = info, stats["graphs"]
@@ -119,7 +117,16 @@ class TorchCompileBackend(Backend):
             for h in handles:
                 h.remove()
             self._live = None
+            if previous_dir is None:     # leave the process as we found it
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous_dir
         return Prepared(pipeline, executors, build, info, on_close=[close])
+
+    def warm_call(self, model, case) -> None:
+        """Compilation is lazy: one pipeline call on this case's shapes compiles every graph it needs."""
+        from harness.models import pipeline_inputs
+        model.pipeline(**pipeline_inputs(model, case))
 
     def _refresh(self) -> None:
         if self._live is not None:
