@@ -72,6 +72,7 @@ def diffbench_session(request):
     options = run_options(config._diffbench_device, config.getoption("--quick"), None, None,
                           config.getoption("--case-timeout"))
     session = Session(Path(config.getoption("--results-dir")), options)
+    session.configure(config._diffbench_cases)
     config._diffbench_session = session
     yield session
     session.close()

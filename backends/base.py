@@ -61,6 +61,9 @@ class Backend:
         """Can this backend run at all here (packages, devices)? Cheap; no model work."""
         return Support.yes()
 
+    def configure(self, cases: list) -> None:
+        """Told the whole case list before a run (e.g. engine profiles that span every shape). Optional."""
+
     def support(self, case, env) -> Support:
         """Can this backend run this case here? Cheap, checked before any work."""
         if case.variant not in self.variants:

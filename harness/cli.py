@@ -183,6 +183,7 @@ def cmd_run(args) -> int:
     else:
         _check_writable(Path(args.results_dir))
         session = runner.Session(Path(args.results_dir), options)
+    session.configure(cases)
     print(f"diffbench: {len(cases)} case(s) on {device}; writing {session.records_path}", flush=True)
 
     def on_term(_sig, _frame):

@@ -88,6 +88,14 @@ class Session:
         record_dict = sanitize(record.to_dict())
         self.writer.write(record_dict)
 
+    def configure(self, cases: list[Case]) -> None:
+        """Tell each backend the run's whole case list before any case runs."""
+        for name in sorted({c.backend for c in cases}):
+            try:
+                registry.get(name).configure([c for c in cases if c.backend == name])
+            except UserError:
+                pass  # unknown backends become unsupported rows when their cases run
+
     def result(self, case: Case, loop=None) -> Record:
         """The case's record for this run: measured once, then shared by every suite that asks."""
         if case.id not in self.records:
@@ -345,6 +353,7 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
         timer.detach()
         record.memory = meter.result()
         record.info.update(prepared.info)
+        record.notes.extend(record.info.pop("notes", []) or [])
         if "serving" in prepared.info:
             record.serving = record.info.pop("serving")
 
