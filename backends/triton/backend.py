@@ -10,6 +10,7 @@ import os
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from backends.base import Backend, Prepared, Support, module_available, timed
@@ -28,6 +29,20 @@ def served_roles(model_kind: str, variant: str) -> list[str]:
 
 def protocol_of(variant: str) -> str:
     return "grpc" if variant.startswith("grpc") else "http"
+
+
+def load_model(server, name: str, timeout_s: float = LOAD_TIMEOUT_S) -> None:
+    """Load one model (explicit model control) over gRPC: thread-safe and with a real client timeout, so loads
+    can run in parallel threads (tritonclient's sync HTTP client must not be shared or used that way)."""
+    import tritonclient.grpc as grpcclient
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        if not (server.external and client.is_model_ready(name)):
+            client.load_model(name, client_timeout=timeout_s)
+    except Exception as exc:
+        raise failure(server, f"tritonserver failed to load model {name}", exc) from exc
+    finally:
+        client.close()
 
 
 class TritonBackend(Backend):
@@ -99,15 +114,9 @@ class TritonBackend(Backend):
         """Load a model by name (explicit model control); a failure carries the server's message."""
         if name in self.loaded:
             return
-        admin = Client(self.server, "http", timeout_s=LOAD_TIMEOUT_S)
-        try:
-            if not (self.server.external and admin.raw.is_model_ready(name)):
-                admin.raw.load_model(name)
-        except Exception as exc:
-            raise failure(self.server, f"tritonserver failed to load model {name}", exc) from exc
-        finally:
-            admin.close()
-        self.loaded.add(name)
+        load_model(self.server, name)
+        with self._lock:
+            self.loaded.add(name)
 
     # -- prepare --------------------------------------------------------------------------------------------------
     def prepare(self, model, case, cache) -> Prepared:
@@ -133,8 +142,9 @@ class TritonBackend(Backend):
                     repo.write_model(self.repository, spec)
                 served.append((role, subfolder, spec))
         with timed(build, "model_load"):
-            for _, _, spec in served:
-                self.load(spec.name)
+            # in parallel: each python model spends seconds importing torch in its own stub process
+            with ThreadPoolExecutor(len(served)) as pool:
+                list(pool.map(self.load, [spec.name for _, _, spec in served]))
         client = Client(server, protocol)
         executors, originals = {}, {}
         for role, subfolder, spec in served:

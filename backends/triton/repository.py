@@ -152,7 +152,7 @@ def component_model(name: str, model_kind: str, role: str, config: dict, dtype: 
 
 
 def pipeline_model(name: str, source: str | Path, dtype: str, max_batch_size: int = 8,
-                   max_queue_delay_us: int = 20000, threads: int = 0) -> ServedModel:
+                   max_queue_delay_us: int = 5000, threads: int = 0) -> ServedModel:
     """The whole pipeline as one served model: requests with the same steps/size/guidance are batched into one
     pipeline call (one generator per request, so results do not depend on the batching)."""
     scalar = lambda n, t, opt=False: TensorSpec(n, t, [1], optional=opt)  # noqa: E731

@@ -131,6 +131,19 @@ def key_error_line(log_text: str) -> str:
     return (errors or lines or [""])[-1][:400]
 
 
+def _die_with_parent():
+    """atexit does not run when we are killed (SIGTERM/SIGKILL from a CI timeout): ask Linux to SIGTERM the server
+    when its parent dies. The signal fires when the *thread* that started it ends, so only from the main thread."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec():
+        libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    return preexec
+
+
 _LIVE: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
 
 
@@ -237,7 +250,7 @@ class TritonServer:
             # argument list, no shell; own session so stop() can signal the whole group (server + stubs)
             self.proc = subprocess.Popen(self.command(backend_dir), stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, env=server_env(), start_new_session=True,
-                                         cwd=self._work)
+                                         cwd=self._work, preexec_fn=_die_with_parent())
         _LIVE.add(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

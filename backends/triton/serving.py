@@ -68,6 +68,16 @@ def scrape_metrics(url: str, timeout: float = 10.0) -> dict[str, dict[str, float
     return metrics
 
 
+def _settled_statistics(client, model: str, expected_requests: int, wait_s: float = 5.0) -> dict:
+    """The server counts a request just after sending its response: wait until the counters caught up."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        stats = model_statistics(client, model)
+        if stats["requests"] + stats["failures"] >= expected_requests or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.02)
+
+
 # -- load generation -------------------------------------------------------------------------------------------------
 async def _level(server, protocol: str, model: str, request: Callable[[int], dict], outputs: list[str],
                  concurrency: int, requests: int, budget_s: float, timeout_s: float) -> dict:
@@ -95,24 +105,29 @@ async def _level(server, protocol: str, model: str, request: Callable[[int], dic
 
 def sweep(server, model: str, request: Callable[[int], dict], outputs: list[str], levels=(1, 2, 4, 8),
           requests_per_level: Callable[[int], int] = lambda c: max(4, 2 * c), protocol: str = "http",
-          budget_s: float = 20.0, timeout_s: float = 60.0, stats_client=None) -> list[dict]:
+          budget_s: float = 20.0, timeout_s: float = 60.0, stats_client=None, warmup: int = 1) -> list[dict]:
     """One entry per concurrency level: throughput, client latency stats, server split, executions vs requests.
     Raises on the first level with errors (the message is the client's, with the server log tail if it died)."""
     import tritonclient.http as httpclient
     own = stats_client is None
     stats_client = stats_client or httpclient.InferenceServerClient(server.http_url, network_timeout=timeout_s)
+    from backends.triton.client import failure
     results = []
     try:
+        if warmup:   # the first requests pay for lazy initialisation in the model: not part of any level
+            level = asyncio.run(_level(server, protocol, model, request, outputs, 1, warmup, budget_s, timeout_s))
+            if level["errors"]:
+                raise failure(server, "sweep warm-up", RuntimeError(level["errors"][0]))
         for concurrency in levels:
             n = requests_per_level(concurrency)
             before = model_statistics(stats_client, model)
             level = asyncio.run(_level(server, protocol, model, request, outputs, concurrency, n, budget_s,
                                        timeout_s))
             if level["errors"]:
-                from backends.triton.client import failure
                 raise failure(server, f"sweep at concurrency {concurrency}", RuntimeError(level["errors"][0]))
-            delta = statistics_delta(before, model_statistics(stats_client, model))
             done = len(level["latencies"])
+            after = _settled_statistics(stats_client, model, before["requests"] + done)
+            delta = statistics_delta(before, after)
             results.append({"concurrency": concurrency, "requests": done, "protocol": protocol,
                             "throughput_rps": done / level["wall"] if level["wall"] else 0.0,
                             "latency": latency_stats(level["latencies"]), **delta})
