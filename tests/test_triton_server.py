@@ -259,3 +259,27 @@ def test_stop_leaves_no_process(tmp_path):
     assert time.perf_counter() - start < 20
     assert not group_processes(pgid) and not server.alive()
     assert server not in srv._LIVE
+
+
+def test_no_orphan_when_parent_is_killed(tmp_path):
+    """atexit cannot run under SIGKILL: the server must still go (PR_SET_PDEATHSIG)."""
+    import subprocess
+    import sys
+    (tmp_path / "repo").mkdir()
+    script = ("import sys, time\n"
+              "from backends.triton.server import TritonServer\n"
+              "s = TritonServer(sys.argv[1], sys.argv[2]).start(timeout=60)\n"
+              "print(s.proc.pid, flush=True)\n"
+              "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "repo"), str(tmp_path / "log")],
+                              stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    try:
+        pgid = int(parent.stdout.readline())
+        assert group_processes(pgid)
+    finally:
+        parent.kill()
+        parent.wait(10)
+    deadline = time.monotonic() + 20
+    while group_processes(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not group_processes(pgid), "tritonserver outlived its killed parent"

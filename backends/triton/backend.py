@@ -31,6 +31,14 @@ def protocol_of(variant: str) -> str:
     return "grpc" if variant.startswith("grpc") else "http"
 
 
+def _prune(base: Path, keep: int) -> None:
+    """Keep the newest `keep` session folders (repository + server log) under .cache/triton."""
+    import shutil
+    sessions = sorted((p for p in base.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    for old in sessions[:-keep] if keep else sessions:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def load_model(server, name: str, timeout_s: float = LOAD_TIMEOUT_S) -> None:
     """Load one model (explicit model control) over gRPC: thread-safe and with a real client timeout, so loads
     can run in parallel threads (tritonclient's sync HTTP client must not be shared or used that way)."""
@@ -102,6 +110,7 @@ class TritonBackend(Backend):
             else:
                 base = Path(cache or tempfile.gettempdir()) / "triton"
                 base.mkdir(parents=True, exist_ok=True)
+                _prune(base, keep=10)
                 session = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=base))
                 self.repository = session / "repository"
                 self.repository.mkdir()
