@@ -128,3 +128,28 @@ def test_registry_entry():
     assert base._REGISTRY["triton"] == "backends.triton:TritonBackend"
     import backends.triton
     assert backends.triton.TritonBackend.name == "triton"
+
+
+def test_gpu_repository_from_real_onnx_export(tmp_path):
+    """The tiny UNet exported by harness/onnx_export -> an onnxruntime repository whose config matches the graph."""
+    onnx_export = pytest.importorskip("harness.onnx_export")
+    from harness import models
+    model = models.load("tiny-sd", "fp32")
+    case = Case("tiny-sd", "triton")
+    folders = repo.export_repository(model, case, tmp_path / "repo", tmp_path / "cache", components=["unet"])
+    (folder,) = folders
+    cfg = parse((folder / "config.pbtxt").read_text())
+    assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 8
+    assert (folder / "1" / "model.onnx").is_file()
+    import onnx
+    graph = onnx.load(str(folder / "1" / "model.onnx"), load_external_data=False).graph
+    assert [i.name for i in cfg.input] == [i.name for i in graph.input if i.name not in
+                                           {x.name for x in graph.initializer}]
+    ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.input}
+    for i in cfg.input:   # batch axis left out; a (batch,) input is dims [1] reshaped to []
+        assert len(i.dims) == max(ranks[i.name] - 1, 1)
+        assert i.HasField("reshape") == (ranks[i.name] == 1)
+    trt = repo.export_repository(model, case, tmp_path / "trt", tmp_path / "cache", mode="tensorrt_plan",
+                                 components=["unet"])[0]
+    assert parse((trt / "config.pbtxt").read_text()).platform == "tensorrt_plan"
+    assert (trt / "model.onnx").is_file()   # the engine is built on the target GPU

@@ -192,3 +192,61 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 def component_config(source: str | Path, subfolder: str) -> dict:
     return json.loads((Path(source) / subfolder / "config.json").read_text())
+
+
+# -- GPU servers (NGC container): repositories from the shared ONNX exports -----------------------------------------
+_ONNX_TYPES = {1: "FP32", 10: "FP16", 16: "BF16", 7: "INT64", 6: "INT32", 9: "BOOL"}
+
+
+def onnx_model(name: str, onnx_path: str | Path, mode: str = "onnxruntime", max_batch_size: int = 8,
+               instances: int = 1) -> ServedModel:
+    """A ServedModel whose inputs/outputs are read from an ONNX graph (names, element types, dims; symbolic dims
+    -> -1). With max_batch_size > 0 the first axis must be dynamic everywhere and is left out of dims; a rank-1
+    (batch,) input such as the timestep becomes dims [1] with reshape [] (Triton has no empty dims)."""
+    import onnx
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+
+    def specs(values) -> list[TensorSpec]:
+        result = []
+        for v in values:
+            if v.name in initializers:
+                continue
+            t = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+            if t.elem_type not in _ONNX_TYPES:
+                raise ValueError(f"{onnx_path}: {v.name} has ONNX element type {t.elem_type}, not served")
+            if max_batch_size > 0:
+                if not dims or dims[0] != -1:
+                    raise ValueError(f"{onnx_path}: {v.name} has no dynamic batch axis; use max_batch_size=0")
+                dims = dims[1:]
+            result.append(TensorSpec(v.name, _ONNX_TYPES[t.elem_type], dims or [1],
+                                     reshape=[] if max_batch_size > 0 and not dims else None))
+        return result
+    return ServedModel(name=name, inputs=specs(graph.input), outputs=specs(graph.output), mode=mode,
+                       max_batch_size=max_batch_size, instances=instances, kind="KIND_GPU")
+
+
+def export_repository(model, case, target: str | Path, cache: str | Path, mode: str = "onnxruntime",
+                      exporter: str = "legacy", components: list[str] | None = None,
+                      max_batch_size: int = 8) -> list[Path]:
+    """Export the components (harness/onnx_export cache) and write a repository for a GPU Triton server:
+    onnxruntime models are copied ready to load; tensorrt_plan configs are written beside the ONNX, which
+    trtexec / the tensorrt backend turns into 1/model.plan on the target GPU (engines are per GPU and TRT
+    version, so they are not built here)."""
+    from harness import onnx_export
+    result = onnx_export.export_model(model, case, Path(cache), exporter=exporter, components=components)
+    folders = []
+    for component, export in result.components.items():
+        name = safe_name(f"{model.name}_{model.dtype}_{component}_{mode}")
+        served = onnx_model(name, export.path, mode, max_batch_size)
+        if mode == "onnxruntime":
+            folders.append(write_model(target, served, export.path))
+        else:
+            folder = write_model(target, served)
+            shutil.copy2(export.path, folder / "model.onnx")
+            data = Path(str(export.path) + ".data")
+            if data.is_file():
+                shutil.copy2(data, folder / data.name)
+            folders.append(folder)
+    return folders
