@@ -110,3 +110,16 @@ def test_dead_server_raises_with_log_tail(session):
     assert "tritonserver is gone" in message and "log tail" in message
     backend.close()
     assert backend.server is None
+
+
+def test_onnx_variant_serves_every_component(session):
+    """tiny-sd3: both CLIP encoders (with hidden states), T5, the transformer and the VAE as ONNX graphs run by
+    ONNX Runtime in the python backend, executors from harness.onnx_export calling Triton."""
+    pytest.importorskip("harness.onnx_export")
+    record = session.result(Case("tiny-sd3", "triton", "grpc-onnx"))
+    assert record.status == "passed", (record.reason, record.info.get("traceback"))
+    components = record.parity["components"]
+    assert set(components) == {"text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae"}
+    assert all(c["passed"] for c in components.values())
+    assert record.info["triton"]["backend"] == "python (onnxruntime CPU)"
+    assert "export" in record.build

@@ -153,3 +153,9 @@ def test_gpu_repository_from_real_onnx_export(tmp_path):
                                  components=["unet"])[0]
     assert parse((trt / "config.pbtxt").read_text()).platform == "tensorrt_plan"
     assert (trt / "model.onnx").is_file()   # the engine is built on the target GPU
+
+
+def test_onnx_variant_support():
+    s = TritonBackend().support(Case("tiny-sd", "triton", "onnx", dtype="bf16"), {"device": "cpu"})
+    assert not s and "bfloat16" in s.reason
+    assert TritonBackend().support(Case("tiny-sd3", "triton", "grpc-onnx"), {"device": "cpu"})

@@ -31,6 +31,28 @@ def protocol_of(variant: str) -> str:
     return "grpc" if variant.startswith("grpc") else "http"
 
 
+class _TritonRunner:
+    """harness.onnx_export's runner contract: {input name: tensor} -> [output tensors in graph order]."""
+
+    def __init__(self, client: Client, served: repo.ServedModel, device):
+        self.client, self.name, self.device = client, served.name, device
+        self.inputs = {t.name: t for t in served.inputs}
+        self.outputs = [t.name for t in served.outputs]
+        self.batched = served.max_batch_size > 0
+
+    def __call__(self, feeds):
+        import numpy as np
+        import torch
+        arrays = {}
+        for name, tensor in feeds.items():
+            array = tensor.detach().cpu().numpy().astype(repo.NUMPY_DTYPE[self.inputs[name].dtype], copy=False)
+            if self.batched and array.ndim == 1:   # per-sample scalar: Triton needs a dim beyond the batch
+                array = array.reshape(-1, 1)
+            arrays[name] = array
+        out = self.client.infer(self.name, arrays, self.outputs)
+        return [torch.from_numpy(np.array(out[n])).to(self.device) for n in self.outputs]
+
+
 def _prune(base: Path, keep: int) -> None:
     """Keep the newest `keep` session folders (repository + server log) under .cache/triton."""
     import shutil
@@ -55,7 +77,7 @@ def load_model(server, name: str, timeout_s: float = LOAD_TIMEOUT_S) -> None:
 
 class TritonBackend(Backend):
     name = "triton"
-    variants = ("", "http", "grpc", "http-all", "grpc-all")
+    variants = ("", "http", "grpc", "http-all", "grpc-all", "onnx", "grpc-onnx")
     description = "Triton Inference Server (python backend, torch) via tritonclient HTTP/gRPC"
 
     def __init__(self):
@@ -89,6 +111,15 @@ class TritonBackend(Backend):
         if spec.kind == "flux":
             return Support.no("flux denoiser is not served by the triton backend yet (its ids have no batch "
                               "dimension)")
+        if case.variant.endswith("onnx"):
+            for name in ("onnx", "onnxruntime"):
+                found = module_available(name)
+                if not found:
+                    return found
+            if case.dtype != "fp32":
+                return Support.no(f"variant {case.variant}: {case.dtype} ONNX tensors cannot cross tritonclient's "
+                                  "numpy API (no bfloat16 in numpy; fp16 only on GPU servers)")
+            return Support.yes()
         if case.variant.endswith("all") and spec.kind != "sd":
             return Support.no(f"variant {case.variant}: {spec.kind} text encoders are not served yet "
                               "(only sd's CLIPTextModel)")
@@ -129,6 +160,8 @@ class TritonBackend(Backend):
 
     # -- prepare --------------------------------------------------------------------------------------------------
     def prepare(self, model, case, cache) -> Prepared:
+        if case.variant.endswith("onnx"):
+            return self._prepare_onnx(model, case, cache)
         protocol = protocol_of(case.variant)
         build: dict[str, float] = {}
         pipeline = model.pipeline
@@ -183,6 +216,48 @@ class TritonBackend(Backend):
             "wire_dtype": served[0][2].inputs[0].dtype,
             "max_batch_size": served[0][2].max_batch_size,
         }}
+        return Prepared(pipeline=pipeline, executors=executors, build=build, info=info, on_close=[restore])
+
+    def _prepare_onnx(self, model, case, cache) -> Prepared:
+        """Every component exported to ONNX (the shared export cache) and served as its graph, run by ONNX
+        Runtime inside the python backend; executors from harness.onnx_export call Triton as their runner."""
+        from harness.onnx_export import export_model, make_executor
+        protocol = protocol_of(case.variant)
+        build: dict[str, float] = {}
+        with timed(build, "export"):
+            exports = export_model(model, case, Path(cache or tempfile.gettempdir()))
+        with timed(build, "server_start"):
+            server = self.ensure_server(cache)
+        served = {}
+        with timed(build, "repository"):
+            for component, export in exports.components.items():
+                name = repo.safe_name(f"{model.name}_{model.dtype}_{component}_onnx_{export.key[:12]}")
+                spec = repo.onnx_model(name, export.path, mode="python")
+                if self.repository is not None:
+                    repo.write_model(self.repository, spec, export.path)
+                served[component] = spec
+        with timed(build, "model_load"):
+            with ThreadPoolExecutor(len(served)) as pool:
+                list(pool.map(self.load, [spec.name for spec in served.values()]))
+        client = Client(server, protocol)
+        pipeline, executors, originals = model.pipeline, {}, {}
+        for component, export in exports.components.items():
+            original = getattr(pipeline, component)
+            runner = _TritonRunner(client, served[component], model.device)
+            executors[component] = make_executor(export, original, runner)
+            originals[component] = original
+            setattr(pipeline, component, executors[component])
+
+        def restore():
+            for sub, original in originals.items():
+                setattr(pipeline, sub, original)
+            client.close()
+        info = {"triton": {"protocol": protocol, "served": {c: s.name for c, s in served.items()},
+                           "server": "external" if server.external else "local", "url": server.http_url,
+                           "log": str(server.log_path) if server.log_path else None,
+                           "backend": "python (onnxruntime CPU)", "exporter": exports.exporter,
+                           "max_batch_size": {c: s.max_batch_size for c, s in served.items()},
+                           "server_start_s": self.server_start_s}}
         return Prepared(pipeline=pipeline, executors=executors, build=build, info=info, on_close=[restore])
 
     def close(self) -> None:

@@ -174,13 +174,19 @@ def write_model(repository: str | Path, model: ServedModel, model_file: str | Pa
     _write_if_changed(folder / "config.pbtxt", config_text(model))
     if model.mode == "python":
         _write_if_changed(folder / "1" / "model.py", (TEMPLATES / model.template).read_text())
-    elif model_file is not None:
-        target = folder / "1" / model.model_file
-        shutil.copy2(model_file, target)
-        data = Path(str(model_file) + ".data")   # dynamo-exported ONNX keeps its weights beside it
+    if model_file is not None:   # python mode: the graph its model.py runs (onnx.py template)
+        _copy_if_changed(Path(model_file), folder / "1" / ("model.onnx" if model.mode == "python"
+                                                          else model.model_file))
+        data = Path(str(model_file) + ".data")   # external weights keep the name the graph refers to
         if data.is_file():
-            shutil.copy2(data, folder / "1" / data.name)
+            _copy_if_changed(data, folder / "1" / data.name)
     return folder
+
+
+def _copy_if_changed(src: Path, dst: Path) -> None:
+    if dst.is_file() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
+        return
+    shutil.copy2(src, dst)
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -200,6 +206,20 @@ _ONNX_TYPES = {1: "FP32", 10: "FP16", 16: "BF16", 7: "INT64", 6: "INT32", 9: "BO
 
 def onnx_model(name: str, onnx_path: str | Path, mode: str = "onnxruntime", max_batch_size: int = 8,
                instances: int = 1) -> ServedModel:
+    """mode "python": the graph run by ONNX Runtime inside the python backend (model_templates/onnx.py) on CPU;
+    per-sample scalars are sent as [batch, 1] and flattened by model.py. Falls back to max_batch_size 0 when an
+    input has no batch axis (flux's ids)."""
+    try:
+        return _onnx_model(name, onnx_path, mode, max_batch_size, instances)
+    except _NoBatchAxis:
+        return _onnx_model(name, onnx_path, mode, 0, instances)
+
+
+class _NoBatchAxis(ValueError):
+    pass
+
+
+def _onnx_model(name: str, onnx_path: str | Path, mode: str, max_batch_size: int, instances: int) -> ServedModel:
     """A ServedModel whose inputs/outputs are read from an ONNX graph (names, element types, dims; symbolic dims
     -> -1). With max_batch_size > 0 the first axis must be dynamic everywhere and is left out of dims; a rank-1
     (batch,) input such as the timestep becomes dims [1] with reshape [] (Triton has no empty dims)."""
@@ -218,13 +238,16 @@ def onnx_model(name: str, onnx_path: str | Path, mode: str = "onnxruntime", max_
                 raise ValueError(f"{onnx_path}: {v.name} has ONNX element type {t.elem_type}, not served")
             if max_batch_size > 0:
                 if not dims or dims[0] != -1:
-                    raise ValueError(f"{onnx_path}: {v.name} has no dynamic batch axis; use max_batch_size=0")
+                    raise _NoBatchAxis(f"{onnx_path}: {v.name} has no dynamic batch axis")
                 dims = dims[1:]
+            native = mode != "python"   # the python model flattens [batch, 1] itself
             result.append(TensorSpec(v.name, _ONNX_TYPES[t.elem_type], dims or [1],
-                                     reshape=[] if max_batch_size > 0 and not dims else None))
+                                     reshape=[] if native and max_batch_size > 0 and not dims else None))
         return result
     return ServedModel(name=name, inputs=specs(graph.input), outputs=specs(graph.output), mode=mode,
-                       max_batch_size=max_batch_size, instances=instances, kind="KIND_GPU")
+                       max_batch_size=max_batch_size, instances=instances,
+                       kind="KIND_CPU" if mode == "python" else "KIND_GPU",
+                       template="onnx.py" if mode == "python" else "component.py")
 
 
 def export_repository(model, case, target: str | Path, cache: str | Path, mode: str = "onnxruntime",
