@@ -2,7 +2,11 @@
 
 prepare() writes the model repository, starts one local tritonserver per session (or uses DIFFBENCH_TRITON_URL),
 loads the component models and swaps executors into the pipeline. Variants pick the protocol (http default, grpc)
-and what is served: the denoiser only, or with "-all" the text encoder and VAE decoder too.
+and what is served:
+  "" / http / grpc      the denoiser, run with torch in the python backend (from_pretrained of the model folder)
+  http-all / grpc-all   + the text encoder and VAE decoder (sd only: other text encoders need hidden states)
+  onnx / grpc-onnx      every component as its exported ONNX graph (harness.onnx_export cache), run by ONNX
+                        Runtime in the python backend; the executors are harness.onnx_export's, Triton their runner
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 from backends.base import Backend, Prepared, Support, module_available, timed
 from backends.triton import repository as repo
 from backends.triton.client import (Client, DenoiserExecutor, TextEncoderExecutor, VaeDecoderExecutor, failure)
-from backends.triton.server import ExternalServer, TritonServer, TritonServerError, missing_reason
+from backends.triton.server import ExternalServer, TritonServer, missing_reason
 
 URL_ENV = "DIFFBENCH_TRITON_URL"
 LOG_DIR_ENV = "DIFFBENCH_TRITON_LOG_DIR"

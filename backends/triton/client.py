@@ -16,7 +16,8 @@ from backends.triton.server import TritonServerError
 
 PROTOCOLS = ("http", "grpc")
 NUMPY_TO_TRITON = {np.dtype("float32"): "FP32", np.dtype("float16"): "FP16", np.dtype("int64"): "INT64",
-                   np.dtype("int32"): "INT32", np.dtype("object"): "BYTES", np.dtype("uint8"): "UINT8"}
+                   np.dtype("int32"): "INT32", np.dtype("object"): "BYTES", np.dtype("uint8"): "UINT8",
+                   np.dtype("bool"): "BOOL"}
 
 
 def _module(protocol: str, aio: bool = False):

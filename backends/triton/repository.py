@@ -21,7 +21,8 @@ from pathlib import Path
 TEMPLATES = Path(__file__).parent / "model_templates"
 MODES = ("python", "onnxruntime", "tensorrt_plan")
 WIRE_DTYPE = {"fp32": "FP32", "fp16": "FP16", "bf16": "FP32"}   # numpy has no bfloat16: bf16 travels as FP32
-NUMPY_DTYPE = {"FP32": "float32", "FP16": "float16", "INT64": "int64", "INT32": "int32", "BYTES": "object"}
+NUMPY_DTYPE = {"FP32": "float32", "FP16": "float16", "INT64": "int64", "INT32": "int32", "BOOL": "bool",
+               "BYTES": "object"}
 
 
 @dataclass
