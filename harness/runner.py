@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import os
 import re
 import signal
 import threading
@@ -72,6 +73,8 @@ class Session:
         self.records_path = self.run_dir / "records.jsonl"
         self.done = recorded_case_ids(self.records_path) if self.resume else set()
         self.writer = RecordWriter(self.records_path)
+        # servers we start keep their logs beside the records
+        os.environ.setdefault("DIFFBENCH_TRITON_LOG_DIR", str(self.run_dir / "triton"))
         self.env = devinfo.fingerprint(self.options.device)
         self.git = git_info(Path(__file__).resolve().parent.parent)
         self.records: dict[str, Record] = {}
