@@ -66,7 +66,7 @@ class Session:
     resume: bool = False
 
     def __post_init__(self):
-        self.results_dir = Path(self.results_dir)
+        self.results_dir = Path(self.results_dir).resolve()
         if not self.run_id:
             self.run_id = new_run_id()
         self.run_dir = self.results_dir if self.resume else self.results_dir / self.run_id

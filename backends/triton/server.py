@@ -161,8 +161,8 @@ class TritonServer:
     def __init__(self, repository: str | Path, log_dir: str | Path, *, http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None, load: Iterable[str] = (),
                  shm_bytes: int = 16 * 1024 * 1024, verbose: int = 0):
-        self.repository = Path(repository)
-        self.log_dir = Path(log_dir)
+        self.repository = Path(repository).resolve()   # the server runs in its own working directory
+        self.log_dir = Path(log_dir).resolve()
         self.fixed_ports = (http_port, grpc_port, metrics_port)
         self.load = list(load)
         self.shm_bytes = shm_bytes

@@ -11,20 +11,9 @@ import time
 import urllib.request
 from typing import Callable
 
-import numpy as np
 
 from backends.triton.client import AsyncClient
-
-
-def latency_stats(samples) -> dict[str, float]:
-    """p50/p90/p99/mean/std/min/max (seconds) and n, like harness.timing.stats."""
-    a = np.asarray(list(samples), dtype=float)
-    if a.size == 0:
-        return {"n": 0}
-    p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(a.mean()),
-            "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "min": float(a.min()), "max": float(a.max()),
-            "n": int(a.size)}
+from harness.timing import stats as latency_stats
 
 
 # -- server-side statistics -----------------------------------------------------------------------------------------
