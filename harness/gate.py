@@ -16,6 +16,12 @@ Welch-test bound for a difference of means (a ~99.7 % band if the noise were nor
 every percentile: for the median it is close (its standard error is ~1.25 σ/√n), for p99 it underestimates the
 noise, so tail gates stay the stricter ones. With n = 1 or std = 0 there is no spread and the threshold alone decides.
 A change inside the noise band is PASS with a note that says so.
+
+Between-run noise: on a shared machine whole runs drift (measured here: one unchanged build gave e2e p50 from 57.6
+to 101.6 ms over six runs while each run's own std was 1-13 ms), which no within-run spread can see. A baseline that
+holds several runs of a case (`diffbench baseline save RUN1 RUN2 ...`) gives the gate that drift: the baseline
+value is then the median over its runs, and the noise band is the larger of the within-run bound above and
+k x (sample std over the baseline runs) x sqrt(1 + 1/m) -- a prediction band for one new run around m old ones.
 """
 from __future__ import annotations
 
@@ -217,6 +223,32 @@ def _index(records: list[dict]) -> dict[tuple[str, str], dict]:
     return out
 
 
+def _runs(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """(case_id, device class) -> its passed records, the latest per run id (several runs = between-run noise)."""
+    latest: dict[tuple[str, str, str], dict] = {}
+    for r in sorted(records, key=lambda r: r.get("timestamp") or 0):
+        if r.get("status") == "passed":
+            latest[(r["case_id"], device_class(r), r.get("run_id", ""))] = r
+    out: dict[tuple[str, str], list[dict]] = {}
+    for (case_id, dev, _run), r in latest.items():
+        out.setdefault((case_id, dev), []).append(r)
+    return out
+
+
+def _between_runs(runs: list[dict], metric: str) -> tuple[float | None, float]:
+    """Median of a latency metric over baseline runs and its k-sigma prediction band (0 with fewer than 2 runs)."""
+    stat = metric.split(".")[1]
+    values = [s[stat] for s in (_latency(r, metric) for r in runs) if s]
+    if len(values) < 2:
+        return None, 0.0
+    values.sort()
+    mid = len(values) // 2
+    median = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return median, NOISE_K * std * math.sqrt(1 + 1 / len(values))
+
+
 def _latency(record: dict, metric: str) -> dict | None:
     stage, stat = metric.split(".")
     stats = record.get("e2e") if stage == "e2e" else (record.get("stages") or {}).get(stage)
@@ -240,7 +272,7 @@ def compare(baseline: list[dict], current: list[dict], thresholds) -> GateResult
         thresholds = parse_thresholds(list(thresholds))
     _check_records(baseline, "baseline")
     _check_records(current, "current")
-    base, cur = _index(baseline), _index(current)
+    base, cur, base_runs = _index(baseline), _index(current), _runs(baseline)
     result = GateResult(thresholds=[t.spec for t in thresholds.values()])
     for key in sorted(set(base) | set(cur)):
         case_id, dev = key
@@ -253,11 +285,12 @@ def compare(baseline: list[dict], current: list[dict], thresholds) -> GateResult
             result.rows.append(GateRow(case_id, dev, "case", b["status"], None, "", "", "MISSING",
                                        "in the baseline but not measured now"))
             continue
-        result.rows.extend(_compare_case(case_id, dev, b, c, thresholds))
+        result.rows.extend(_compare_case(case_id, dev, b, c, thresholds, base_runs.get(key, [])))
     return result
 
 
-def _compare_case(case_id: str, dev: str, b: dict, c: dict, thresholds: dict) -> list[GateRow]:
+def _compare_case(case_id: str, dev: str, b: dict, c: dict, thresholds: dict,
+                  b_runs: list[dict] = ()) -> list[GateRow]:
     rows = []
     bs, cs = b["status"], c["status"]
     if bs == "passed" and cs != "passed":
@@ -285,7 +318,16 @@ def _compare_case(case_id: str, dev: str, b: dict, c: dict, thresholds: dict) ->
                 continue  # stage not measured by this pipeline on either side
             stat = metric.split(".")[1]
             noise = _noise(sb, sc) if sb and sc else 0.0
-            rows.append(_relative_row(case_id, dev, t, sb and sb[stat], sc and sc[stat], noise=noise, unit="s"))
+            bv = sb and sb[stat]
+            median, between = _between_runs(list(b_runs), metric)
+            if median is not None:
+                bv = median
+                if between > noise:
+                    noise, kind = between, f"{NOISE_K:g} sigma of {len(b_runs)} baseline runs"
+                    rows.append(_relative_row(case_id, dev, t, bv, sc and sc[stat], noise=noise, unit="s",
+                                              noise_kind=kind))
+                    continue
+            rows.append(_relative_row(case_id, dev, t, bv, sc and sc[stat], noise=noise, unit="s"))
     return rows
 
 
@@ -299,7 +341,8 @@ def _noise(sb: dict, sc: dict) -> float:
     return NOISE_K * math.sqrt(var)
 
 
-def _relative_row(case_id, dev, t: Threshold, bv, cv, noise: float, unit: str) -> GateRow:
+def _relative_row(case_id, dev, t: Threshold, bv, cv, noise: float, unit: str,
+                  noise_kind: str = f"{NOISE_K:g} standard errors of the difference") -> GateRow:
     if bv is None or cv is None:
         side = "baseline" if bv is None else "current"
         return GateRow(case_id, dev, t.metric, bv, cv, "", t.spec, "PASS", f"not measured in the {side}; not compared")
@@ -310,12 +353,11 @@ def _relative_row(case_id, dev, t: Threshold, bv, cv, noise: float, unit: str) -
     verdict, note = "PASS", ""
     if abs(pct) > t.limit:
         if noise and abs(diff) <= noise:
-            note = (f"{change} is within run-to-run noise (±{noise:.4g} {unit} = {NOISE_K:g} standard errors "
-                    f"of the difference); not counted")
+            note = f"{change} is within run-to-run noise (±{noise:.4g} {unit} = {noise_kind}); not counted"
         else:
             verdict = "REGRESSED" if diff > 0 else "IMPROVED"
             if noise:
-                note = f"beyond noise (±{noise:.4g} {unit} = {NOISE_K:g} standard errors of the difference)"
+                note = f"beyond noise (±{noise:.4g} {unit} = {noise_kind})"
     return GateRow(case_id, dev, t.metric, bv, cv, change, t.spec, verdict, note)
 
 
@@ -343,8 +385,9 @@ def load_baseline(path: str | Path) -> list[dict]:
 
 
 def save_baseline(records_paths, out_file: str | Path) -> Path:
-    """Merge records files into one baseline JSONL: the latest record per (case id, device class), without the
-    image path (it is relative to the run folder and means nothing beside the baseline)."""
+    """Merge records files into one baseline JSONL: the latest record per (case id, device class, run id) -- so
+    several runs give the gate their between-run spread -- without the image path (it is relative to the run
+    folder and means nothing beside the baseline)."""
     if isinstance(records_paths, (str, Path)):
         records_paths = [records_paths]
     records = load_many(records_paths)
@@ -352,7 +395,9 @@ def save_baseline(records_paths, out_file: str | Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", encoding="utf-8") as fh:
-            for r in _index(records).values():
+            latest = {(r["case_id"], device_class(r), r.get("run_id", "")): r
+                      for r in sorted(records, key=lambda r: r.get("timestamp") or 0)}
+            for r in latest.values():
                 data = {k: v for k, v in r.items() if k != "_source"}
                 data["image"] = ""
                 fh.write(json.dumps(sanitize(data), allow_nan=False) + "\n")

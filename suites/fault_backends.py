@@ -5,7 +5,7 @@
   nan    -- returns NaN                    oom   -- raises torch.OutOfMemoryError
   blank  -- makes the VAE return a constant image
   scaled -- scales the denoiser output by 1.01 (a subtly wrong executor that parity must catch)
-  slow   -- sleeps DIFFBENCH_FAULT_SLEEP seconds (default 0.01) per denoiser call (a real slowdown for the gate)
+  slow   -- busy-waits DIFFBENCH_FAULT_SLEEP seconds (default 0.01) per denoiser call (a real slowdown for the gate)
 """
 from __future__ import annotations
 
@@ -49,8 +49,10 @@ class _Wrapped(torch.nn.Module):
             time.sleep(3600)
         if self.fault == "oom":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
-        if self.fault == "slow":
-            time.sleep(float(os.environ.get("DIFFBENCH_FAULT_SLEEP", "0.01")))
+        if self.fault == "slow":  # spin, not sleep: time.sleep overshoots by ~0.1-1 ms, too coarse for a 10 % step
+            end = time.perf_counter() + float(os.environ.get("DIFFBENCH_FAULT_SLEEP", "0.01"))
+            while time.perf_counter() < end:
+                pass
         out = self.inner(*args, **kwargs)
         if self.fault == "nan":
             return (torch.full_like(out[0], float("nan")),)

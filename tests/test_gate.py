@@ -219,3 +219,38 @@ def test_save_baseline_merges_and_round_trips(tmp_path, runs):
     json.dumps(result.to_dict(), allow_nan=False)
     with pytest.raises(UserError):
         gate.save_baseline([tmp_path / "absent.jsonl"], tmp_path / "x.jsonl")
+
+
+def _run_record(run_id, p50, std=0.001, n=10, ts=0.0):
+    from harness.cases import Case
+    from harness.records import Record
+    r = Record.for_case(Case("tiny-sd", "diffusers"), run_id, env=CPU_ENV, timestamp=ts,
+                        e2e={"p50": p50, "std": std, "n": n, "mean": p50, "p90": p50, "p99": p50,
+                             "min": p50, "max": p50})
+    return r.to_dict()
+
+
+def test_baseline_of_several_runs_uses_their_spread():
+    """Whole runs drift on a shared machine: with several baseline runs the gate compares with their median and
+    widens the noise band to their spread, so an unchanged build does not fail on drift alone."""
+    drifty = [_run_record(f"r{i}", p, ts=i) for i, p in enumerate([0.050, 0.052, 0.070])]
+    current = [_run_record("now", 0.060, ts=9)]
+    result = gate.compare(drifty, current, ["e2e.p50:+10%"])
+    row = next(r for r in result.rows if r.metric == "e2e.p50")
+    assert row.baseline == pytest.approx(0.052)                       # the median, not the latest (0.070)
+    assert row.verdict == "PASS" and "3 baseline runs" in row.note
+    # the same +15 % against a steady baseline is a regression
+    steady = [_run_record(f"r{i}", p, ts=i) for i, p in enumerate([0.0520, 0.0521, 0.0519])]
+    assert gate.compare(steady, current, ["e2e.p50:+10%"]).exit_code == 1
+
+
+def test_save_baseline_keeps_every_run(tmp_path):
+    from harness.records import RecordWriter
+    paths = []
+    for i, p in enumerate([0.05, 0.06]):
+        path = tmp_path / f"run{i}.jsonl"
+        with RecordWriter(path) as w:
+            w.write(_run_record(f"r{i}", p, ts=i))
+        paths.append(path)
+    out = gate.save_baseline(paths, tmp_path / "baseline.jsonl")
+    assert len(load_many([out])) == 2
