@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import torch
+
 from harness.errors import UserError
 
 
@@ -30,6 +32,25 @@ class Support:
     @classmethod
     def no(cls, reason: str) -> "Support":
         return cls(False, reason)
+
+
+class Executor(torch.nn.Module):
+    """Base of a drop-in stand-in for a pipeline component. diffusers reads `.config`, `.dtype` and `.device` of its
+    components (without `.device` the pipeline fails with a misleading `_execution_device` AttributeError), so an
+    executor carries the original's; it holds no weights of its own unless a subclass adds them."""
+
+    def __init__(self, original: torch.nn.Module):
+        super().__init__()
+        self.config = original.config
+        self._dtype, self._device = original.dtype, original.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
 
 @dataclass

@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import torch
 
+from backends.base import Executor  # the executor contract lives in the adapter interface
+
 EXPORTERS = ("legacy", "dynamo")
 OPSET = {"legacy": 17, "dynamo": 18}
 FORMAT_VERSION = 1          # bump when the export layout or wrappers change: old cache entries are then unused
@@ -424,22 +426,12 @@ def make_executor(export: ComponentExport, original: torch.nn.Module, runner: Ca
     return VaeExecutor(original, runner)
 
 
-class _Executor(torch.nn.Module):
-    """Base stand-in: carries the original config, dtype and device (diffusers reads them), holds no weights."""
+class _Executor(Executor):
+    """An ONNX-graph stand-in: the executor contract plus the runner that executes the graph."""
 
     def __init__(self, original, runner: Callable):
-        super().__init__()
-        self.config = original.config
-        self._dtype, self._device = original.dtype, original.device
+        super().__init__(original)
         self.runner = runner
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     def to(self, *args, **kwargs):
         # the ONNX graph has fixed precision; pipelines that "upcast" the VAE only change what we report

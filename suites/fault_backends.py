@@ -15,26 +15,17 @@ import time
 import torch
 
 from backends import base as registry
-from backends.base import Backend, Prepared
+from backends.base import Backend, Executor, Prepared
 
 FAULTS = ("raise", "hang", "nan", "oom", "blank", "scaled", "slow")
 
 
-class _Wrapped(torch.nn.Module):
-    """Carries the original module's config/dtype/device, as every executor must."""
+class _Wrapped(Executor):
+    """Runs the original module, then misbehaves as asked."""
 
     def __init__(self, inner, fault: str):
-        super().__init__()
+        super().__init__(inner)
         self.inner, self.fault = inner, fault
-        self.config = inner.config
-
-    @property
-    def dtype(self):
-        return self.inner.dtype
-
-    @property
-    def device(self):
-        return self.inner.device
 
     def __getattr__(self, name):
         try:

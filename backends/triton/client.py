@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from backends.base import Executor
 from backends.triton.server import TritonServerError
 
 PROTOCOLS = ("http", "grpc")
@@ -132,26 +133,16 @@ def pipeline_request(prompt: str, seed: int, steps: int, height: int, width: int
 
 
 # -- executors: drop-in stand-ins for pipeline components ----------------------------------------------------------
-class _Executor(torch.nn.Module):
-    """An nn.Module carrying the original's config, dtype and device (diffusers reads them). The original is kept
-    outside the module tree only to answer attribute reads the pipeline makes (e.g. SDXL's add_embedding)."""
+class _Executor(Executor):
+    """A served stand-in. The original is kept outside the module tree only to answer attribute reads the pipeline
+    makes (e.g. SDXL's add_embedding)."""
 
     def __init__(self, original: torch.nn.Module, client: Client, model_name: str, wire_dtype: str):
-        super().__init__()
+        super().__init__(original)
         self.__dict__["_original"] = original
-        self.config = original.config
         self.client, self.model_name = client, model_name
         self.wire = np.dtype({"FP32": "float32", "FP16": "float16"}[wire_dtype])
-        self._dtype, self._device = original.dtype, original.device
         self._signature = inspect.signature(original.forward)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     def __getattr__(self, name: str) -> Any:
         try:
