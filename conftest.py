@@ -85,23 +85,14 @@ def pytest_sessionfinish(session, exitstatus):
     run = getattr(config, "_diffbench_session", None)
     if run is None or not run.records:
         return
+    from harness.cli import gate_and_report
     from harness.records import load_many
-    records = load_many([run.records_path])
-    result = None
-    if config.getoption("--baseline"):
-        from harness import gate
-        result = gate.compare(load_many([config.getoption("--baseline")]), records,
-                              gate.parse_thresholds(config.getoption("--threshold") or gate.DEFAULT_THRESHOLDS))
-        if result.exit_code and session.exitstatus == 0:
-            session.exitstatus = 1
-    config._diffbench_gate = result
-    config._diffbench_report = None
-    if not config.getoption("--no-report"):
-        try:
-            import reports
-            config._diffbench_report = reports.build_report(records, run.run_dir, gate_result=result)
-        except (ImportError, AttributeError) as exc:
-            config._diffbench_report = f"skipped ({exc})"
+    result, report = gate_and_report(load_many([run.records_path]), run.run_dir, config.getoption("--baseline"),
+                                     config.getoption("--threshold"),
+                                     write_report=not config.getoption("--no-report"))
+    if result is not None and result.exit_code and session.exitstatus == 0:
+        session.exitstatus = 1
+    config._diffbench_gate, config._diffbench_report = result, report
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

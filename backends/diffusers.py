@@ -1,16 +1,13 @@
 """The reference backend: eager diffusers pipelines. Its executors are the modules themselves."""
 from __future__ import annotations
 
-from backends.base import Backend, Prepared, Support
+from backends.base import Backend, Prepared
 
 
 class DiffusersBackend(Backend):
     name = "diffusers"
     variants = ("",)
     description = "eager PyTorch diffusers pipeline (the reference)"
-
-    def support(self, case, env) -> Support:
-        return super().support(case, env)
 
     def prepare(self, model, case, cache) -> Prepared:
         executors = {name: getattr(model.pipeline, name) for name in model.components}

@@ -100,7 +100,7 @@ class OrtRunner:
 
 
 def _element_type(dtype: torch.dtype):
-    import onnxruntime as ort  # noqa: F401  (bind_* accept numpy types; bf16 has none)
+    # bind_* take numpy types; bf16 has none
     return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
             torch.int32: np.int32}.get(dtype, np.float16)
 

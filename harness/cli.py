@@ -189,7 +189,7 @@ def cmd_run(args) -> int:
     def on_term(_sig, _frame):
         raise runner.Interrupted()
     previous = signal.signal(signal.SIGTERM, on_term)
-    done = []
+    done, case = [], None
     try:
         for case in cases:
             if case.id in session.done:
@@ -200,6 +200,9 @@ def cmd_run(args) -> int:
             print(f"  {record.status:<11} {case.id}" + (f"  ({record.reason[:90]})" if record.reason else ""),
                   flush=True)
     except (runner.Interrupted, KeyboardInterrupt):
+        if case is not None and case.id not in session.records and case.id not in session.done:
+            # the signal landed outside the case's own handler (loading, cleanup, between calls)
+            session.write(runner.interrupted_record(case, session))
         session.close()
         print(f"diffbench: interrupted; {len(done)} case(s) recorded in {session.records_path}; "
               f"continue with --resume {session.run_dir}", file=sys.stderr)
@@ -209,31 +212,30 @@ def cmd_run(args) -> int:
     session.close()
     print(summary_table(done))
     print(f"records: {session.records_path}")
-    exit_code = 0
-    if not args.no_report or args.baseline:
-        exit_code = _report_and_gate(session.records_path, session.run_dir, args.baseline, args.threshold,
-                                     write_report=not args.no_report)
-    return exit_code
-
-
-def _report_and_gate(records_path: Path, out_dir: Path, baseline, thresholds, write_report=True) -> int:
     from harness.records import load_many
-    records = load_many([records_path])
+    result, report = gate_and_report(load_many([session.records_path]), session.run_dir, args.baseline,
+                                     args.threshold, write_report=not args.no_report)
+    if result is not None:
+        print(result.table())
+    if report is not None:
+        print(f"report: {report}")
+    return result.exit_code if result is not None else 0
+
+
+def gate_and_report(records: list[dict], out_dir: Path, baseline=None, thresholds=(), write_report=True):
+    """The end of every run (CLI and pytest): the gate against a baseline if one is given, then the report.
+    Returns (gate result or None, report path or None)."""
+    from harness.records import load_many
     result = None
     if baseline:
         from harness import gate
-        result = gate.compare(load_many([baseline]), records, gate.parse_thresholds(thresholds or
-                                                                                     gate.DEFAULT_THRESHOLDS))
-        print(result.table())
+        result = gate.compare(load_many([baseline]), records,
+                              gate.parse_thresholds(list(thresholds) or gate.DEFAULT_THRESHOLDS))
+    report = None
     if write_report:
-        try:
-            import reports
-            build_report = reports.build_report
-        except (ImportError, AttributeError) as exc:
-            print(f"report: skipped ({exc})")
-        else:
-            print(f"report: {build_report(records, out_dir, gate_result=result)}")
-    return result.exit_code if result is not None else 0
+        import reports
+        report = reports.build_report(records, out_dir, gate_result=result)
+    return result, report
 
 
 def _check_triton_url(url: str) -> None:
@@ -270,16 +272,11 @@ def cmd_models(_args) -> int:
 
 def cmd_report(args) -> int:
     from harness.records import load_many
-    import reports
     records = load_many(args.records)
-    result = None
-    if args.baseline:
-        from harness import gate
-        result = gate.compare(load_many([args.baseline]), records,
-                              gate.parse_thresholds(args.threshold or gate.DEFAULT_THRESHOLDS))
     out = Path(args.out)
     _check_writable(out)
-    print(f"report: {reports.build_report(records, out, gate_result=result)}")
+    _, report = gate_and_report(records, out, args.baseline, args.threshold)
+    print(f"report: {report}")
     return 0
 
 

@@ -300,7 +300,7 @@ def _compare_case(case_id: str, dev: str, b: dict, c: dict, thresholds: dict,
         rows.append(GateRow(case_id, dev, "status", bs, cs, f"{bs}→{cs}", "status", "IMPROVED", ""))
     else:
         rows.append(GateRow(case_id, dev, "status", bs, cs, "", "status", "PASS",
-                            "" if cs == "passed" else f"not passed on either side; no metrics compared"))
+                            "" if cs == "passed" else "not passed on either side; no metrics compared"))
     if not (bs == cs == "passed"):
         return rows
     for metric, t in thresholds.items():

@@ -14,9 +14,7 @@ import hashlib
 import importlib
 import inspect
 import json
-import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,7 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from backends.base import Executor  # the executor contract lives in the adapter interface
+from backends.base import Executor
+from harness.atomic import atomic_folder  # the executor contract lives in the adapter interface
 
 EXPORTERS = ("legacy", "dynamo")
 OPSET = {"legacy": 17, "dynamo": 18}
@@ -369,10 +368,8 @@ def export_component(spec: ComponentSpec, module: torch.nn.Module, root: Path, m
             return ComponentExport(spec.component, spec.role, folder, key=key, reused=True, seconds=0.0,
                                    **description), None
         note = f"onnx export cache {spec.component} re-exported: {problem}"
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.component}-", dir=parent))
     start = time.perf_counter()
-    try:
+    with atomic_folder(folder, spec.component) as tmp:
         _export_to(spec, tmp, exporter, opset)
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         seconds = time.perf_counter() - start
@@ -380,12 +377,6 @@ def export_component(spec: ComponentSpec, module: torch.nn.Module, root: Path, m
             {"key": key, "component": spec.component, "exporter": exporter, "opset": opset, "dtype": dtype,
              "torch": torch.__version__, "seconds": round(seconds, 3), "files": files, **description},
             indent=1, default=str))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ComponentExport(spec.component, spec.role, folder, key=key, reused=False, seconds=seconds,
                            **description), note
 

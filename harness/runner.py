@@ -168,8 +168,10 @@ def _detach(value):
         return value.detach().clone()
     if isinstance(value, dict) and not hasattr(value, "to_tuple"):
         return {k: _detach(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_detach(v) for v in value) if isinstance(value, list) else tuple(_detach(v) for v in value)
+    if isinstance(value, list):
+        return [_detach(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_detach(v) for v in value)
     if hasattr(value, "to_tuple"):  # transformers/diffusers ModelOutput: positional view of its tensors
         return tuple(_detach(v) for v in value.to_tuple())
     return copy.deepcopy(value)
@@ -283,6 +285,13 @@ def _save_image(image: np.ndarray, run_dir: Path, case: Case) -> str:
     return str(path.relative_to(run_dir))
 
 
+def interrupted_record(case: Case, session: Session, record: Record | None = None) -> Record:
+    """The record of a case cut off by SIGINT/SIGTERM (keeps whatever it had measured)."""
+    record = record or Record.for_case(case, session.run_id, device=session.options.device)
+    record.status, record.error_class, record.reason = "interrupted", "Interrupted", "run interrupted by signal"
+    return record
+
+
 # -- one case -----------------------------------------------------------------------------------------------------
 def run_case(case: Case, session: Session, loop: Callable | None = None) -> Record:
     """Measure one case and return its record (never raises for a failing case; Interrupted propagates)."""
@@ -303,8 +312,7 @@ def run_case(case: Case, session: Session, loop: Callable | None = None) -> Reco
         with time_limit(options.timeout_s):
             _measure_case(case, session, record, reference, loop)
     except (Interrupted, KeyboardInterrupt):
-        record.status, record.error_class, record.reason = "interrupted", "Interrupted", "run interrupted by signal"
-        session.write(record)
+        session.write(interrupted_record(case, session, record))
         raise
     except torch.OutOfMemoryError as exc:
         record.status, record.error_class, record.reason = "error", "OutOfMemoryError", _one_line(exc)

@@ -1,6 +1,5 @@
 """A failing case never takes the run down or loses a result: each injected fault ends as its record and the
 cases after it still run."""
-import json
 import os
 import signal
 import subprocess

@@ -1,6 +1,5 @@
 """Bad input: one line on stderr naming the problem, exit code 2, never a traceback."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

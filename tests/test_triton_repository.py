@@ -132,7 +132,6 @@ def test_registry_entry():
 
 def test_gpu_repository_from_real_onnx_export(tmp_path):
     """The tiny UNet exported by harness/onnx_export -> an onnxruntime repository whose config matches the graph."""
-    onnx_export = pytest.importorskip("harness.onnx_export")
     from harness import models
     model = models.load("tiny-sd", "fp32")
     case = Case("tiny-sd", "triton")

@@ -6,6 +6,7 @@ log tail -- never a hang. The asyncio client awaits the aio transports only (no 
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any
 
@@ -22,17 +23,9 @@ NUMPY_TO_TRITON = {np.dtype("float32"): "FP32", np.dtype("float16"): "FP16", np.
 
 
 def _module(protocol: str, aio: bool = False):
-    if protocol == "http":
-        import tritonclient.http as m
-        if aio:
-            import tritonclient.http.aio as m
-    elif protocol == "grpc":
-        import tritonclient.grpc as m
-        if aio:
-            import tritonclient.grpc.aio as m
-    else:
+    if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
-    return m
+    return importlib.import_module(f"tritonclient.{protocol}" + (".aio" if aio else ""))
 
 
 def _inputs(module, arrays: dict[str, np.ndarray]) -> list:

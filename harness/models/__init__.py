@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +14,9 @@ from typing import Any
 
 import torch
 
+from harness.atomic import atomic_folder
 from harness.errors import UserError
-from harness.models.full import FULL_MODELS, build_full
+from harness.models.full import build_full
 from harness.models.tiny import BUILDERS as TINY_BUILDERS
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -115,18 +114,10 @@ def weights_digest(folder: Path) -> dict[str, str]:
 def save_tiny(name: str, target: Path) -> str:
     """Build a tiny model and save it atomically into `target` (temp folder + rename). Returns its weights hash."""
     pipeline = TINY_BUILDERS[name]()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    with atomic_folder(target, name) as tmp:
         pipeline.save_pretrained(str(tmp), safe_serialization=True)
         digest = weights_digest(tmp)
         (tmp / MANIFEST).write_text(json.dumps({"model": name, "weights": digest}, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return digest[""]
 
 
