@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--current", required=True, nargs="+")
     gate.add_argument("--threshold", action="append", default=[], help="e.g. e2e.p50:+10%%, status")
     gate.add_argument("--thresholds", help="TOML file of thresholds")
+    gate.add_argument("--all", action="store_true", help="print every row, PASS included")
 
     baseline = sub.add_parser("baseline", help="manage baselines")
     bsub = baseline.add_subparsers(dest="baseline_command", required=True, parser_class=_Parser)
@@ -288,7 +289,7 @@ def cmd_gate(args) -> int:
         specs = gate.load_thresholds_toml(args.thresholds) + specs
     thresholds = gate.parse_thresholds(specs or gate.DEFAULT_THRESHOLDS)
     result = gate.compare(load_many([args.baseline]), load_many(args.current), thresholds)
-    print(result.table())
+    print(result.table(all_rows=args.all))
     return result.exit_code
 
 

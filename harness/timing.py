@@ -17,12 +17,13 @@ STAGES = ("text_encode", "denoise", "denoise_step", "vae_decode", "other")
 
 
 def stats(samples) -> dict[str, float]:
-    """p50/p90/p99 (linear interpolation), mean, sample std, min, max and n of a list of seconds."""
+    """p25/p50/p75/p90/p99 (linear interpolation), mean, sample std, min, max and n of a list of seconds."""
     a = np.asarray(list(samples), dtype=float)
     if a.size == 0:
         return {"n": 0}
-    p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(a.mean()),
+    p25, p50, p75, p90, p99 = np.percentile(a, [25, 50, 75, 90, 99])
+    return {"p25": float(p25), "p50": float(p50), "p75": float(p75), "p90": float(p90), "p99": float(p99),
+            "mean": float(a.mean()),
             "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "min": float(a.min()), "max": float(a.max()),
             "n": int(a.size)}
 

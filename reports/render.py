@@ -113,7 +113,7 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
                "model": r["model"], "backend": r["_backend"], "dtype": r["dtype"], "batch": r["batch"],
                "height": r["height"], "width": r["width"], "steps": r["steps"], "status": r["status"],
                "error_class": r.get("error_class") or "", "reason": r.get("reason") or ""}
-        for stat in ("p50", "p90", "p99", "mean", "std", "n"):
+        for stat in ("p25", "p50", "p75", "p90", "p99", "mean", "std", "n"):
             row[f"e2e_{stat}_s" if stat != "n" else "e2e_n"] = _get(r, "e2e", stat)
         for stage in (*STACK, "denoise_step", "other"):
             row[f"{stage}_p50_s"] = _get(r, "stages", stage, "p50")
@@ -208,15 +208,18 @@ def _latency(records: list[dict], pngs: _Pngs) -> list[dict]:
 
 
 def _box_plot(rows: list[dict], dev: str, pngs: _Pngs) -> str:
-    """Records carry summary stats, not samples: whiskers min..max, box p50..p90, line at p50, ◆ p99, + mean."""
+    """Records carry summary stats, not samples: whiskers min..max, box p25..p75 (p50..p90 for records made before
+    quartiles were stored), line at p50, ◆ p99, ▲ mean."""
     stats = []
+    quartiles = all(_num(r["e2e"].get("p25")) is not None for r in rows)
     for r in rows:
         e = r["e2e"]
         p50 = _num(e.get("p50")) * 1000
         def ms(k, fallback):
             v = _num(e.get(k))
             return v * 1000 if v is not None else fallback
-        stats.append({"label": r["_backend"], "med": p50, "q1": p50, "q3": ms("p90", p50),
+        box = (ms("p25", p50), ms("p75", p50)) if quartiles else (p50, ms("p90", p50))
+        stats.append({"label": r["_backend"], "med": p50, "q1": box[0], "q3": box[1],
                       "whislo": ms("min", p50), "whishi": ms("max", p50), "mean": ms("mean", p50),
                       "fliers": [ms("p99", p50)]})
     fig = Figure(figsize=(7, 0.9 + 0.45 * len(rows)))
@@ -224,7 +227,8 @@ def _box_plot(rows: list[dict], dev: str, pngs: _Pngs) -> str:
     ax.bxp(stats, orientation="horizontal", showmeans=True, widths=0.5,
            flierprops={"marker": "D", "markersize": 4, "markerfacecolor": "#e15759"})
     ax.invert_yaxis()
-    ax.set_xlabel("e2e latency (ms): whiskers min–max, box p50–p90, ◆ p99, ▲ mean")
+    box = "p25–p75" if quartiles else "p50–p90"
+    ax.set_xlabel(f"e2e latency (ms): whiskers min–max, box {box}, ◆ p99, ▲ mean")
     ax.set_title(f"{shape_label(rows[0])} — {dev}", fontsize=9)
     return pngs.save(fig, "latency_box")
 

@@ -10,6 +10,7 @@ def test_stats_known_answers():
     s = stats([1.0, 2.0, 3.0, 4.0, 5.0])
     assert s["p50"] == 3.0 and s["mean"] == 3.0 and s["n"] == 5
     assert s["p90"] == pytest.approx(4.6) and s["p99"] == pytest.approx(4.96)
+    assert s["p25"] == 2.0 and s["p75"] == 4.0
     assert s["std"] == pytest.approx(1.5811388, rel=1e-6)  # sample std (ddof=1)
     assert s["min"] == 1.0 and s["max"] == 5.0
 
