@@ -7,6 +7,7 @@ encoders, denoiser, VAE decoder) into executors -- drop-in nn.Modules with the s
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -135,6 +136,17 @@ def register(name: str, target: str | type) -> None:
     """Register a backend under `name`: a "module:Class" path or a Backend subclass."""
     _REGISTRY[name] = target  # type: ignore[assignment]
     _INSTANCES.pop(name, None)
+
+
+def load_plugins(spec: str | None = None) -> None:
+    """Register backends from outside this package: DIFFBENCH_PLUGINS (or `spec`) names comma-separated modules,
+    each with a register() that calls register(name, target). Used by the CLI and by A/B workers."""
+    for module_name in filter(None, (s.strip() for s in (spec or os.environ.get("DIFFBENCH_PLUGINS", "")).split(","))):
+        try:
+            module = importlib.import_module(module_name)
+            module.register()
+        except Exception as exc:
+            raise UserError(f"DIFFBENCH_PLUGINS: cannot load {module_name!r}: {type(exc).__name__}: {exc}")
 
 
 def unregister(name: str) -> None:

@@ -1,13 +1,20 @@
-"""`diffbench run | backends | models | report | gate | baseline save` -- thin; calls what the suites call."""
+"""`diffbench run | ab | backends | models | report | gate | baseline save` -- thin; calls what the suites call."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 from pathlib import Path
 
 from harness.errors import UserError
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# an A/B run's calls pair up; measured on the noisy 2-core CI VM, 30 pairs gave a paired noise band (3 standard
+# errors) of ±4-10 %, too close to a 10 % step; 50 pairs narrow it by sqrt(50/30)
+AB_REPEATS = 50
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-report", action="store_true", help="write records only")
     run.add_argument("--baseline", help="apply the regression gate against this baseline records file")
     run.add_argument("--threshold", action="append", default=[], help="gate threshold, e.g. e2e.p50:+10%%")
+
+    ab = sub.add_parser("ab", help="measure two builds call by call in alternation and gate current vs baseline")
+    _add_selection(ab)
+    side = ab.add_mutually_exclusive_group()
+    side.add_argument("--baseline-dir", help="checkout of the baseline build")
+    side.add_argument("--baseline-rev", help="git revision of this repository to use as the baseline build")
+    ab.add_argument("--current-dir", help="checkout of the current build (default: this one)")
+    ab.add_argument("--baseline-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment for the baseline side only")
+    ab.add_argument("--current-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment for the current side only")
+    ab.add_argument("--results-dir", default="results", help="parent folder of results/ab-<time>/")
+    ab.add_argument("--warmup", type=int)
+    ab.add_argument("--repeats", type=int, help=f"measured call pairs per case (default {AB_REPEATS})")
+    ab.add_argument("--timeout", type=float, default=900.0, help="per-case timeout in seconds (0: none)")
+    ab.add_argument("--threshold", action="append", default=[], help="gate threshold, e.g. e2e.p50:+5%%")
+    ab.add_argument("--no-report", action="store_true", help="write records and the gate table only")
+    ab.add_argument("--all", action="store_true", help="print every gate row, PASS included")
 
     sub.add_parser("backends", help="list backends, whether each is available here, and why not")
     sub.add_parser("models", help="list the model zoo")
@@ -293,6 +318,53 @@ def cmd_gate(args) -> int:
     return result.exit_code
 
 
+def _env_pairs(items: list[str], flag: str) -> dict[str, str]:
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not key.replace("_", "a").isalnum():
+            raise UserError(f"malformed {flag} {item!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def cmd_ab(args) -> int:
+    from harness import ab, gate
+    if not (args.baseline_dir or args.baseline_rev):
+        raise UserError("ab needs --baseline-dir DIR or --baseline-rev REV")
+    device = resolve_device(args.gpu)
+    options = run_options(device, False, args.warmup, args.repeats or AB_REPEATS, args.timeout)
+    cases = select_cases(args.model, args.backend, args.dtype, args.batch, args.size, args.steps, args.matrix)
+    thresholds = list(args.threshold) or gate.DEFAULT_THRESHOLDS
+    gate.parse_thresholds(thresholds)
+    env = {"baseline": _env_pairs(args.baseline_env, "--baseline-env"),
+           "current": _env_pairs(args.current_env, "--current-env")}
+    current = ab.check_build(args.current_dir or ROOT, "--current-dir")
+    worktree = ab.Worktree(ROOT, args.baseline_rev) if args.baseline_rev else None
+    baseline = None if worktree else ab.check_build(args.baseline_dir, "--baseline-dir")
+    _check_writable(Path(args.results_dir))
+    out = ab.new_ab_dir(Path(args.results_dir))
+    with contextlib.ExitStack() as stack:
+        if worktree:
+            baseline = stack.enter_context(worktree)
+        print(f"diffbench ab: {len(cases)} case(s) on {device}, {options.repeats} call pairs each; baseline "
+              f"{args.baseline_rev or baseline}, current {current}; writing {out}", flush=True)
+        try:
+            paths = ab.run_ab(cases, baseline, current, out, device, options.warmup, options.repeats,
+                              options.timeout_s, env)
+        except KeyboardInterrupt:
+            print(f"diffbench ab: interrupted; records so far under {out}", file=sys.stderr)
+            return 130
+    from harness.records import load_many
+    result, report = gate_and_report(load_many([paths["current"]]), out, paths["baseline"], thresholds,
+                                     write_report=not args.no_report)
+    print(f"records: {paths['baseline']} (baseline), {paths['current']} (current)")
+    print(result.table(all_rows=args.all))
+    if report is not None:
+        print(f"report: {report}")
+    return result.exit_code
+
+
 def cmd_baseline(args) -> int:
     from harness import gate
     gate.save_baseline(args.records, args.out)
@@ -300,13 +372,15 @@ def cmd_baseline(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "backends": cmd_backends, "models": cmd_models, "report": cmd_report,
+COMMANDS = {"run": cmd_run, "ab": cmd_ab, "backends": cmd_backends, "models": cmd_models, "report": cmd_report,
             "gate": cmd_gate, "baseline": cmd_baseline}
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        from backends.base import load_plugins
+        load_plugins()
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"diffbench: error: {exc}", file=sys.stderr)

@@ -40,6 +40,8 @@ VERDICTS = ("PASS", "REGRESSED", "IMPROVED", "NEW", "MISSING")
 LATENCY_STATS = ("p50", "p90", "p99", "mean", "min", "max")
 STAGE_NAMES = ("e2e", "text_encode", "denoise", "denoise_step", "vae_decode", "other")
 NOISE_K = 3.0
+# the central statistics an A/B run's per-pair ratios speak for; tails and stages use the unpaired rule
+PAIRED_METRICS = ("e2e.p50", "e2e.mean")
 # PSNR of identical images is infinite (stored as null); anything above this is "identical" for the gate.
 PSNR_CAP_DB = 100.0
 DEFAULT_THRESHOLDS = ["status", "e2e.p50:+10%", "e2e.p99:+15%", "memory.peak:+5%", "parity.psnr:-1dB"]
@@ -317,7 +319,11 @@ def _compare_case(case_id: str, dev: str, b: dict, c: dict, thresholds: dict,
             if sb is None and sc is None:
                 continue  # stage not measured by this pipeline on either side
             stat = metric.split(".")[1]
-            noise = _noise(sb, sc) if sb and sc else 0.0
+            paired = _pairs(b, c)
+            if paired and metric in PAIRED_METRICS and sb and sc:
+                rows.append(_paired_row(case_id, dev, t, sb[stat], sc[stat], paired))
+                continue
+            noise = _noise(sb, sc, stat) if sb and sc else 0.0
             bv = sb and sb[stat]
             median, between = _between_runs(list(b_runs), metric)
             if median is not None:
@@ -331,14 +337,47 @@ def _compare_case(case_id: str, dev: str, b: dict, c: dict, thresholds: dict,
     return rows
 
 
-def _noise(sb: dict, sc: dict) -> float:
+def _median_spread(stats: dict) -> float:
+    """Per-sample spread for the standard error of a median: from the quartiles when the record has them
+    (1.253 x IQR / 1.349 -- one slow outlier does not widen it), else 1.253 x std."""
+    if stats.get("p25") is not None and stats.get("p75") is not None:
+        return 1.253 * (stats["p75"] - stats["p25"]) / 1.349
+    return 1.253 * (stats.get("std") or 0.0)
+
+
+def _noise(sb: dict, sc: dict, stat: str = "p50") -> float:
     """k standard errors of the difference between the two runs (0 when a side has no spread)."""
     var = 0.0
     for s in (sb, sc):
-        n, std = s.get("n") or 0, s.get("std") or 0.0
+        n = s.get("n") or 0
+        spread = _median_spread(s) if stat == "p50" else (s.get("std") or 0.0)
         if n > 1:
-            var += std * std / n
+            var += spread * spread / n
     return NOISE_K * math.sqrt(var)
+
+
+def _pairs(b: dict, c: dict) -> dict | None:
+    """The per-pair ratio statistics when c was measured interleaved with b (an A/B run), else None."""
+    paired = c.get("paired") or {}
+    ratio = paired.get("ratio_current_over_baseline") or {}
+    if paired.get("with_run") and paired.get("with_run") == b.get("run_id") and (ratio.get("n") or 0) >= 2:
+        return ratio
+    return None
+
+
+def _paired_row(case_id, dev, t: Threshold, bv: float, cv: float, ratio: dict) -> GateRow:
+    """A/B rule: the change is the median of the per-pair ratios current/baseline, the noise band k standard
+    errors of that median -- both sides saw the same machine, so its drift is not in the band."""
+    pct = (ratio["p50"] - 1) * 100
+    band = NOISE_K * _median_spread(ratio) / math.sqrt(ratio["n"]) * 100
+    kind = f"{NOISE_K:g} standard errors of the median of {ratio['n']} interleaved call pairs"
+    verdict, note = "PASS", f"paired A/B: median current/baseline call ratio; noise ±{band:.1f}% = {kind}"
+    if abs(pct) > t.limit:
+        if abs(pct) <= band:
+            note = f"{pct:+.1f}% is within the paired noise (±{band:.1f}% = {kind}); not counted"
+        else:
+            verdict = "REGRESSED" if pct > 0 else "IMPROVED"
+    return GateRow(case_id, dev, t.metric, bv, cv, f"{pct:+.1f}%", t.spec, verdict, note)
 
 
 def _relative_row(case_id, dev, t: Threshold, bv, cv, noise: float, unit: str,

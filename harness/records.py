@@ -49,6 +49,7 @@ class Record:
     info: dict[str, Any] = field(default_factory=dict)      # backend facts (providers, exporter, graph breaks...)
     serving: dict[str, Any] = field(default_factory=dict)   # triton: sweep, server stats, metrics
     timing: dict[str, Any] = field(default_factory=dict)    # warmup, repeats, clock (cuda-events|perf_counter)
+    paired: dict[str, Any] = field(default_factory=dict)    # A/B runs: the other side's run id, per-pair ratios
     env: dict[str, Any] = field(default_factory=dict)       # device fingerprint
     git: dict[str, Any] = field(default_factory=dict)
     prompt: list[str] = field(default_factory=list)

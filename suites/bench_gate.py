@@ -1,12 +1,14 @@
-"""Benchmark: is the gate trustworthy on this noisy machine with the default repeats?
+"""Benchmark: does the gate pass an unchanged build and catch a real 10 % slowdown on this noisy machine?
 
-Real runs of the same case, through the CLI (a fresh process each, like CI):
-  A1..Am -- the baseline: unchanged build, `faulty+slow` with a 0 s busy-wait (identical to the reference pipeline)
-  B      -- unchanged build again
-  C      -- a busy-wait per denoiser call sized to slow the whole pipeline call by --slowdown
-Then `diffbench gate` against A1 alone and against all m baseline runs, for B (must PASS) and C (must REGRESS).
+The slowdown is real work: the test-only `faulty+slow` backend (the reference pipeline plus a busy-wait of
+DIFFBENCH_FAULT_SLEEP seconds in every denoiser call), sized to --slowdown of the baseline's e2e p50.
 
-    python -m suites.bench_gate [--slowdown 0.10] [--repeats 10] [--baseline-runs 3] [--threshold e2e.p50:+5%]
+  stored  -- the classic gate: m baseline runs saved with `diffbench baseline save`, then an unchanged run and a
+             slowed run, each a separate `diffbench run` (a fresh process, minutes apart, like CI)
+  ab      -- `diffbench ab`: baseline and current builds call by call in alternation, --rounds times each for an
+             unchanged current and a slowed one
+
+    python -m suites.bench_gate [--mode ab|stored|both] [--slowdown 0.10] [--rounds 3] [--threshold e2e.p50:+5%]
 """
 from __future__ import annotations
 
@@ -19,58 +21,78 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-_RUNNER = "import sys; from suites import fault_backends; fault_backends.register(); " \
-          "from harness.cli import main; sys.exit(main(sys.argv[1:]))"
+BACKEND = "faulty+slow"
 
 
-def _run(out: Path, model: str, sleep_s: float, warmup: int, repeats: int) -> Path:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DIFFBENCH_FAULT_SLEEP": f"{sleep_s:.6f}"}
-    subprocess.run([sys.executable, "-c", _RUNNER, "run", "--model", model, "--backend", "faulty+slow",
-                    "--warmup", str(warmup), "--repeats", str(repeats), "--no-report", "--results-dir", str(out)],
-                   cwd=ROOT, env=env, check=True, capture_output=True)
-    return next(out.glob("*/records.jsonl"))
+def _cli(*args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DIFFBENCH_PLUGINS": "suites.fault_backends", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=ROOT, env=env, check=check,
+                          capture_output=True, text=True)
 
 
-def _gate(baseline: Path, current: Path, threshold: str) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "gate", "--baseline", str(baseline), "--current",
-                           str(current), "--threshold", threshold, "--threshold", "status"],
-                          cwd=ROOT, capture_output=True, text=True)
-    return proc.returncode, proc.stdout + proc.stderr
+def _first(records: Path) -> dict:
+    return json.loads(records.read_text().splitlines()[0])
 
 
-def _p50(records: Path) -> float:
-    return json.loads(records.read_text().splitlines()[0])["e2e"]["p50"]
+def _verdict(proc: subprocess.CompletedProcess, threshold: str) -> str:
+    verdict = {0: "PASS", 1: "REGRESSED"}.get(proc.returncode, f"exit {proc.returncode}: {proc.stderr[-300:]}")
+    row = next((line for line in proc.stdout.splitlines() if "e2e.p50" in line and threshold in line), "")
+    return f"{verdict:<9} {row.split(threshold, 1)[0].split()[-1] if row else '':>7}  " \
+           f"{row.split(threshold, 1)[-1].strip() if row else ''}"
+
+
+def stored(args, tmp: Path) -> None:
+    def run(name: str, sleep: float) -> Path:
+        _cli("run", "--model", args.model, "--backend", BACKEND, "--no-report", "--results-dir", str(tmp / name),
+             env={"DIFFBENCH_FAULT_SLEEP": f"{sleep:.6f}"}, check=True)
+        return next((tmp / name).glob("*/records.jsonl"))
+    base = [run(f"a{i}", 0.0) for i in range(args.baseline_runs)]
+    b = run("b", 0.0)
+    sleep = args.slowdown * _first(base[0])["e2e"]["p50"] / _first(base[0])["steps"]
+    c = run("c", sleep)
+    _cli("baseline", "save", *map(str, base), "-o", str(tmp / "baseline.jsonl"), check=True)
+    p50s = [round(_first(p)["e2e"]["p50"] * 1e3, 1) for p in base]
+    print(f"stored: baseline runs e2e p50 {p50s} ms; unchanged {_first(b)['e2e']['p50'] * 1e3:.1f}; "
+          f"{args.slowdown:.0%} slower {_first(c)['e2e']['p50'] * 1e3:.1f}")
+    for label, baseline in (("1 baseline run", base[0]), (f"{len(base)} baseline runs", tmp / "baseline.jsonl")):
+        for what, current in (("unchanged", b), (f"{args.slowdown:.0%} slower", c)):
+            proc = _cli("gate", "--baseline", str(baseline), "--current", str(current), "--threshold",
+                        args.threshold, "--threshold", "status", "--all")
+            print(f"  stored  {label:<16} {what:<12} -> {_verdict(proc, args.threshold)}")
+
+
+def ab(args, tmp: Path) -> None:
+    def run(name: str, sleep: float) -> tuple[subprocess.CompletedProcess, Path]:
+        proc = _cli("ab", "--baseline-dir", str(ROOT), "--model", args.model, "--backend", BACKEND,
+                    "--threshold", args.threshold, "--threshold", "status", "--no-report", "--all",
+                    "--results-dir", str(tmp / name), "--baseline-env", "DIFFBENCH_FAULT_SLEEP=0",
+                    "--current-env", f"DIFFBENCH_FAULT_SLEEP={sleep:.6f}",
+                    *(["--repeats", str(args.repeats)] if args.repeats else []))
+        return proc, next((tmp / name).glob("ab-*/baseline/*/records.jsonl"))
+    for i in range(args.rounds):
+        same, base = run(f"ab-same{i}", 0.0)
+        sleep = args.slowdown * _first(base)["e2e"]["p50"] / _first(base)["steps"]
+        slow, _ = run(f"ab-slow{i}", sleep)
+        print(f"  ab round {i + 1}: baseline e2e p50 {_first(base)['e2e']['p50'] * 1e3:.1f} ms")
+        print(f"    unchanged        -> {_verdict(same, args.threshold)}")
+        print(f"    {args.slowdown:.0%} slower       -> {_verdict(slow, args.threshold)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("ab", "stored", "both"), default="both")
     parser.add_argument("--model", default="tiny-sd")
     parser.add_argument("--slowdown", type=float, default=0.10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="A/B rounds (each: unchanged, then slowed)")
+    parser.add_argument("--repeats", type=int, help="A/B call pairs (default: diffbench ab's default)")
     parser.add_argument("--baseline-runs", type=int, default=3)
     parser.add_argument("--threshold", default="e2e.p50:+5%")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="diffbench-gate-"))
-    base = [_run(tmp / f"a{i}", args.model, 0.0, args.warmup, args.repeats) for i in range(args.baseline_runs)]
-    first = json.loads(base[0].read_text().splitlines()[0])
-    b = _run(tmp / "b", args.model, 0.0, args.warmup, args.repeats)
-    # size the busy-wait from the fastest baseline call (the machine's real cost; noise only adds) and spread it
-    # over the denoiser calls
-    fastest = min(json.loads(p.read_text().splitlines()[0])["e2e"]["min"] for p in base)
-    sleep = args.slowdown * fastest / first["steps"]
-    c = _run(tmp / "c", args.model, sleep, args.warmup, args.repeats)
-    subprocess.run([sys.executable, "-m", "harness.cli", "baseline", "save", *map(str, base), "-o",
-                    str(tmp / "baseline.jsonl")], cwd=ROOT, check=True, capture_output=True)
-    print(f"baseline runs e2e p50 (ms): {[round(_p50(p) * 1e3, 1) for p in base]}; "
-          f"unchanged {_p50(b) * 1e3:.1f}; {args.slowdown:.0%} slower {_p50(c) * 1e3:.1f}")
-    for label, baseline in (("one baseline run", base[0]), (f"{len(base)} baseline runs", tmp / "baseline.jsonl")):
-        for what, current in (("unchanged", b), (f"{args.slowdown:.0%} slower", c)):
-            code, table = _gate(baseline, current, args.threshold)
-            verdict = "REGRESSED" if code == 1 else "PASS" if code == 0 else f"exit {code}"
-            note = next((line.split(args.threshold, 1)[-1].strip() for line in table.splitlines()
-                         if "e2e.p50" in line and args.threshold in line), "")
-            print(f"  {label:<16} {what:<12} -> {verdict:<9} {note}")
+    if args.mode in ("stored", "both"):
+        stored(args, tmp)
+    if args.mode in ("ab", "both"):
+        ab(args, tmp)
     print(f"records under {tmp}")
 
 

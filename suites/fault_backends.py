@@ -6,6 +6,7 @@
   blank  -- makes the VAE return a constant image
   scaled -- scales the denoiser output by 1.01 (a subtly wrong executor that parity must catch)
   slow   -- busy-waits DIFFBENCH_FAULT_SLEEP seconds (default 0.01) per denoiser call (a real slowdown for the gate)
+  exit   -- ends the process at once, like a crash in native code (for the A/B worker's crash handling)
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from backends import base as registry
 from backends.base import Backend, Executor, Prepared
 
-FAULTS = ("raise", "hang", "nan", "oom", "blank", "scaled", "slow")
+FAULTS = ("raise", "hang", "nan", "oom", "blank", "scaled", "slow", "exit")
 
 
 class _Wrapped(Executor):
@@ -36,6 +37,8 @@ class _Wrapped(Executor):
     def forward(self, *args, **kwargs):
         if self.fault == "raise":
             raise RuntimeError("injected executor failure")
+        if self.fault == "exit":
+            os._exit(3)
         if self.fault == "hang":
             time.sleep(3600)
         if self.fault == "oom":

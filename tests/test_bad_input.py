@@ -83,15 +83,23 @@ BAD = {
     "baseline of another schema": (["gate", "--baseline", "{other_schema}", "--current", "{good}"],
                                    "schema version 42"),
     "missing baseline": (["gate", "--baseline", "/nonexistent.jsonl", "--current", "{good}"], "does not exist"),
+    "ab without a baseline build": (["ab", "--model", "tiny-sd"], "needs --baseline-dir DIR or --baseline-rev"),
+    "ab baseline not a checkout": (["ab", "--baseline-dir", "/tmp"], "not a diffbench checkout"),
+    "ab unknown revision": (["ab", "--baseline-rev", "no-such-rev-xyz"], "--baseline-rev no-such-rev-xyz"),
+    "ab malformed env": (["ab", "--baseline-dir", ".", "--current-env", "NOEQUALS"], "malformed --current-env"),
+    "ab both baselines": (["ab", "--baseline-dir", ".", "--baseline-rev", "HEAD"], "not allowed with argument"),
+    "bad plugin": (["backends"], "DIFFBENCH_PLUGINS: cannot load 'no_such_plugin_module'"),
     "unknown gate metric": (["gate", "--baseline", "{good}", "--current", "{good}", "--threshold", "bogus.p50:+5%"],
                             "bogus"),
 }
 
 
 @pytest.mark.parametrize("name", list(BAD))
-def test_bad_input_one_line_exit_2(name, files, capsys):
+def test_bad_input_one_line_exit_2(name, files, capsys, monkeypatch):
     argv, expected = BAD[name]
     argv = [a.format(**files) for a in argv]
+    if name == "bad plugin":
+        monkeypatch.setenv("DIFFBENCH_PLUGINS", "no_such_plugin_module")
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, (name, err)

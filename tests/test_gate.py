@@ -140,7 +140,14 @@ def test_noise_aware_change_within_spread_does_not_count(tmp_path):
     assert result.exit_code == 0
     for r in (*base, *cur):
         if r["status"] == "passed":
-            r["e2e"]["std"] = 0.001
+            p50 = r["e2e"]["p50"]
+            r["e2e"].update(std=0.001, p25=p50 - 0.001, p75=p50 + 0.001)
+    row = next(r for r in gate.compare(base, cur, ["e2e.p50:+10%"]).rows if r.metric == "e2e.p50")
+    assert row.verdict == "REGRESSED"
+    # the median's band comes from the quartiles: one wild repeat (a huge std) does not hide the change
+    for r in (*base, *cur):
+        if r["status"] == "passed":
+            r["e2e"]["std"] = r["e2e"]["p50"]
     row = next(r for r in gate.compare(base, cur, ["e2e.p50:+10%"]).rows if r.metric == "e2e.p50")
     assert row.verdict == "REGRESSED"
 
