@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -198,6 +199,7 @@ class Worktree:
     def __exit__(self, *_exc) -> None:
         subprocess.run(["git", "-C", str(self.repo), "worktree", "remove", "--force", str(self.path)],
                        capture_output=True)
+        shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
 def check_build(root: Path, flag: str) -> Path:

@@ -11,17 +11,22 @@ Threshold grammar (one spec per string; later specs for the same metric win):
 Aliases from DESIGN.md: latency.<stat> = e2e.<stat>, vram.peak = memory.peak, psnr = parity.psnr.
 
 Noise rule (latency only): records carry summary statistics of n repeats, not samples. A latency change counts only
-when it exceeds the threshold AND k = 3 standard errors of the difference, sqrt(std_b²/n_b + std_c²/n_c) -- the
-Welch-test bound for a difference of means (a ~99.7 % band if the noise were normal). The same bound is applied to
-every percentile: for the median it is close (its standard error is ~1.25 σ/√n), for p99 it underestimates the
-noise, so tail gates stay the stricter ones. With n = 1 or std = 0 there is no spread and the threshold alone decides.
-A change inside the noise band is PASS with a note that says so.
+when it exceeds the threshold AND k = 3 standard errors of the difference of the two runs -- the Welch-test bound
+(a ~99.7 % band if the noise were normal). For the median the per-sample spread comes from the quartiles
+(1.253 x IQR / 1.349, robust to one stray repeat; std for records without quartiles), for other statistics from the
+std (for p99 that underestimates the noise, so tail gates stay the stricter ones). With n = 1 or no spread the
+threshold alone decides. A change inside the noise band is PASS with a note that says so.
 
 Between-run noise: on a shared machine whole runs drift (measured here: one unchanged build gave e2e p50 from 57.6
 to 101.6 ms over six runs while each run's own std was 1-13 ms), which no within-run spread can see. A baseline that
 holds several runs of a case (`diffbench baseline save RUN1 RUN2 ...`) gives the gate that drift: the baseline
 value is then the median over its runs, and the noise band is the larger of the within-run bound above and
 k x (sample std over the baseline runs) x sqrt(1 + 1/m) -- a prediction band for one new run around m old ones.
+
+Paired rule (A/B runs, harness/ab.py): when the current record was measured call by call in alternation with this
+baseline record (record["paired"]["with_run"] is the baseline's run id), e2e.p50 and e2e.mean are judged by the
+median of the per-pair ratios current/baseline, with k standard errors of that median as the band: the machine's
+drift is common to both calls of a pair and cancels.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from harness.device import device_class as _env_device_class
 from harness.errors import UserError
@@ -42,6 +49,11 @@ STAGE_NAMES = ("e2e", "text_encode", "denoise", "denoise_step", "vae_decode", "o
 NOISE_K = 3.0
 # the central statistics an A/B run's per-pair ratios speak for; tails and stages use the unpaired rule
 PAIRED_METRICS = ("e2e.p50", "e2e.mean")
+BOOTSTRAP_RESAMPLES = 4000
+_STAT_FUNCTIONS = {
+    "p50": lambda a: np.percentile(a, 50, axis=-1), "p90": lambda a: np.percentile(a, 90, axis=-1),
+    "p99": lambda a: np.percentile(a, 99, axis=-1), "mean": lambda a: a.mean(axis=-1),
+    "min": lambda a: a.min(axis=-1), "max": lambda a: a.max(axis=-1)}
 # PSNR of identical images is infinite (stored as null); anything above this is "identical" for the gate.
 PSNR_CAP_DB = 100.0
 DEFAULT_THRESHOLDS = ["status", "e2e.p50:+10%", "e2e.p99:+15%", "memory.peak:+5%", "parity.psnr:-1dB"]
@@ -324,16 +336,17 @@ def _compare_case(case_id: str, dev: str, b: dict, c: dict, thresholds: dict,
                 rows.append(_paired_row(case_id, dev, t, sb[stat], sc[stat], paired))
                 continue
             noise = _noise(sb, sc, stat) if sb and sc else 0.0
+            kind = f"{NOISE_K:g} standard errors of the difference"
+            bootstrap = _bootstrap_noise(b, c, metric)
+            if bootstrap is not None:
+                noise, kind = bootstrap
             bv = sb and sb[stat]
             median, between = _between_runs(list(b_runs), metric)
             if median is not None:
                 bv = median
                 if between > noise:
                     noise, kind = between, f"{NOISE_K:g} sigma of {len(b_runs)} baseline runs"
-                    rows.append(_relative_row(case_id, dev, t, bv, sc and sc[stat], noise=noise, unit="s",
-                                              noise_kind=kind))
-                    continue
-            rows.append(_relative_row(case_id, dev, t, bv, sc and sc[stat], noise=noise, unit="s"))
+            rows.append(_relative_row(case_id, dev, t, bv, sc and sc[stat], noise=noise, unit="s", noise_kind=kind))
     return rows
 
 
@@ -354,6 +367,25 @@ def _noise(sb: dict, sc: dict, stat: str = "p50") -> float:
         if n > 1:
             var += spread * spread / n
     return NOISE_K * math.sqrt(var)
+
+
+def _bootstrap_noise(b: dict, c: dict, metric: str) -> tuple[float, str] | None:
+    """For an e2e statistic when both records carry their per-call samples: the half-width, on the side of the
+    observed change, of a 99.7 % bootstrap interval (the k = 3 equivalent) of the statistic's difference. Honest for
+    tails, where std/sqrt(n) is not: a p99 of 50 calls is about their maximum and its interval shows it."""
+    stage, stat = metric.split(".")
+    xb = np.asarray(((b.get("samples") or {}).get(stage)) or [], dtype=float)
+    xc = np.asarray(((c.get("samples") or {}).get(stage)) or [], dtype=float)
+    if xb.size < 2 or xc.size < 2:
+        return None
+    rng = np.random.default_rng(0)   # a fixed seed: the same records always get the same verdict
+    fb = _STAT_FUNCTIONS[stat](xb[rng.integers(0, xb.size, (BOOTSTRAP_RESAMPLES, xb.size))])
+    fc = _STAT_FUNCTIONS[stat](xc[rng.integers(0, xc.size, (BOOTSTRAP_RESAMPLES, xc.size))])
+    observed = _STAT_FUNCTIONS[stat](xc[None, :])[0] - _STAT_FUNCTIONS[stat](xb[None, :])[0]
+    tail = (1 - math.erf(NOISE_K / math.sqrt(2))) / 2
+    low, high = np.quantile(fc - fb, [tail, 1 - tail])
+    half = observed - low if observed > 0 else high - observed
+    return float(max(half, 0.0)), f"99.7 % bootstrap interval from {xb.size}+{xc.size} calls"
 
 
 def _pairs(b: dict, c: dict) -> dict | None:

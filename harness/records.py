@@ -41,6 +41,7 @@ class Record:
     device: str = "cpu"
     stages: dict[str, dict] = field(default_factory=dict)   # stage -> {p50, p90, p99, mean, std, min, max, n}
     e2e: dict = field(default_factory=dict)                  # same stats, whole pipeline call
+    samples: dict[str, list] = field(default_factory=dict)  # {"e2e": seconds of every measured call, in order}
     cold_s: float | None = None       # load + prepare + first call
     first_call_s: float | None = None
     build: dict[str, float] = field(default_factory=dict)   # step -> seconds (load, export, compile, engine...)

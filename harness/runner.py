@@ -361,6 +361,7 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
         meter.sample()
         measure(timer, lambda: (call(), meter.sample()), options.warmup, options.repeats, loop)
         record.stages, record.e2e = timer.summary()
+        record.samples = {"e2e": list(timer.samples["e2e"])}
         timer.detach()
         record.memory = meter.result()
         record.info.update(prepared.info)

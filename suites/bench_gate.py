@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -62,6 +63,14 @@ def stored(args, tmp: Path) -> None:
 
 
 def ab(args, tmp: Path) -> None:
+    def defaults(name: str) -> str:
+        """The same A/B records under the default thresholds (p99, memory and PSNR included)."""
+        side = {k: next((tmp / name).glob(f"ab-*/{k}/*/records.jsonl")) for k in ("baseline", "current")}
+        proc = _cli("gate", "--baseline", str(side["baseline"]), "--current", str(side["current"]))
+        flagged = sorted({re.search(r"\s(e2e\.\w+|memory\.peak|parity\.psnr|status)\s", line).group(1)
+                          for line in proc.stdout.splitlines() if line.startswith("REGRESSED")})
+        return {0: "PASS", 1: "REGRESSED " + ",".join(flagged)}.get(proc.returncode, f"exit {proc.returncode}")
+
     def run(name: str, sleep: float) -> tuple[subprocess.CompletedProcess, Path]:
         proc = _cli("ab", "--baseline-dir", str(ROOT), "--model", args.model, "--backend", BACKEND,
                     "--threshold", args.threshold, "--threshold", "status", "--no-report", "--all",
@@ -75,7 +84,9 @@ def ab(args, tmp: Path) -> None:
         slow, _ = run(f"ab-slow{i}", sleep)
         print(f"  ab round {i + 1}: baseline e2e p50 {_first(base)['e2e']['p50'] * 1e3:.1f} ms")
         print(f"    unchanged        -> {_verdict(same, args.threshold)}")
+        print(f"                        default thresholds: {defaults(f'ab-same{i}')}")
         print(f"    {args.slowdown:.0%} slower       -> {_verdict(slow, args.threshold)}")
+        print(f"                        default thresholds: {defaults(f'ab-slow{i}')}")
 
 
 def main() -> None:

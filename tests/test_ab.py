@@ -109,3 +109,22 @@ def test_worker_speaks_only_json_on_its_protocol_pipe(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["ready"] is True
+
+
+def test_baseline_rev_runs_a_git_worktree_of_that_commit(tmp_path):
+    """--baseline-rev HEAD: the baseline side runs from a temporary worktree of HEAD (its records name that
+    commit) and the worktree is gone afterwards."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    if not head:
+        pytest.skip("not a git checkout")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "ab", "--baseline-rev", "HEAD", "--model", "tiny-sd",
+                           "--backend", "diffusers", "--warmup", "0", "--repeats", "2", "--no-report",
+                           "--results-dir", str(tmp_path), "--threshold", "status"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (base,) = _records(tmp_path, "baseline").values()
+    assert base["status"] == "passed" and base["git"]["commit"] == head
+    assert base["paired"]["side"] == "baseline"
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "diffbench-ab-" not in worktrees

@@ -261,3 +261,31 @@ def test_save_baseline_keeps_every_run(tmp_path):
         paths.append(path)
     out = gate.save_baseline(paths, tmp_path / "baseline.jsonl")
     assert len(load_many([out])) == 2
+
+
+def _sampled_record(run_id, samples, ts=0.0):
+    from harness.cases import Case
+    from harness.records import Record
+    from harness.timing import stats
+    r = Record.for_case(Case("tiny-sd", "diffusers"), run_id, env=CPU_ENV, timestamp=ts, e2e=stats(samples),
+                        samples={"e2e": list(samples)})
+    return r.to_dict()
+
+
+def test_tail_of_few_calls_is_judged_by_its_bootstrap_interval():
+    """50 calls: p99 is about the maximum, so one slow call in the current run moves it by +25 %. std/sqrt(n) calls
+    that significant; the bootstrap interval of the p99 difference does not -- and a real shift of every call still
+    is caught, at p50 and p99 alike."""
+    import numpy as np
+    rng = np.random.default_rng(5)
+    base = 0.100 * (1 + 0.05 * rng.standard_normal(50))
+    spiky = 0.100 * (1 + 0.05 * rng.standard_normal(50))
+    spiky[17] = base.max() * 1.35
+    result = gate.compare([_sampled_record("b", base)], [_sampled_record("c", spiky, ts=1)], ["e2e.p99:+15%"])
+    row = next(r for r in result.rows if r.metric == "e2e.p99")
+    assert float(row.change.rstrip("%")) > 15 and row.verdict == "PASS", row
+    assert "bootstrap interval from 50+50 calls" in row.note
+    shifted = base * 1.2 + 0.002 * rng.standard_normal(50)
+    result = gate.compare([_sampled_record("b", base)], [_sampled_record("c", shifted, ts=1)],
+                          ["e2e.p50:+10%", "e2e.p99:+15%"])
+    assert {r.metric for r in result.rows if r.verdict == "REGRESSED"} == {"e2e.p50", "e2e.p99"}
