@@ -28,8 +28,9 @@ from pathlib import Path
 
 from harness.cases import Case
 from harness.errors import UserError
-from harness.records import Record, RecordWriter, sanitize
+from harness.records import Record, RecordWriter, new_run_id, sanitize
 from harness.timing import stats
+from harness.worker import PROTOCOL   # both builds of an A/B run must speak the same message set
 
 SIDES = ("baseline", "current")
 
@@ -44,6 +45,7 @@ class Worker:
     side: str
     root: Path
     results_dir: Path
+    run_id: str
     device: str
     warmup: int
     repeats: int
@@ -56,15 +58,21 @@ class Worker:
     def start(self) -> None:
         env = {**os.environ, **self.env, "PYTHONPATH": os.pathsep.join(
             [str(self.root), *filter(None, [os.environ.get("PYTHONPATH")])])}
-        limit = "none" if self.timeout_s is None else str(self.timeout_s)
+        settings = {"protocol": PROTOCOL, "results_dir": str(self.results_dir), "run_id": self.run_id,
+                    "device": self.device, "warmup": self.warmup, "repeats": self.repeats, "timeout_s": self.timeout_s}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.worker", str(self.results_dir), self.device, str(self.warmup),
-             str(self.repeats), limit], cwd=self.root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "harness.worker", json.dumps(settings)], cwd=self.root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=open(self.results_dir / "worker.log", "a"), text=True, bufsize=1)
-        self.info = self.read()
-        if not self.info.get("ready"):
-            raise WorkerDied(f"{self.side} worker did not start: {self.info}")
-        self.writer = RecordWriter(self.info["records_path"])
+        try:
+            self.info = self.read()
+        except (WorkerDied, json.JSONDecodeError) as exc:
+            raise UserError(f"the {self.side} build's worker did not start: {exc}")
+        if self.info.get("protocol") != PROTOCOL:
+            self.stop()
+            raise UserError(f"the {self.side} build speaks A/B protocol {self.info.get('protocol')}, this one "
+                            f"{PROTOCOL}; use builds from the same protocol generation")
+        if self.writer is None:   # one records file per side, kept across worker restarts
+            self.writer = RecordWriter(self.info["records_path"])
 
     def send(self, message: dict) -> None:
         try:
@@ -83,15 +91,16 @@ class Worker:
         code = self.proc.wait(timeout=30)
         return f"{self.side} worker exited with code {code} (log: {self.results_dir / 'worker.log'})"
 
-    def stop(self) -> None:
+    def stop(self, close_records: bool = True) -> None:
         if self.proc and self.proc.poll() is None:
             try:
                 self.send({"op": "exit"})
+                self.proc.stdin.close()           # EOF ends a worker that was waiting inside a case
                 self.proc.wait(timeout=60)
-            except (WorkerDied, subprocess.TimeoutExpired):
+            except (WorkerDied, OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
-        if self.writer:
+        if close_records and self.writer:
             self.writer.close()
             self.writer = None
 
@@ -133,8 +142,14 @@ def _paced_case(workers: dict[str, Worker], case: Case, warmup: int) -> tuple[di
 
 
 def _died_record(case: Case, worker: Worker, exc: Exception) -> dict:
-    record = Record.for_case(case, worker.info.get("run_id", "unknown"), device=worker.device)
+    record = Record.for_case(case, worker.run_id, device=worker.device)
     record.status, record.error_class, record.reason = "error", "WorkerDied", str(exc)
+    return sanitize(record.to_dict())
+
+
+def _interrupted_record(case: Case, worker: Worker) -> dict:
+    record = Record.for_case(case, worker.run_id, device=worker.device)
+    record.status, record.error_class, record.reason = "interrupted", "Interrupted", "A/B run interrupted by signal"
     return sanitize(record.to_dict())
 
 
@@ -143,20 +158,26 @@ def run_ab(cases: list[Case], baseline_root: Path, current_root: Path, out_dir: 
     """Measure every case on both builds in alternation; write both sides' records; return their paths."""
     env = env or {}
     workers = {}
+    run_id = new_run_id()
     for side, root in zip(SIDES, (baseline_root, current_root)):
         (out_dir / side).mkdir(parents=True, exist_ok=True)
-        workers[side] = Worker(side, Path(root).resolve(), out_dir / side, device, warmup, repeats, timeout_s,
-                               env.get(side, {}))
+        workers[side] = Worker(side, Path(root).resolve(), out_dir / side, f"{run_id}-{side}", device, warmup,
+                               repeats, timeout_s, env.get(side, {}))
     try:
         for worker in workers.values():
             worker.start()
             worker.send({"op": "configure", "cases": [c.id for c in cases]})
         for case in cases:
-            records, ratios = _paced_case(workers, case, warmup)
+            try:
+                records, ratios = _paced_case(workers, case, warmup)
+            except KeyboardInterrupt:
+                for worker in workers.values():
+                    worker.writer.write(_interrupted_record(case, worker))
+                raise
             pair_stats = stats(ratios) if ratios else {"n": 0}
             for side, other in zip(SIDES, SIDES[::-1]):
                 record = records[side]
-                record["paired"] = {"with_run": workers[other].info.get("run_id"), "side": side,
+                record["paired"] = {"with_run": workers[other].run_id, "side": side,
                                     "order": "ABBA, one call each", "ratio_current_over_baseline": pair_stats}
                 workers[side].writer.write(sanitize(record))
             verdicts = "  ".join(f"{side} {records[side]['status']}" for side in SIDES)
@@ -165,7 +186,7 @@ def run_ab(cases: list[Case], baseline_root: Path, current_root: Path, out_dir: 
             print(f"  {case.id}: {verdicts}{change}", flush=True)
             for side, worker in workers.items():
                 if worker.proc.poll() is not None:    # died during the case: a fresh one for the next
-                    worker.stop()
+                    worker.stop(close_records=False)
                     worker.start()
                     worker.send({"op": "configure", "cases": [c.id for c in cases]})
     finally:

@@ -1,10 +1,10 @@
 """A/B worker: one build of diffbench that measures cases on command, one pipeline call at a time.
 
-Started by harness/ab.py as `python -m harness.worker RESULTS_DIR DEVICE WARMUP REPEATS TIMEOUT` with the build's
+Started by harness/ab.py as `python -m harness.worker SETTINGS_JSON` with the build's
 own folder as working directory and first on sys.path, so each side runs its own code. It speaks JSON lines: it
 reads commands on stdin and answers on the stdout it was started with; everything libraries print goes to stderr.
 
-    -> {"ready": true, "run_id", "run_dir", "records_path", "root"}
+    -> {"ready": true, "protocol": 1, "run_id", "run_dir", "records_path", "root"}
     <- {"op": "configure", "cases": [case ids]}          (no answer)
     <- {"op": "case", "case": case id}
     -> {"call": i}            before every pipeline call i (warm-up included); wait for
@@ -25,7 +25,10 @@ import time
 from pathlib import Path
 
 
-def serve(results_dir: str, device: str, warmup: int, repeats: int, timeout_s: float | None) -> None:
+PROTOCOL = 1
+
+
+def serve(results_dir: str, run_id: str, device: str, warmup: int, repeats: int, timeout_s: float | None) -> None:
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)                                   # stray prints must not corrupt the protocol
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the coordinator owns Ctrl-C and stops us
@@ -53,8 +56,8 @@ def serve(results_dir: str, device: str, warmup: int, repeats: int, timeout_s: f
             send({"done": i, "seconds": time.perf_counter() - start})
 
     options = RunOptions(device=device, warmup=warmup, repeats=repeats, timeout_s=timeout_s)
-    session = Session(Path(results_dir), options)
-    send({"ready": True, "run_id": session.run_id, "run_dir": str(session.run_dir),
+    session = Session(Path(results_dir), options, run_id=run_id)   # a restarted worker keeps its side's run
+    send({"ready": True, "protocol": PROTOCOL, "run_id": session.run_id, "run_dir": str(session.run_dir),
           "records_path": str(session.records_path), "root": str(Path(__file__).resolve().parent.parent)})
     while True:
         message = receive()
@@ -72,5 +75,6 @@ def serve(results_dir: str, device: str, warmup: int, repeats: int, timeout_s: f
 if __name__ == "__main__":
     from backends.base import load_plugins
     load_plugins()
-    results, dev, warm, reps, limit = sys.argv[1:6]
-    serve(results, dev, int(warm), int(reps), float(limit) if limit != "none" else None)
+    settings = json.loads(sys.argv[1])
+    serve(settings["results_dir"], settings["run_id"], settings["device"], settings["warmup"], settings["repeats"],
+          settings["timeout_s"])

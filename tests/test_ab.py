@@ -54,6 +54,7 @@ def test_a_crashing_worker_becomes_an_error_row_and_the_run_goes_on(tmp_path):
     worker measures the next case, and nothing is lost."""
     proc = _ab(tmp_path, "--backend", "faulty+exit", "--backend", "diffusers", "--repeats", "2")
     base, cur = _records(tmp_path, "baseline"), _records(tmp_path, "current")
+    assert len(list(tmp_path.glob("ab-*/*/*/records.jsonl"))) == 2, "a restarted worker must keep its side's run"
     crashed = "tiny-sd/faulty+exit/fp32/b1/64x64/s4"
     for side in (base, cur):
         assert side[crashed]["status"] == "error" and side[crashed]["error_class"] == "WorkerDied"
@@ -103,7 +104,9 @@ def test_pairs_with_another_run_are_ignored():
 def test_worker_speaks_only_json_on_its_protocol_pipe(tmp_path):
     """Whatever libraries print goes to stderr; the protocol pipe carries one JSON object per line."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "harness.worker", str(tmp_path), "cpu", "0", "1", "none"],
+    settings = {"results_dir": str(tmp_path), "run_id": "run-1", "device": "cpu", "warmup": 0, "repeats": 1,
+                "timeout_s": None}
+    proc = subprocess.run([sys.executable, "-m", "harness.worker", json.dumps(settings)],
                           input=json.dumps({"op": "exit"}) + "\n", cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
