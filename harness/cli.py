@@ -349,12 +349,18 @@ def cmd_ab(args) -> int:
             baseline = stack.enter_context(worktree)
         print(f"diffbench ab: {len(cases)} case(s) on {device}, {options.repeats} call pairs each; baseline "
               f"{args.baseline_rev or baseline}, current {current}; writing {out}", flush=True)
+        def on_term(_sig, _frame):
+            raise KeyboardInterrupt
+        previous = signal.signal(signal.SIGTERM, on_term)
         try:
             paths = ab.run_ab(cases, baseline, current, out, device, options.warmup, options.repeats,
                               options.timeout_s, env)
         except KeyboardInterrupt:
-            print(f"diffbench ab: interrupted; records so far under {out}", file=sys.stderr)
+            print(f"diffbench ab: interrupted; the case in flight is recorded as interrupted under {out}",
+                  file=sys.stderr)
             return 130
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     from harness.records import load_many
     result, report = gate_and_report(load_many([paths["current"]]), out, paths["baseline"], thresholds,
                                      write_report=not args.no_report)

@@ -1,8 +1,10 @@
 """A/B runs: two real worker processes with real pipelines, paced call by call, and the gate's paired rule."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,3 +133,27 @@ def test_baseline_rev_runs_a_git_worktree_of_that_commit(tmp_path):
     assert base["paired"]["side"] == "baseline"
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "diffbench-ab-" not in worktrees
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_ab_records_the_case_in_flight_and_leaves_no_worker(tmp_path, sig):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "ab", "--baseline-dir", str(ROOT), "--model",
+                             "tiny-sd", "--backend", "diffusers", "--steps", "2", "--steps", "3", "--warmup", "0",
+                             "--repeats", "400", "--no-report", "--results-dir", str(tmp_path)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(tmp_path.glob("ab-*/current/*/records.jsonl")):
+        time.sleep(0.2)
+    time.sleep(3.0)   # inside the first case's paced calls
+    proc.send_signal(sig)
+    _out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    for side in ("baseline", "current"):
+        (records,) = tmp_path.glob(f"ab-*/{side}/*/records.jsonl")
+        statuses = [r["status"] for r in load_many([records])]
+        assert statuses == ["interrupted"], statuses
+    time.sleep(2.0)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in ps, "a worker outlived the A/B run"
