@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # an A/B run's calls pair up; measured on the noisy 2-core CI VM, 30 pairs gave a paired noise band (3 standard
 # errors) of ±4-10 %, too close to a 10 % step; 50 pairs narrow it by sqrt(50/30)
 AB_REPEATS = 50
+# paired medians are steady enough to hold half the stored-baseline step (unchanged builds measured -2.4..+4.6 %
+# over nine rounds on that VM), so an A/B run catches a 10 % slowdown with its defaults
+AB_E2E_P50 = "e2e.p50:+5%"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--warmup", type=int)
     ab.add_argument("--repeats", type=int, help=f"measured call pairs per case (default {AB_REPEATS})")
     ab.add_argument("--timeout", type=float, default=900.0, help="per-case timeout in seconds (0: none)")
-    ab.add_argument("--threshold", action="append", default=[], help="gate threshold, e.g. e2e.p50:+5%%")
+    ab.add_argument("--threshold", action="append", default=[],
+                    help=f"gate threshold (default: the gate's defaults with {AB_E2E_P50.replace('%', '%%')})")
     ab.add_argument("--no-report", action="store_true", help="write records and the gate table only")
     ab.add_argument("--all", action="store_true", help="print every gate row, PASS included")
 
@@ -335,7 +339,7 @@ def cmd_ab(args) -> int:
     device = resolve_device(args.gpu)
     options = run_options(device, False, args.warmup, args.repeats or AB_REPEATS, args.timeout)
     cases = select_cases(args.model, args.backend, args.dtype, args.batch, args.size, args.steps, args.matrix)
-    thresholds = list(args.threshold) or gate.DEFAULT_THRESHOLDS
+    thresholds = list(args.threshold) or [*gate.DEFAULT_THRESHOLDS, AB_E2E_P50]   # later specs win
     gate.parse_thresholds(thresholds)
     env = {"baseline": _env_pairs(args.baseline_env, "--baseline-env"),
            "current": _env_pairs(args.current_env, "--current-env")}

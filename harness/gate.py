@@ -50,6 +50,7 @@ NOISE_K = 3.0
 # the central statistics an A/B run's per-pair ratios speak for; tails and stages use the unpaired rule
 PAIRED_METRICS = ("e2e.p50", "e2e.mean")
 BOOTSTRAP_RESAMPLES = 4000
+BOOTSTRAP_MIN_CALLS = 8
 _STAT_FUNCTIONS = {
     "p50": lambda a: np.percentile(a, 50, axis=-1), "p90": lambda a: np.percentile(a, 90, axis=-1),
     "p99": lambda a: np.percentile(a, 99, axis=-1), "mean": lambda a: a.mean(axis=-1),
@@ -376,8 +377,8 @@ def _bootstrap_noise(b: dict, c: dict, metric: str) -> tuple[float, str] | None:
     stage, stat = metric.split(".")
     xb = np.asarray(((b.get("samples") or {}).get(stage)) or [], dtype=float)
     xc = np.asarray(((c.get("samples") or {}).get(stage)) or [], dtype=float)
-    if xb.size < 2 or xc.size < 2:
-        return None
+    if xb.size < BOOTSTRAP_MIN_CALLS or xc.size < BOOTSTRAP_MIN_CALLS:
+        return None   # a handful of calls has too few distinct resamples for a 99.7 % interval
     rng = np.random.default_rng(0)   # a fixed seed: the same records always get the same verdict
     fb = _STAT_FUNCTIONS[stat](xb[rng.integers(0, xb.size, (BOOTSTRAP_RESAMPLES, xb.size))])
     fc = _STAT_FUNCTIONS[stat](xc[rng.integers(0, xc.size, (BOOTSTRAP_RESAMPLES, xc.size))])

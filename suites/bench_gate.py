@@ -5,8 +5,8 @@ DIFFBENCH_FAULT_SLEEP seconds in every denoiser call), sized to --slowdown of th
 
   stored  -- the classic gate: m baseline runs saved with `diffbench baseline save`, then an unchanged run and a
              slowed run, each a separate `diffbench run` (a fresh process, minutes apart, like CI)
-  ab      -- `diffbench ab`: baseline and current builds call by call in alternation, --rounds times each for an
-             unchanged current and a slowed one
+  ab      -- `diffbench ab` with its defaults: baseline and current builds call by call in alternation, --rounds
+             times each for an unchanged current and a slowed one (--threshold applies to the stored mode)
 
     python -m suites.bench_gate [--mode ab|stored|both] [--slowdown 0.10] [--rounds 3] [--threshold e2e.p50:+5%]
 """
@@ -63,30 +63,25 @@ def stored(args, tmp: Path) -> None:
 
 
 def ab(args, tmp: Path) -> None:
-    def defaults(name: str) -> str:
-        """The same A/B records under the default thresholds (p99, memory and PSNR included)."""
-        side = {k: next((tmp / name).glob(f"ab-*/{k}/*/records.jsonl")) for k in ("baseline", "current")}
-        proc = _cli("gate", "--baseline", str(side["baseline"]), "--current", str(side["current"]))
-        flagged = sorted({re.search(r"\s(e2e\.\w+|memory\.peak|parity\.psnr|status)\s", line).group(1)
-                          for line in proc.stdout.splitlines() if line.startswith("REGRESSED")})
-        return {0: "PASS", 1: "REGRESSED " + ",".join(flagged)}.get(proc.returncode, f"exit {proc.returncode}")
-
+    """`diffbench ab` with its own defaults (50 pairs, the gate's thresholds with e2e.p50:+5%)."""
     def run(name: str, sleep: float) -> tuple[subprocess.CompletedProcess, Path]:
-        proc = _cli("ab", "--baseline-dir", str(ROOT), "--model", args.model, "--backend", BACKEND,
-                    "--threshold", args.threshold, "--threshold", "status", "--no-report", "--all",
-                    "--results-dir", str(tmp / name), "--baseline-env", "DIFFBENCH_FAULT_SLEEP=0",
+        proc = _cli("ab", "--baseline-dir", str(ROOT), "--model", args.model, "--backend", BACKEND, "--no-report",
+                    "--all", "--results-dir", str(tmp / name), "--baseline-env", "DIFFBENCH_FAULT_SLEEP=0",
                     "--current-env", f"DIFFBENCH_FAULT_SLEEP={sleep:.6f}",
                     *(["--repeats", str(args.repeats)] if args.repeats else []))
         return proc, next((tmp / name).glob("ab-*/baseline/*/records.jsonl"))
+
+    def flagged(proc: subprocess.CompletedProcess) -> str:
+        metrics = sorted({re.search(r"\s(e2e\.\w+|memory\.peak|parity\.psnr|status)\s", line).group(1)
+                          for line in proc.stdout.splitlines() if line.startswith("REGRESSED")})
+        return f"regressed: {', '.join(metrics) or 'nothing'}"
     for i in range(args.rounds):
         same, base = run(f"ab-same{i}", 0.0)
         sleep = args.slowdown * _first(base)["e2e"]["p50"] / _first(base)["steps"]
         slow, _ = run(f"ab-slow{i}", sleep)
         print(f"  ab round {i + 1}: baseline e2e p50 {_first(base)['e2e']['p50'] * 1e3:.1f} ms")
-        print(f"    unchanged        -> {_verdict(same, args.threshold)}")
-        print(f"                        default thresholds: {defaults(f'ab-same{i}')}")
-        print(f"    {args.slowdown:.0%} slower       -> {_verdict(slow, args.threshold)}")
-        print(f"                        default thresholds: {defaults(f'ab-slow{i}')}")
+        print(f"    unchanged        -> {_verdict(same, 'e2e.p50:+5%')}  [{flagged(same)}]")
+        print(f"    {args.slowdown:.0%} slower       -> {_verdict(slow, 'e2e.p50:+5%')}  [{flagged(slow)}]")
 
 
 def main() -> None:

@@ -7,10 +7,13 @@
   scaled -- scales the denoiser output by 1.01 (a subtly wrong executor that parity must catch)
   slow   -- busy-waits DIFFBENCH_FAULT_SLEEP seconds (default 0.01) per denoiser call (a real slowdown for the gate)
   exit   -- ends the process at once, like a crash in native code (for the A/B worker's crash handling)
+
+Also the signal tests' helper for the subprocesses they interrupt.
 """
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import torch
@@ -81,3 +84,9 @@ def register() -> None:
 
 def unregister() -> None:
     registry.unregister("faulty")
+
+
+def sigint_as_at_a_terminal() -> None:
+    """A test run started as a background job (`cmd &` in a script) inherits SIGINT ignored, and Python then never
+    turns it into KeyboardInterrupt; the child under test should see SIGINT as it does at a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -12,10 +12,12 @@ import pytest
 from harness import gate
 from harness.cases import Case
 from harness.records import Record, load_many
+from suites.fault_backends import sigint_as_at_a_terminal
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOW = "tiny-sd/faulty+slow/fp32/b1/64x64/s4"
 EAGER = "tiny-sd/diffusers/fp32/b1/64x64/s4"
+CRASH = "tiny-sd/faulty+exit/fp32/b1/64x64/s4"
 
 
 def _ab(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -29,40 +31,32 @@ def _records(tmp_path: Path, side: str) -> dict[str, dict]:
     return {r["case_id"]: r for r in load_many(list(tmp_path.glob(f"ab-*/{side}/*/records.jsonl")))}
 
 
-def test_ab_catches_a_slowdown_on_one_side_only(tmp_path):
-    """The current side's faulty+slow busy-waits 40 ms per denoiser call; the reference case is the same on both
-    sides. Real workers, real pipelines: the gate flags the slowed case only, from the paired call ratios."""
-    proc = _ab(tmp_path, "--backend", "faulty+slow", "--backend", "diffusers", "--repeats", "6",
-               "--baseline-env", "DIFFBENCH_FAULT_SLEEP=0", "--current-env", "DIFFBENCH_FAULT_SLEEP=0.04",
-               "--threshold", "e2e.p50:+50%", "--threshold", "status")
+def test_ab_catches_a_slowdown_on_one_side_and_survives_a_crash(tmp_path):
+    """Real workers, real pipelines, three cases in one A/B run:
+    faulty+exit ends both workers mid-case (a native crash): an error record on each side, fresh workers go on;
+    faulty+slow busy-waits 40 ms per denoiser call on the current side only: the gate flags it from the paired
+    call ratios; diffusers is the same on both sides and passes."""
+    proc = _ab(tmp_path, "--backend", "faulty+exit", "--backend", "faulty+slow", "--backend", "diffusers",
+               "--repeats", "6", "--baseline-env", "DIFFBENCH_FAULT_SLEEP=0",
+               "--current-env", "DIFFBENCH_FAULT_SLEEP=0.04", "--threshold", "e2e.p50:+50%", "--threshold", "status")
     assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert len(list(tmp_path.glob("ab-*/*/*/records.jsonl"))) == 2, "a restarted worker must keep its side's run"
     base, cur = _records(tmp_path, "baseline"), _records(tmp_path, "current")
-    assert set(base) == set(cur) == {SLOW, EAGER}
+    assert set(base) == set(cur) == {CRASH, SLOW, EAGER}
+    for side in (base, cur):
+        assert side[CRASH]["status"] == "error" and side[CRASH]["error_class"] == "WorkerDied"
+        assert "worker exited with code 3" in side[CRASH]["reason"]
     for case_id in (SLOW, EAGER):
         b, c = base[case_id], cur[case_id]
         assert b["status"] == c["status"] == "passed", (b["reason"], c["reason"])
         assert c["paired"]["with_run"] == b["run_id"] and b["paired"]["with_run"] == c["run_id"]
         ratio = c["paired"]["ratio_current_over_baseline"]
-        assert ratio["n"] == 6 == c["e2e"]["n"] == b["e2e"]["n"]
+        assert ratio["n"] == 6 == c["e2e"]["n"] == b["e2e"]["n"] == len(c["samples"]["e2e"])
         assert c["parity"]["verdict"] == "pass"
     assert cur[SLOW]["paired"]["ratio_current_over_baseline"]["p50"] > 1.5   # 160 ms of busy-wait per call
     regressed = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("REGRESSED")}
     assert regressed == {SLOW}, proc.stdout
     assert "paired A/B" in proc.stdout
-
-
-def test_a_crashing_worker_becomes_an_error_row_and_the_run_goes_on(tmp_path):
-    """faulty+exit ends the worker process mid-case (a native crash): that case is an error on both sides, a fresh
-    worker measures the next case, and nothing is lost."""
-    proc = _ab(tmp_path, "--backend", "faulty+exit", "--backend", "diffusers", "--repeats", "2")
-    base, cur = _records(tmp_path, "baseline"), _records(tmp_path, "current")
-    assert len(list(tmp_path.glob("ab-*/*/*/records.jsonl"))) == 2, "a restarted worker must keep its side's run"
-    crashed = "tiny-sd/faulty+exit/fp32/b1/64x64/s4"
-    for side in (base, cur):
-        assert side[crashed]["status"] == "error" and side[crashed]["error_class"] == "WorkerDied"
-        assert "worker exited with code 3" in side[crashed]["reason"]
-        assert side[EAGER]["status"] == "passed"
-    assert proc.returncode == 0, proc.stdout + proc.stderr   # an error on both sides is not a regression
 
 
 def _record(run_id: str, p50: float, paired_with: str = "", ratio: dict | None = None) -> dict:
@@ -135,13 +129,14 @@ def test_baseline_rev_runs_a_git_worktree_of_that_commit(tmp_path):
     assert "diffbench-ab-" not in worktrees
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGTERM])   # SIGINT takes the same KeyboardInterrupt path (see test_faults)
 def test_interrupted_ab_records_the_case_in_flight_and_leaves_no_worker(tmp_path, sig):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "ab", "--baseline-dir", str(ROOT), "--model",
                              "tiny-sd", "--backend", "diffusers", "--steps", "2", "--steps", "3", "--warmup", "0",
                              "--repeats", "400", "--no-report", "--results-dir", str(tmp_path)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_at_a_terminal)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(tmp_path.glob("ab-*/current/*/records.jsonl")):
         time.sleep(0.2)
