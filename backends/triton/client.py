@@ -102,12 +102,18 @@ class AsyncClient:
         await self.close()
 
 
+_CONNECTION_LOST = ("connection reset", "connection refused", "disconnected", "broken pipe", "eof occurred",
+                    "connection aborted", "socket closed")
+
+
 def failure(server, summary: str, exc: BaseException) -> Exception:
     """The server's own message: from the error response, and the log tail when the server is gone."""
     # tritonclient's InferenceServerException carries the server's message in .message()
     message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
     message = str(message or "").strip()
-    if server is not None and not server.alive():
+    # a connection dropped by a dying server can arrive before its process has exited: give it a moment
+    dropped = any(k in f"{message} {exc!r}".lower() for k in _CONNECTION_LOST)
+    if server is not None and not server.alive(grace_s=2.0 if dropped else 0.0):
         return server.error(f"{summary}: tritonserver is gone ({message.splitlines()[0] if message else exc!r})")
     return TritonServerError(f"{summary}: {message or type(exc).__name__}")
 

@@ -187,8 +187,16 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{HOST}:{self.ports['metrics']}/metrics"
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def alive(self, grace_s: float = 0.0) -> bool:
+        """Whether tritonserver is running; with grace_s, wait up to that long for a dying one to exit."""
+        if self.proc is None:
+            return False
+        if grace_s > 0:
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                return True
+        return self.proc.poll() is None
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         return tail(self.log_path, lines)
@@ -330,7 +338,7 @@ class ExternalServer:
         self.proc = None
         self.log_path = None
 
-    def alive(self) -> bool:
+    def alive(self, grace_s: float = 0.0) -> bool:
         return True
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
