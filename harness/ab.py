@@ -7,7 +7,7 @@ worker process (harness/worker.py) and take turns, one pipeline call each, in A 
 sees the same machine. The per-pair ratio current/baseline cancels what the machine did; its median over the pairs
 is the change the gate judges (harness/gate.py, paired rule), with the noise band from the pairs' own spread.
 
-    diffbench ab --baseline-dir ../main-checkout [selection] [--repeats 30]
+    diffbench ab --baseline-dir ../main-checkout [selection] [--repeats 50]
     diffbench ab --baseline-rev origin/main [selection]       (a temporary git worktree of that revision)
 
 Both sides' records are ordinary records files (RESULTS/ab-ID/{baseline,current}/RUN/records.jsonl); the report
@@ -60,9 +60,10 @@ class Worker:
             [str(self.root), *filter(None, [os.environ.get("PYTHONPATH")])])}
         settings = {"protocol": PROTOCOL, "results_dir": str(self.results_dir), "run_id": self.run_id,
                     "device": self.device, "warmup": self.warmup, "repeats": self.repeats, "timeout_s": self.timeout_s}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.worker", json.dumps(settings)], cwd=self.root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=open(self.results_dir / "worker.log", "a"), text=True, bufsize=1)
+        with open(self.results_dir / "worker.log", "a") as log:   # the child keeps its own copy of the handle
+            self.proc = subprocess.Popen([sys.executable, "-m", "harness.worker", json.dumps(settings)],
+                                         cwd=self.root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=log, text=True, bufsize=1)
         try:
             self.info = self.read()
         except (WorkerDied, json.JSONDecodeError) as exc:
@@ -114,7 +115,7 @@ def _paced_case(workers: dict[str, Worker], case: Case, warmup: int) -> tuple[di
             worker.send({"op": "case", "case": case.id})
             pending[side] = worker.read()
         except WorkerDied as exc:
-            records[side] = _died_record(case, worker, exc)
+            records[side] = _unmeasured_record(case, worker, "error", "WorkerDied", str(exc))
     turn = 0
     while any("call" in message for message in pending.values()):
         order = SIDES if turn % 2 == 0 else SIDES[::-1]
@@ -131,7 +132,7 @@ def _paced_case(workers: dict[str, Worker], case: Case, warmup: int) -> tuple[di
                     answer = worker.read()
                 pending[side] = answer
             except WorkerDied as exc:
-                pending[side], records[side] = {}, _died_record(case, worker, exc)
+                pending[side], records[side] = {}, _unmeasured_record(case, worker, "error", "WorkerDied", str(exc))
         turn += 1
     for side, message in pending.items():
         if "record" in message:
@@ -141,15 +142,10 @@ def _paced_case(workers: dict[str, Worker], case: Case, warmup: int) -> tuple[di
     return records, ratios
 
 
-def _died_record(case: Case, worker: Worker, exc: Exception) -> dict:
+def _unmeasured_record(case: Case, worker: Worker, status: str, error_class: str, reason: str) -> dict:
+    """The record a side gets when its worker could not report one (it died, or the run was interrupted)."""
     record = Record.for_case(case, worker.run_id, device=worker.device)
-    record.status, record.error_class, record.reason = "error", "WorkerDied", str(exc)
-    return sanitize(record.to_dict())
-
-
-def _interrupted_record(case: Case, worker: Worker) -> dict:
-    record = Record.for_case(case, worker.run_id, device=worker.device)
-    record.status, record.error_class, record.reason = "interrupted", "Interrupted", "A/B run interrupted by signal"
+    record.status, record.error_class, record.reason = status, error_class, reason
     return sanitize(record.to_dict())
 
 
@@ -172,7 +168,8 @@ def run_ab(cases: list[Case], baseline_root: Path, current_root: Path, out_dir: 
                 records, ratios = _paced_case(workers, case, warmup)
             except KeyboardInterrupt:
                 for worker in workers.values():
-                    worker.writer.write(_interrupted_record(case, worker))
+                    worker.writer.write(_unmeasured_record(case, worker, "interrupted", "Interrupted",
+                                                           "A/B run interrupted by signal"))
                 raise
             pair_stats = stats(ratios) if ratios else {"n": 0}
             for side, other in zip(SIDES, SIDES[::-1]):

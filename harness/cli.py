@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # errors) of ±4-10 %, too close to a 10 % step; 50 pairs narrow it by sqrt(50/30)
 AB_REPEATS = 50
 # paired medians are steady enough to hold half the stored-baseline step (unchanged builds measured -2.4..+4.6 %
-# over nine rounds on that VM), so an A/B run catches a 10 % slowdown with its defaults
+# over eleven rounds on that VM), so an A/B run catches a 10 % slowdown with its defaults
 AB_E2E_P50 = "e2e.p50:+5%"
 
 

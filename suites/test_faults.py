@@ -73,8 +73,8 @@ sys.exit(main(sys.argv[1:]))
 def _diffbench(args, **kw):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DIFFBENCH_FAULT_SLEEP": "0.4"}
     return subprocess.Popen([sys.executable, "-c", _RUNNER, *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=fault_backends.sigint_as_at_a_terminal,
-                            **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=fault_backends.sigint_as_at_a_terminal, **kw)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
