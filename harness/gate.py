@@ -41,7 +41,7 @@ import numpy as np
 
 from harness.device import device_class as _env_device_class
 from harness.errors import UserError
-from harness.records import REQUIRED, SCHEMA_VERSION, load_many, read_records, sanitize
+from harness.records import REQUIRED, check_schema, load_many, read_records, sanitize, upgrade
 
 VERDICTS = ("PASS", "REGRESSED", "IMPROVED", "NEW", "MISSING")
 LATENCY_STATS = ("p50", "p90", "p99", "mean", "min", "max")
@@ -225,9 +225,7 @@ def _check_records(records: list[dict], side: str) -> None:
         if missing:
             raise UserError(f"{side}: record {r.get('case_id', '?')} is not a diffbench record "
                             f"(missing {', '.join(missing)})")
-        if r["schema"] != SCHEMA_VERSION:
-            raise UserError(f"{side}: record {r['case_id']} has schema version {r['schema']} but this diffbench "
-                            f"reads {SCHEMA_VERSION}; save a new baseline")
+        check_schema(r, f"{side}: record {r['case_id']}")
 
 
 def _index(records: list[dict]) -> dict[tuple[str, str], dict]:
@@ -287,6 +285,7 @@ def compare(baseline: list[dict], current: list[dict], thresholds) -> GateResult
         thresholds = parse_thresholds(list(thresholds))
     _check_records(baseline, "baseline")
     _check_records(current, "current")
+    baseline, current = [upgrade(r) for r in baseline], [upgrade(r) for r in current]
     base, cur, base_runs = _index(baseline), _index(current), _runs(baseline)
     result = GateResult(thresholds=[t.spec for t in thresholds.values()])
     for key in sorted(set(base) | set(cur)):

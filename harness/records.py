@@ -16,7 +16,10 @@ from typing import Any, Iterable
 
 from harness.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# versions the loader reads: older records are upgraded in memory (upgrade()), so baselines kept for months still
+# load and compare
+READABLE_SCHEMAS = (1, 2)
 STATUSES = ("passed", "failed", "unsupported", "error", "interrupted")
 # fields every record must carry (the loader refuses files without them)
 REQUIRED = ("schema", "run_id", "case_id", "model", "backend", "variant", "dtype", "batch", "height", "width",
@@ -57,6 +60,7 @@ class Record:
     seed: int | None = None
     image: str = ""                   # path of the saved output image (relative to the records file)
     notes: list[str] = field(default_factory=list)
+    synthetic: bool = False           # made-up numbers (test fixtures, demos): the report says so in a banner
     timestamp: float = field(default_factory=time.time)
     schema: int = SCHEMA_VERSION
 
@@ -118,9 +122,30 @@ def sanitize(value):
     return value
 
 
+def upgrade(record: dict) -> dict:
+    """A record of a readable older schema in today's shape (new fields at their defaults); the version it was
+    written with stays in `schema_written`."""
+    version = record.get("schema")
+    if version == SCHEMA_VERSION:
+        return record
+    upgraded = dict(record)
+    if version == 1:
+        # v2 added: synthetic (False for every real run)
+        upgraded.setdefault("synthetic", False)
+    upgraded["schema_written"], upgraded["schema"] = version, SCHEMA_VERSION
+    return upgraded
+
+
+def check_schema(record: dict, where: str) -> None:
+    if record.get("schema") not in READABLE_SCHEMAS:
+        readable = ", ".join(map(str, READABLE_SCHEMAS))
+        raise UserError(f"{where}: schema version {record.get('schema')} but this diffbench reads {readable}")
+
+
 def read_records(path: str | Path, *, strict_schema: bool = True) -> list[dict]:
     """Records of one JSONL file. A truncated or corrupt LAST line is dropped with a warning; a corrupt line in
-    the middle, an empty file, or another schema version is bad input (UserError)."""
+    the middle, an empty file, or an unreadable schema version is bad input (UserError). Records of an older
+    readable schema are upgraded in memory."""
     p = Path(path)
     if p.is_dir():
         p = p / "records.jsonl"
@@ -145,8 +170,9 @@ def read_records(path: str | Path, *, strict_schema: bool = True) -> list[dict]:
         missing = [k for k in REQUIRED if k not in data]
         if missing:
             raise UserError(f"{p}:{lineno}: not a diffbench record (missing {', '.join(missing)})")
-        if strict_schema and data["schema"] != SCHEMA_VERSION:
-            raise UserError(f"{p}:{lineno}: schema version {data['schema']} but this diffbench reads {SCHEMA_VERSION}")
+        if strict_schema:
+            check_schema(data, f"{p}:{lineno}")
+            data = upgrade(data)
         data.setdefault("_source", str(p))
         records.append(data)
     if not records:

@@ -98,3 +98,18 @@ def test_arch_mapping(cap, family):
 def test_device_class():
     assert device_class({"gpu": {"name": "NVIDIA H100", "capability": "9.0"}}) == "NVIDIA H100 (sm 9.0)"
     assert device_class({"gpu": None, "cpu": {"model": "Xeon"}}) == "CPU Xeon"
+
+
+def test_schema_1_records_still_load_and_gate():
+    """A records file written by the schema-1 release (a real tiny run, images dropped) stays readable: users keep
+    baselines for months."""
+    from pathlib import Path
+
+    from harness import gate
+    from harness.records import SCHEMA_VERSION
+    v1 = Path(__file__).parent / "fixtures" / "records-v1.jsonl"
+    records = read_records(v1)
+    assert {r["schema_written"] for r in records} == {1}
+    assert all(r["schema"] == SCHEMA_VERSION and r["synthetic"] is False for r in records)
+    result = gate.compare(records, records, gate.DEFAULT_THRESHOLDS)
+    assert not result.regressed and result.counts()["PASS"] > 0
