@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: every component exported once to ONNX (harness.onnx_export, cached by content hash) and
+"""ONNX Runtime backend: every component exported once to ONNX (backends.onnx, cached by content hash) and
 run in an InferenceSession. CPUExecutionProvider on CPU; CUDAExecutionProvider with IO binding on torch CUDA tensors
 (on torch's current stream, no host round trip) on GPU; TensorrtExecutionProvider as the "trt-ep" variant.
 
@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from backends.base import Backend, Prepared, Support, module_available, timed
+from backends.onnx.executors import make_executor, output_symbols
+from backends.onnx.export import export_model
 
 _TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
                  "tensor(int64)": torch.int64, "tensor(int32)": torch.int32}
@@ -152,7 +154,6 @@ class OnnxRuntimeBackend(Backend):
         return [cuda]
 
     def prepare(self, model, case, cache) -> Prepared:
-        from harness.onnx_export import export_model, make_executor, output_symbols
 
         cache = Path(cache)
         exporter = "dynamo" if case.variant == "dynamo" else "legacy"

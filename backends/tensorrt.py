@@ -1,4 +1,4 @@
-"""TensorRT backend: engines built from the same ONNX exports as onnxruntime (harness.onnx_export).
+"""TensorRT backend: engines built from the same ONNX exports as onnxruntime (backends/onnx).
 
 One optimisation profile per component, min/opt/max derived from the case matrix (batch, latent height/width,
 image sequence); the "static" variant builds for exactly the case's shapes. Precision follows the case dtype
@@ -379,7 +379,8 @@ class TensorRTBackend(Backend):
         return default_cases(case, spec(case.model).kind)
 
     def prepare(self, model, case, cache) -> Prepared:
-        from harness.onnx_export import export_model, make_executor
+        from backends.onnx.executors import make_executor
+        from backends.onnx.export import export_model
 
         cache = Path(cache)
         build: dict[str, float] = {}

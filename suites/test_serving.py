@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from backends.onnx.components import component_specs
 from backends.triton import repository as repo
 from backends.triton import server as srv
 from backends.triton.backend import load_model
@@ -81,9 +82,9 @@ def served(serving_case, diffbench_session):
     start = time.perf_counter()
     pipe = repo.pipeline_model(repo.safe_name(f"{case.model}_{case.dtype}_pipeline"), model.source, case.dtype)
     repo.write_model(repository, pipe)
-    config = repo.component_config(model.source, model.denoiser)
-    den = repo.component_model(repo.safe_name(f"{case.model}_{case.dtype}_{model.denoiser}_denoiser"), model.kind,
-                               "denoiser", config, case.dtype, model.source, model.denoiser)
+    (interface,) = component_specs(model, case, [model.denoiser])
+    den = repo.interface_model(repo.safe_name(f"{case.model}_{case.dtype}_{model.denoiser}_denoiser"), interface,
+                               case.dtype, source=model.source, subfolder=model.denoiser)
     repo.write_model(repository, den)
     build["repository"] = time.perf_counter() - start
     server = srv.TritonServer(repository, root).start()

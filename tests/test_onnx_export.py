@@ -1,4 +1,4 @@
-"""harness.onnx_export: export once per model x dtype, cache verified on load, odd latent sizes, dynamo shapes."""
+"""backends.onnx export: export once per model x dtype, cache verified on load, odd latent sizes, dynamo shapes."""
 import json
 
 import numpy as np
@@ -6,7 +6,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from harness import onnx_export as ox
+from backends.onnx import components as oc
+from backends.onnx import export as ox
 from harness.cases import Case
 from harness.models import load
 
@@ -95,11 +96,11 @@ def test_unet_graph_runs_at_even_and_odd_latent_sizes(tiny_sd, exported, latent)
 
 def test_dynamo_shapes_follow_the_wrapper_signature(tiny_sd):
     from torch.export import Dim
-    spec = ox.vae_spec(tiny_sd, Case("tiny-sd", "onnxruntime"))
+    spec = oc.vae_spec(tiny_sd, Case("tiny-sd", "onnxruntime"))
     assert ox.dynamo_shapes(spec) == {"latent": {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}}
-    wrapper = ox._DenoiserWrapper(torch.nn.Identity(), ["a", "b"], {})
-    spec = ox.ComponentSpec("unet", "denoiser", wrapper, {"a": torch.zeros(2, 3), "b": torch.zeros(2)}, ["o"],
-                            {"a": {0: "batch"}, "b": {0: "batch"}})
+    wrapper = oc.DenoiserWrapper(torch.nn.Identity(), ["a", "b"], {})
+    spec = oc.ComponentSpec("unet", "denoiser", wrapper, {"a": torch.zeros(2, 3), "b": torch.zeros(2)}, ["o"],
+                            {"a": {0: "batch"}, "b": {0: "batch"}}, {"o": [2, 3]})
     assert ox.dynamo_shapes(spec) == {"tensors": ({0: Dim.DYNAMIC}, {0: Dim.DYNAMIC})}
 
 

@@ -70,13 +70,12 @@ def test_engine_key_changes_with_every_ingredient():
 
 def test_onnx_preparation_reads_axes_and_fixes_dims(tmp_path):
     import onnx
-    from harness import onnx_export as ox
-    wrapper = ox._VaeDecodeWrapper.__new__(ox._VaeDecodeWrapper)
-    torch.nn.Module.__init__(wrapper)
+    from backends.onnx import export as ox
+    from backends.onnx.components import ComponentSpec
     conv = torch.nn.Conv2d(4, 3, 3, padding=1)
-    spec = ox.ComponentSpec("vae", "vae", conv, {"latent": torch.randn(2, 4, 8, 8)}, ["image"],
-                            {"latent": {0: "batch", 2: "latent_height", 3: "latent_width"},
-                             "image": {0: "batch", 2: "height", 3: "width"}})
+    spec = ComponentSpec("vae", "vae", conv, {"latent": torch.randn(2, 4, 8, 8)}, ["image"],
+                         {"latent": {0: "batch", 2: "latent_height", 3: "latent_width"},
+                          "image": {0: "batch", 2: "height", 3: "width"}}, {"image": [2, 3, 8, 8]})
     folder = tmp_path / "entry"
     folder.mkdir()
     ox._export_to(spec, folder, "legacy", 17)

@@ -1,13 +1,27 @@
 """Model repository writer and support rules: text only, no server. Every config is parsed with Triton's own
 ModelConfig protobuf (from tritonclient), so a syntax slip fails here, not at server start."""
+import json
+
 import pytest
 
 from backends.triton import repository as repo
 from backends.triton.backend import TritonBackend
 from harness.cases import Case
 
-UNET = {"in_channels": 4, "out_channels": 4, "cross_attention_dim": 32}
-SD3 = {"in_channels": 16, "joint_attention_dim": 32, "pooled_projection_dim": 64}
+
+
+@pytest.fixture(scope="module")
+def interfaces():
+    """The real interfaces (backends.onnx) of the tiny models' components: what a served component takes and
+    returns."""
+    from backends.onnx.components import component_specs
+    from harness import models
+    out = {}
+    for name in ("tiny-sd", "tiny-sd3"):
+        model = models.load(name, "fp32")
+        out[name] = {spec.component: spec for spec in component_specs(model, Case(name, "triton"))}
+        out[name]["source"] = model.source
+    return out
 
 
 def parse(text):
@@ -16,25 +30,30 @@ def parse(text):
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
-def test_python_denoiser_config():
-    m = repo.component_model("tiny-sd_fp32_unet", "sd", "denoiser", UNET, "fp32", "/models/tiny sd", "unet")
+def test_python_denoiser_config(interfaces):
+    m = repo.interface_model("tiny-sd_fp32_unet", interfaces["tiny-sd"]["unet"], "fp32", source="/models/tiny sd",
+                             subfolder="unet")
     cfg = parse(repo.config_text(m))
     assert cfg.backend == "python" and cfg.max_batch_size == 8
     assert [i.name for i in cfg.input] == ["sample", "timestep", "encoder_hidden_states"]
     assert list(cfg.input[0].dims) == [4, -1, -1] and list(cfg.input[2].dims) == [-1, 32]
-    assert cfg.output[0].name == "out_sample"
+    assert list(cfg.input[1].dims) == [1] and not cfg.input[1].HasField("reshape")   # python flattens [batch, 1]
+    assert cfg.output[0].name == "out_sample" and list(cfg.output[0].dims) == [4, -1, -1]
     assert list(cfg.dynamic_batching.preferred_batch_size) == [2, 4, 8]
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 2000
     assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_CPU
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params["source"] == "/models/tiny sd" and params["role"] == "denoiser" and params["dtype"] == "fp32"
+    interface = json.loads(params["interface"])
+    assert interface["inputs"] == ["sample", "timestep", "encoder_hidden_states"]
+    assert interface["scalars"] == ["timestep"]
 
 
 @pytest.mark.parametrize("mode,platform,backend,filename", [
     ("onnxruntime", "onnxruntime_onnx", "onnxruntime", "model.onnx"),
     ("tensorrt_plan", "tensorrt_plan", "tensorrt", "model.plan")])
-def test_gpu_backend_configs(mode, platform, backend, filename):
-    m = repo.component_model("sd3_fp16_transformer", "sd3", "denoiser", SD3, "fp16", "", "transformer", mode=mode)
+def test_gpu_backend_configs(interfaces, mode, platform, backend, filename):
+    m = repo.interface_model("sd3_fp16_transformer", interfaces["tiny-sd3"]["transformer"], "fp16", mode=mode)
     cfg = parse(repo.config_text(m))
     assert (cfg.platform, cfg.backend, cfg.default_model_filename) == (platform, backend, filename)
     assert m.model_file == filename
@@ -43,13 +62,15 @@ def test_gpu_backend_configs(mode, platform, backend, filename):
     assert {i.data_type for i in cfg.input if i.name != "timestep"} == {model_config_pb2.TYPE_FP16}
     timestep = next(i for i in cfg.input if i.name == "timestep")
     assert timestep.HasField("reshape") and list(timestep.reshape.shape) == []   # (batch,) into the engine
-    assert "source" not in cfg.parameters                                       # no python-only parameters
+    assert "source" not in cfg.parameters and "interface" not in cfg.parameters  # no python-only parameters
 
 
-def test_bf16_travels_as_fp32_to_the_python_backend_but_is_bf16_for_tensorrt():
-    py = repo.component_model("m", "sd", "denoiser", UNET, "bf16", "/m", "unet")
-    trt = repo.component_model("m", "sd", "denoiser", UNET, "bf16", "", "unet", mode="tensorrt_plan")
+def test_bf16_travels_as_fp32_to_the_python_backend_but_is_bf16_for_tensorrt(interfaces):
+    unet = interfaces["tiny-sd"]["unet"]
+    py = repo.interface_model("m", unet, "bf16", source="/m", subfolder="unet")
+    trt = repo.interface_model("m", unet, "bf16", mode="tensorrt_plan")
     assert py.inputs[0].dtype == "FP32" and trt.inputs[0].dtype == "BF16"
+    assert json.loads(py.parameters["interface"])["input_dtypes"]["sample"] == "bfloat16"   # cast in the server
     parse(repo.config_text(trt))
 
 
@@ -61,31 +82,33 @@ def test_pipeline_model_config():
     assert cfg.output[0].name == "IMAGE" and list(cfg.output[0].dims) == [-1, -1, 3]
 
 
-def test_other_roles_and_unserved_kinds():
-    ins, outs = repo.component_io("sd", "text_encoder", {"hidden_size": 32}, "FP32")
-    assert ins[0].dtype == "INT64" and [o.name for o in outs] == ["last_hidden_state", "pooler_output"]
-    ins, outs = repo.component_io("sd", "vae_decoder", {"latent_channels": 4}, "FP32")
-    assert list(ins[0].dims) == [4, -1, -1] and list(outs[0].dims) == [3, -1, -1]
-    ins, _ = repo.component_io("sdxl", "denoiser", {"in_channels": 4, "cross_attention_dim": 2048}, "FP32")
-    assert {"text_embeds", "time_ids"} <= {i.name for i in ins}
-    with pytest.raises(NotImplementedError, match="flux"):
-        repo.component_io("flux", "denoiser", {}, "FP32")
-    with pytest.raises(NotImplementedError):
-        repo.component_io("sd3", "text_encoder", {}, "FP32")
+def test_every_role_of_both_tiny_models(interfaces):
+    clip = repo.interface_model("te", interfaces["tiny-sd"]["text_encoder"], "fp32")
+    assert clip.inputs[0].dtype == "INT64" and list(clip.inputs[0].dims) == [-1]
+    names = [o.name for o in clip.outputs]
+    assert names[:2] == ["last_hidden_state", "pooler_output"] and names[2:] == [f"hidden_states.{i}"
+                                                                                 for i in range(6)]
+    vae = repo.interface_model("vae", interfaces["tiny-sd"]["vae"], "fp32")
+    assert list(vae.inputs[0].dims) == [4, -1, -1] and list(vae.outputs[0].dims) == [3, -1, -1]
+    t5 = repo.interface_model("t5", interfaces["tiny-sd3"]["text_encoder_3"], "fp32")
+    assert [o.name for o in t5.outputs] == ["last_hidden_state"]
+    for name, spec in interfaces["tiny-sd3"].items():
+        if name != "source":
+            parse(repo.config_text(repo.interface_model(name, spec, "fp32")))
     with pytest.raises(ValueError, match="mode"):
         repo.config_text(repo.ServedModel("x", [], [], mode="pytorch_libtorch"))
 
 
-def test_strings_are_escaped_and_names_safe():
-    m = repo.component_model("m", "sd", "denoiser", UNET, "fp32", '/tmp/a "quoted"\\path\nnext', "unet")
+def test_strings_are_escaped_and_names_safe(interfaces):
+    m = repo.interface_model("m", interfaces["tiny-sd"]["unet"], "fp32", source='/tmp/a "quoted"\\path\nnext')
     cfg = parse(repo.config_text(m))
     assert cfg.parameters["source"].string_value == '/tmp/a "quoted"\\path\nnext'
     assert repo.safe_name("path:/x/y my model") == "path_x_y_my_model"
     assert repo.safe_name("../..") == "model"
 
 
-def test_write_model(tmp_path):
-    m = repo.component_model("tiny", "sd", "denoiser", UNET, "fp32", "/m", "unet")
+def test_write_model(tmp_path, interfaces):
+    m = repo.interface_model("tiny", interfaces["tiny-sd"]["unet"], "fp32", source="/m", subfolder="unet")
     folder = repo.write_model(tmp_path, m)
     assert (folder / "config.pbtxt").read_text() == repo.config_text(m)
     assert (folder / "1" / "model.py").read_text() == (repo.TEMPLATES / "component.py").read_text()
@@ -95,7 +118,7 @@ def test_write_model(tmp_path):
     onnx = tmp_path / "export.onnx"
     onnx.write_bytes(b"onnx")
     (tmp_path / "export.onnx.data").write_bytes(b"weights")
-    g = repo.component_model("g", "sd", "denoiser", UNET, "fp16", "", "unet", mode="onnxruntime")
+    g = repo.interface_model("g", interfaces["tiny-sd"]["unet"], "fp16", mode="onnxruntime")
     gfolder = repo.write_model(tmp_path / "gpu", g, onnx)
     assert (gfolder / "1" / "model.onnx").read_bytes() == b"onnx"
     assert (gfolder / "1" / "export.onnx.data").is_file()   # external data keeps its referenced name
@@ -107,8 +130,7 @@ def test_templates_compile():
 
 
 @pytest.mark.parametrize("model,variant,reason", [
-    ("sd15", "", "full-size"), ("flux-dev", "", "full-size"), ("tiny-sd3", "http-all", "text encoders"),
-    ("tiny-sd", "pytorch", "unknown variant")])
+    ("sd15", "", "full-size"), ("flux-dev", "", "full-size"), ("tiny-sd", "pytorch", "unknown variant")])
 def test_support_reasons(model, variant, reason):
     s = TritonBackend().support(Case(model, "triton", variant), {"device": "cpu"})
     assert not s and reason in s.reason
@@ -131,7 +153,7 @@ def test_registry_entry():
 
 
 def test_gpu_repository_from_real_onnx_export(tmp_path):
-    """The tiny UNet exported by harness/onnx_export -> an onnxruntime repository whose config matches the graph."""
+    """The tiny UNet exported by backends/onnx -> an onnxruntime repository whose config matches the graph."""
     from harness import models
     model = models.load("tiny-sd", "fp32")
     case = Case("tiny-sd", "triton")

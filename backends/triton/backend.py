@@ -4,9 +4,11 @@ prepare() writes the model repository, starts one local tritonserver per session
 loads the component models and swaps executors into the pipeline. Variants pick the protocol (http default, grpc)
 and what is served:
   "" / http / grpc      the denoiser, run with torch in the python backend (from_pretrained of the model folder)
-  http-all / grpc-all   + the text encoder and VAE decoder (sd only: other text encoders need hidden states)
-  onnx / grpc-onnx      every component as its exported ONNX graph (harness.onnx_export cache), run by ONNX
-                        Runtime in the python backend; the executors are harness.onnx_export's, Triton their runner
+  http-all / grpc-all   + the text encoders and the VAE decoder
+  onnx / grpc-onnx      every component as its exported ONNX graph (backends.onnx export cache), run by ONNX
+                        Runtime in the python backend
+Either way a served component takes and returns its interface (backends.onnx.components): the executors are
+backends.onnx's, with Triton as their runner.
 """
 from __future__ import annotations
 
@@ -19,7 +21,10 @@ from pathlib import Path
 
 from backends.base import Backend, Prepared, Support, module_available, timed
 from backends.triton import repository as repo
-from backends.triton.client import (Client, DenoiserExecutor, TextEncoderExecutor, VaeDecoderExecutor, failure)
+from backends.onnx.components import component_specs
+from backends.onnx.executors import make_executor
+from backends.onnx.export import export_model
+from backends.triton.client import Client, failure
 from backends.triton.server import ExternalServer, TritonServer, missing_reason
 
 URL_ENV = "DIFFBENCH_TRITON_URL"
@@ -27,16 +32,16 @@ LOG_DIR_ENV = "DIFFBENCH_TRITON_LOG_DIR"
 LOAD_TIMEOUT_S = 300.0
 
 
-def served_roles(model_kind: str, variant: str) -> list[str]:
-    return ["denoiser", "text_encoder", "vae_decoder"] if variant.endswith("all") else ["denoiser"]
+def served_components(model, variant: str) -> list[str]:
+    return model.components if variant.endswith("all") else [model.denoiser]
 
 
 def protocol_of(variant: str) -> str:
     return "grpc" if variant.startswith("grpc") else "http"
 
 
-class _TritonRunner:
-    """harness.onnx_export's runner contract: {input name: tensor} -> [output tensors in graph order]."""
+class TritonRunner:
+    """backends.onnx's runner contract: {input name: tensor} -> [output tensors in the interface's order]."""
 
     def __init__(self, client: Client, served: repo.ServedModel, device):
         self.client, self.name, self.device = client, served.name, device
@@ -49,7 +54,10 @@ class _TritonRunner:
         import torch
         arrays = {}
         for name, tensor in feeds.items():
-            array = tensor.detach().cpu().numpy().astype(repo.NUMPY_DTYPE[self.inputs[name].dtype], copy=False)
+            tensor = tensor.detach().cpu()
+            if tensor.dtype == torch.bfloat16:   # numpy has no bfloat16: it travels as FP32
+                tensor = tensor.float()
+            array = tensor.numpy().astype(repo.NUMPY_DTYPE[self.inputs[name].dtype], copy=False)
             if self.batched and array.ndim == 1:   # per-sample scalar: Triton needs a dim beyond the batch
                 array = array.reshape(-1, 1)
             arrays[name] = array
@@ -123,10 +131,6 @@ class TritonBackend(Backend):
             if case.dtype != "fp32":
                 return Support.no(f"variant {case.variant}: {case.dtype} ONNX tensors cannot cross tritonclient's "
                                   "numpy API (no bfloat16 in numpy; fp16 only on GPU servers)")
-            return Support.yes()
-        if case.variant.endswith("all") and spec.kind != "sd":
-            return Support.no(f"variant {case.variant}: {spec.kind} text encoders are not served yet "
-                              "(only sd's CLIPTextModel)")
         return Support.yes()
 
     # -- server ---------------------------------------------------------------------------------------------------
@@ -164,105 +168,55 @@ class TritonBackend(Backend):
 
     # -- prepare --------------------------------------------------------------------------------------------------
     def prepare(self, model, case, cache) -> Prepared:
-        if case.variant.endswith("onnx"):
-            return self._prepare_onnx(model, case, cache)
-        protocol = protocol_of(case.variant)
+        protocol, onnx = protocol_of(case.variant), case.variant.endswith("onnx")
         build: dict[str, float] = {}
         pipeline = model.pipeline
-        components = {"denoiser": model.denoiser, "vae_decoder": model.vae}
-        if model.text_encoders:
-            components["text_encoder"] = model.text_encoders[0]
-        roles = served_roles(model.kind, case.variant)
-        server = None
-        with timed(build, "server_start"):
-            server = self.ensure_server(cache)
-        served = []
-        with timed(build, "repository"):
-            for role in roles:
-                subfolder = components[role]
-                config = repo.component_config(model.source, subfolder)
-                name = repo.safe_name(f"{model.name}_{model.dtype}_{subfolder}_{role}")
-                spec = repo.component_model(name, model.kind, role, config, model.dtype, model.source, subfolder,
-                                            device=str(model.device))
-                if self.repository is not None:
-                    repo.write_model(self.repository, spec)
-                served.append((role, subfolder, spec))
-        with timed(build, "model_load"):
-            # in parallel: each python model spends seconds importing torch in its own stub process
-            with ThreadPoolExecutor(len(served)) as pool:
-                list(pool.map(self.load, [spec.name for _, _, spec in served]))
-        client = Client(server, protocol)
-        executors, originals = {}, {}
-        for role, subfolder, spec in served:
-            original = getattr(pipeline, subfolder)
-            wire = spec.inputs[0].dtype if role != "text_encoder" else spec.outputs[0].dtype
-            if role == "denoiser":
-                executor = DenoiserExecutor(original, client, spec.name, wire, model.kind)
-            elif role == "text_encoder":
-                executor = TextEncoderExecutor(original, client, spec.name, wire)
-            else:
-                executor = VaeDecoderExecutor(original, client, spec.name, wire)
-            originals[subfolder] = original
-            setattr(pipeline, subfolder, executor)
-            executors[subfolder] = executor
-
-        def restore():
-            for sub, original in originals.items():
-                setattr(pipeline, sub, original)
-            client.close()
-
-        info = {"triton": {
-            "protocol": protocol, "served": {sub: spec.name for _, sub, spec in served},
-            "server": "external" if server.external else "local", "url": server.http_url,
-            "grpc_url": server.grpc_url, "log": str(server.log_path) if server.log_path else None,
-            "repository": str(self.repository) if self.repository else None,
-            "server_start_s": self.server_start_s, "backend": "python (torch)",
-            "wire_dtype": served[0][2].inputs[0].dtype,
-            "max_batch_size": served[0][2].max_batch_size,
-        }}
-        return Prepared(pipeline=pipeline, executors=executors, build=build, info=info, on_close=[restore])
-
-    def _prepare_onnx(self, model, case, cache) -> Prepared:
-        """Every component exported to ONNX (the shared export cache) and served as its graph, run by ONNX
-        Runtime inside the python backend; executors from harness.onnx_export call Triton as their runner."""
-        from harness.onnx_export import export_model, make_executor
-        protocol = protocol_of(case.variant)
-        build: dict[str, float] = {}
-        with timed(build, "export"):
-            exports = export_model(model, case, Path(cache or tempfile.gettempdir()))
+        if onnx:   # every component's exported graph (the shared export cache), run by ORT in the python backend
+            with timed(build, "export"):
+                exports = export_model(model, case, Path(cache or tempfile.gettempdir()))
+            interfaces = list(exports.components.values())
+        else:      # the torch components themselves, with the same interface as their exports
+            interfaces = component_specs(model, case, served_components(model, case.variant))
         with timed(build, "server_start"):
             server = self.ensure_server(cache)
         served = {}
         with timed(build, "repository"):
-            for component, export in exports.components.items():
-                name = repo.safe_name(f"{model.name}_{model.dtype}_{component}_onnx_{export.key[:12]}")
-                spec = repo.onnx_model(name, export.path, mode="python")
+            for interface in interfaces:
+                component = interface.component
+                if onnx:
+                    name = repo.safe_name(f"{model.name}_{model.dtype}_{component}_onnx_{interface.key[:12]}")
+                    spec, model_file = repo.onnx_model(name, interface.path, mode="python"), interface.path
+                else:
+                    name = repo.safe_name(f"{model.name}_{model.dtype}_{component}_{interface.role}")
+                    spec, model_file = repo.interface_model(name, interface, model.dtype, source=model.source,
+                                                            subfolder=component, device=str(model.device)), None
                 if self.repository is not None:
-                    repo.write_model(self.repository, spec, export.path)
-                served[component] = spec
+                    repo.write_model(self.repository, spec, model_file)
+                served[component] = (interface, spec)
         with timed(build, "model_load"):
+            # in parallel: each python model spends seconds importing torch in its own stub process
             with ThreadPoolExecutor(len(served)) as pool:
-                list(pool.map(self.load, [spec.name for spec in served.values()]))
+                list(pool.map(self.load, [spec.name for _, spec in served.values()]))
         client = Client(server, protocol)
-        pipeline, executors, originals = model.pipeline, {}, {}
-        for component, export in exports.components.items():
-            original = getattr(pipeline, component)
-            runner = _TritonRunner(client, served[component], model.device)
-            executors[component] = make_executor(export, original, runner)
-            originals[component] = original
+        executors = {}
+        for component, (interface, spec) in served.items():
+            runner = TritonRunner(client, spec, model.device)
+            executors[component] = make_executor(interface, getattr(pipeline, component), runner)
             setattr(pipeline, component, executors[component])
-
-        def restore():
-            for sub, original in originals.items():
-                setattr(pipeline, sub, original)
-            client.close()
-        info = {"triton": {"protocol": protocol, "served": {c: s.name for c, s in served.items()},
-                           "server": "external" if server.external else "local", "url": server.http_url,
-                           "log": str(server.log_path) if server.log_path else None,
-                           "backend": "python (onnxruntime CPU)", "exporter": exports.exporter,
-                           "max_batch_size": {c: s.max_batch_size for c, s in served.items()},
-                           "server_start_s": self.server_start_s}}
-        return Prepared(pipeline=pipeline, executors=executors, build=build, info=info, on_close=[restore])
+        specs = [spec for _, spec in served.values()]
+        info = {"triton": {
+            "protocol": protocol, "served": {c: spec.name for c, (_, spec) in served.items()},
+            "server": "external" if server.external else "local", "url": server.http_url,
+            "grpc_url": server.grpc_url, "log": str(server.log_path) if server.log_path else None,
+            "repository": str(self.repository) if self.repository else None,
+            "server_start_s": self.server_start_s,
+            "backend": "python (onnxruntime CPU)" if onnx else "python (torch)",
+            "wire_dtype": specs[0].inputs[0].dtype,
+            "max_batch_size": {c: spec.max_batch_size for c, (_, spec) in served.items()},
+        }}
+        if onnx:
+            info["triton"]["exporter"] = exports.exporter
+        return Prepared(pipeline=pipeline, executors=executors, build=build, info=info, on_close=[client.close])
 
     def close(self) -> None:
         with self._lock:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 TEMPLATES = Path(__file__).parent / "model_templates"
 MODES = ("python", "onnxruntime", "tensorrt_plan")
-WIRE_DTYPE = {"fp32": "FP32", "fp16": "FP16", "bf16": "FP32"}   # numpy has no bfloat16: bf16 travels as FP32
 NUMPY_DTYPE = {"FP32": "float32", "FP16": "float16", "INT64": "int64", "INT32": "int32", "BOOL": "bool",
                "BYTES": "object"}
 
@@ -98,57 +97,54 @@ def config_text(m: ServedModel) -> str:
     return "\n".join(lines) + "\n"
 
 
-# -- what each component takes and returns ------------------------------------------------------------------------
-def component_io(model_kind: str, role: str, config: dict, wire: str, mode: str = "python"
-                 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Input and output tensors of a component. role: 'denoiser', 'text_encoder' or 'vae_decoder'.
-
-    Raises NotImplementedError for what is not served yet (the backend turns it into 'unsupported')."""
-    # ONNX / TensorRT models take the timestep as shape (batch,); the python model flattens [batch, 1] itself
-    timestep = TensorSpec("timestep", "FP32", [1], reshape=[] if mode != "python" else None)
-    if role == "denoiser":
-        if model_kind in ("sd", "sdxl"):
-            c = config["in_channels"]
-            inputs = [TensorSpec("sample", wire, [c, -1, -1]), timestep,
-                      TensorSpec("encoder_hidden_states", wire, [-1, config["cross_attention_dim"]])]
-            if model_kind == "sdxl":   # added_cond_kwargs
-                inputs += [TensorSpec("text_embeds", wire, [-1]), TensorSpec("time_ids", wire, [-1])]
-            return inputs, [TensorSpec("out_sample", wire, [config.get("out_channels", c), -1, -1])]
-        if model_kind == "sd3":
-            c = config["in_channels"]
-            inputs = [TensorSpec("hidden_states", wire, [c, -1, -1]),
-                      TensorSpec("encoder_hidden_states", wire, [-1, config["joint_attention_dim"]]),
-                      TensorSpec("pooled_projections", wire, [config["pooled_projection_dim"]]), timestep]
-            return inputs, [TensorSpec("out_sample", wire, [config.get("out_channels") or c, -1, -1])]
-        raise NotImplementedError(f"{model_kind} denoiser is not served by the triton backend yet "
-                                  "(flux ids have no batch dimension)")
-    if role == "text_encoder":
-        if model_kind != "sd":
-            raise NotImplementedError(f"{model_kind} text encoders are not served yet (they need hidden states)")
-        return ([TensorSpec("input_ids", "INT64", [-1])],
-                [TensorSpec("last_hidden_state", wire, [-1, config["hidden_size"]]),
-                 TensorSpec("pooler_output", wire, [config["hidden_size"]])])
-    if role == "vae_decoder":
-        if model_kind == "flux":
-            raise NotImplementedError("flux VAE decoding is not served yet")
-        return ([TensorSpec("latent", wire, [config["latent_channels"], -1, -1])],
-                [TensorSpec("image", wire, [config.get("out_channels", 3), -1, -1])])
-    raise ValueError(f"unknown component role {role!r}")
+# -- components: served with the same interface as their ONNX export ------------------------------------------------
+_TRITON_TYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "int64": "INT64", "int32": "INT32",
+                 "bool": "BOOL"}
 
 
-def component_model(name: str, model_kind: str, role: str, config: dict, dtype: str, source: str | Path,
-                    subfolder: str, mode: str = "python", max_batch_size: int = 8, instances: int = 1,
-                    kind: str | None = None, max_queue_delay_us: int = 2000, threads: int = 0,
-                    device: str = "cpu") -> ServedModel:
-    wire = WIRE_DTYPE[dtype] if mode == "python" else {"fp32": "FP32", "fp16": "FP16", "bf16": "BF16"}[dtype]
-    inputs, outputs = component_io(model_kind, role, config, wire, mode)
-    params = {"role": role, "model_kind": model_kind, "subfolder": subfolder, "dtype": dtype}
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def interface_model(name: str, interface, dtype: str, mode: str = "python", source: str | Path = "",
+                    subfolder: str = "", max_batch_size: int = 8, instances: int = 1, kind: str | None = None,
+                    max_queue_delay_us: int = 2000, threads: int = 0, device: str = "cpu") -> ServedModel:
+    """A served pipeline component whose inputs and outputs are its interface (a backends.onnx ComponentSpec):
+    the names, order and dynamic axes of its ONNX export, so the shared executors run it with Triton as their
+    runner. Python mode runs the torch component itself (model_templates/component.py, from_pretrained of
+    `source`/`subfolder`); bf16 travels as FP32 there (numpy has no bfloat16) and per-sample scalars such as the
+    timestep as [batch, 1]. The GPU modes are config text for the onnxruntime / tensorrt_plan backends.
+    An input without a batch axis (flux's ids) makes the model unbatched (max_batch_size 0)."""
+    floating = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
+    shapes = {n: list(t.shape) for n, t in interface.inputs.items()}
+    shapes.update(interface.output_shapes)
+    batched = max_batch_size > 0 and all(interface.dynamic_axes.get(n, {}).get(0) == "batch" for n in shapes)
+    scalars = [n for n in interface.inputs if len(shapes[n]) == 1 and batched]
+    # tensors follow the case's dtype; per-sample scalars (the timestep) keep the precision the pipeline passes
+    dtypes = {n: floating if t.is_floating_point() and n not in scalars else _dtype_name(t.dtype)
+              for n, t in interface.inputs.items()}
+    dtypes.update({n: floating for n in interface.outputs})
+
+    def tensor(n: str) -> TensorSpec:
+        axes = interface.dynamic_axes.get(n, {})
+        dims = [-1 if i in axes else size for i, size in enumerate(shapes[n])][1 if batched else 0:]
+        wire = dtypes[n]
+        if mode == "python" and wire == "bfloat16":
+            wire = "float32"
+        reshape = [] if mode != "python" and batched and not dims else None   # the python model flattens itself
+        return TensorSpec(n, _TRITON_TYPES[wire], dims or [1], reshape=reshape)
+
+    params = {"role": interface.role, "subfolder": subfolder, "dtype": dtype}
     if mode == "python":
-        params["source"] = str(source)
-        params["torch_threads"] = str(threads)
-        params["device"] = device
-    return ServedModel(name=name, inputs=inputs, outputs=outputs, mode=mode, max_batch_size=max_batch_size,
-                       instances=instances, kind=kind or ("KIND_CPU" if mode == "python" else "KIND_GPU"),
+        params.update(source=str(source), torch_threads=str(threads), device=device, interface=json.dumps({
+            "inputs": list(interface.inputs), "input_dtypes": {n: dtypes[n] for n in interface.inputs},
+            "scalars": scalars,
+            "groups": interface.meta.get("groups", {}), "fields": interface.meta.get("fields", []),
+            "hidden_states": interface.meta.get("hidden_states", False)}))
+    return ServedModel(name=name, inputs=[tensor(n) for n in interface.inputs],
+                       outputs=[tensor(n) for n in interface.outputs], mode=mode,
+                       max_batch_size=max_batch_size if batched else 0, instances=instances,
+                       kind=kind or ("KIND_CPU" if mode == "python" else "KIND_GPU"),
                        max_queue_delay_us=max_queue_delay_us, parameters=params)
 
 
@@ -195,10 +191,6 @@ def _write_if_changed(path: Path, text: str) -> None:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)
-
-
-def component_config(source: str | Path, subfolder: str) -> dict:
-    return json.loads((Path(source) / subfolder / "config.json").read_text())
 
 
 # -- GPU servers (NGC container): repositories from the shared ONNX exports -----------------------------------------
@@ -254,12 +246,12 @@ def _onnx_model(name: str, onnx_path: str | Path, mode: str, max_batch_size: int
 def export_repository(model, case, target: str | Path, cache: str | Path, mode: str = "onnxruntime",
                       exporter: str = "legacy", components: list[str] | None = None,
                       max_batch_size: int = 8) -> list[Path]:
-    """Export the components (harness/onnx_export cache) and write a repository for a GPU Triton server:
+    """Export the components (backends.onnx export cache) and write a repository for a GPU Triton server:
     onnxruntime models are copied ready to load; tensorrt_plan configs are written beside the ONNX, which
     trtexec / the tensorrt backend turns into 1/model.plan on the target GPU (engines are per GPU and TRT
     version, so they are not built here)."""
-    from harness import onnx_export
-    result = onnx_export.export_model(model, case, Path(cache), exporter=exporter, components=components)
+    from backends.onnx.export import export_model
+    result = export_model(model, case, Path(cache), exporter=exporter, components=components)
     folders = []
     for component, export in result.components.items():
         name = safe_name(f"{model.name}_{model.dtype}_{component}_{mode}")

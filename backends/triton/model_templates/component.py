@@ -1,6 +1,10 @@
-"""Triton python-backend model: one diffusers pipeline component (denoiser, text encoder or VAE decoder) run with
+"""Triton python-backend model: one diffusers pipeline component (text encoder, denoiser or VAE decoder) run with
 torch. Copied verbatim into <repository>/<model>/1/model.py by backends/triton/repository.py; everything
-model-specific comes from the config parameters (source folder, subfolder, role, model kind, dtype).
+model-specific comes from the config parameters (source folder, subfolder, role, dtype, and the component's
+interface: the input names in order, their dtypes, grouped keyword arguments, the text encoder's output fields).
+The inputs and outputs are those of the component's ONNX export, so one executor family calls both. This file runs
+in the server's own interpreter and cannot import diffbench: the few lines that rebuild the component's keyword
+call repeat what backends/onnx/components.py's wrappers do.
 
 Dynamic batching hands execute() several requests at once: inputs of the same shape are concatenated along the
 batch dimension, run in one call, and the output is split back per request.
@@ -37,7 +41,7 @@ class TritonPythonModel:
         if threads > 0:
             torch.set_num_threads(threads)
         self.torch = torch
-        self.role, self.kind = params["role"], params["model_kind"]
+        self.role, self.interface = params["role"], json.loads(params["interface"])
         self.dtype = getattr(torch, DTYPES[params["dtype"]])
         self.device = torch.device(params.get("device") or "cpu")
         self.module = load_component(params["source"], params["subfolder"], params["dtype"]).to(self.device)
@@ -75,31 +79,31 @@ class TritonPythonModel:
                     responses[index] = pb_utils.InferenceResponse(output_tensors=[], error=error)
         return responses
 
-    def tensor(self, array):
-        t = self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
-        return t.to(self.dtype) if t.is_floating_point() else t
+    def tensor(self, array, name):
+        """An input as the torch tensor of the interface's dtype (bf16 arrives as FP32; scalars as [batch, 1])."""
+        if name in self.interface["scalars"]:
+            array = array.reshape(-1)
+        dtype = getattr(self.torch, self.interface["input_dtypes"][name])
+        return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype)
 
     def run(self, x):
         """Component call -> list of numpy outputs in config order."""
         m = self.module
         if self.role == "denoiser":
-            timestep = self.torch.from_numpy(x["timestep"].reshape(-1).astype(np.float32)).to(self.device)
-            if self.kind in ("sd", "sdxl"):
-                added = None
-                if "text_embeds" in x:
-                    added = {"text_embeds": self.tensor(x["text_embeds"]), "time_ids": self.tensor(x["time_ids"])}
-                out = m(self.tensor(x["sample"]), timestep, encoder_hidden_states=self.tensor(x["encoder_hidden_states"]),
-                        added_cond_kwargs=added, return_dict=False)[0]
-            else:
-                out = m(hidden_states=self.tensor(x["hidden_states"]), timestep=timestep,
-                        encoder_hidden_states=self.tensor(x["encoder_hidden_states"]),
-                        pooled_projections=self.tensor(x["pooled_projections"]), return_dict=False)[0]
-            outs = [out]
+            kwargs = {}
+            for name in self.interface["inputs"]:
+                group, _, key = name.partition(".")   # e.g. SDXL's added_cond_kwargs.text_embeds
+                if key:
+                    kwargs.setdefault(group, {})[key] = self.tensor(x[name], name)
+                else:
+                    kwargs[name] = self.tensor(x[name], name)
+            outs = [m(**kwargs, return_dict=False)[0]]
         elif self.role == "text_encoder":
-            result = m(self.torch.from_numpy(x["input_ids"].astype(np.int64)).to(self.device))
-            outs = [result.last_hidden_state, result.pooler_output]
-        elif self.role == "vae_decoder":
-            outs = [m.decode(self.tensor(x["latent"]), return_dict=False)[0]]
+            hidden = self.interface["hidden_states"]
+            result = m(self.tensor(x["input_ids"], "input_ids"), output_hidden_states=hidden, return_dict=True)
+            outs = [result[f] for f in self.interface["fields"]] + (list(result.hidden_states) if hidden else [])
+        elif self.role == "vae":
+            outs = [m.decode(self.tensor(x["latent"], "latent"), return_dict=False)[0]]
         else:
             raise ValueError(f"unknown role {self.role!r}")
         return [o.float().cpu().numpy() for o in outs]
