@@ -16,37 +16,20 @@ SUITE_ORDER = {"test_compat": 1, "test_performance": 2, "test_correctness": 3}
 
 
 def pytest_addoption(parser):
-    group = parser.getgroup("diffbench")
-    group.addoption("--gpu", action="store_true", help="run cases on CUDA; stop if there is no CUDA device")
-    group.addoption("--backend", action="append", help="backend[+variant] (repeatable)")
-    group.addoption("--model", action="append", help="model name or path:DIR (repeatable)")
-    group.addoption("--dtype", action="append", help="fp32 / fp16 / bf16 (repeatable)")
-    group.addoption("--size", action="append", help="HxW (repeatable)")
-    group.addoption("--steps", action="append", type=int)
-    group.addoption("--matrix", help="TOML matrix file")
-    group.addoption("--results-dir", default="results", help="parent folder of results/<run-id>/")
-    group.addoption("--quick", action="store_true", help="1 warm-up, 3 repeats per case")
-    group.addoption("--case-timeout", type=float, default=900.0, help="per-case timeout in seconds")
-    group.addoption("--baseline", help="gate this session's records against a baseline records file")
-    group.addoption("--threshold", action="append", default=[], help="gate threshold, e.g. e2e.p50:+10%%")
-    group.addoption("--no-report", action="store_true", help="do not write the HTML report at the end")
+    from harness import options
+    options.add_to_pytest(parser.getgroup("diffbench"))   # the same table `diffbench run` is built from
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running (still part of the CPU suite)")
+    from harness import options
     try:
-        from harness.cli import resolve_device, select_cases
-        config._diffbench_device = resolve_device(config.getoption("--gpu"))
-        o = config.getoption
-        config._diffbench_cases = select_cases(o("--model"), o("--backend"), o("--dtype"), None, o("--size"),
-                                               o("--steps"), o("--matrix"))
-        if o("--baseline"):
-            from harness import gate
-            gate.parse_thresholds(o("--threshold") or gate.DEFAULT_THRESHOLDS)
-            if not Path(o("--baseline")).is_file():
-                raise UserError(f"baseline {o('--baseline')} does not exist")
+        settings = options.settings_from(lambda dest: config.getoption(dest))
     except UserError as exc:
         raise pytest.UsageError(str(exc))
+    options.export_backend_settings(settings)
+    config._diffbench_settings = settings
+    config._diffbench_cases = settings.cases
 
 
 def pytest_generate_tests(metafunc):
@@ -66,13 +49,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def diffbench_session(request):
-    from harness.cli import run_options
     from harness.runner import Session
     config = request.config
-    options = run_options(config._diffbench_device, config.getoption("--quick"), None, None,
-                          config.getoption("--case-timeout"))
-    session = Session(Path(config.getoption("--results-dir")), options)
-    session.configure(config._diffbench_cases)
+    settings = config._diffbench_settings
+    session = Session(settings.results_dir, settings.run_options)
+    session.configure(settings.cases)
     config._diffbench_session = session
     yield session
     session.close()
@@ -85,11 +66,11 @@ def pytest_sessionfinish(session, exitstatus):
     run = getattr(config, "_diffbench_session", None)
     if run is None or not run.records:
         return
-    from harness.cli import gate_and_report
     from harness.records import load_many
-    result, report = gate_and_report(load_many([run.records_path]), run.run_dir, config.getoption("--baseline"),
-                                     config.getoption("--threshold"),
-                                     write_report=not config.getoption("--no-report"))
+    from harness.run_end import gate_and_report
+    settings = config._diffbench_settings
+    result, report = gate_and_report(load_many([run.records_path]), run.run_dir, settings.baseline,
+                                     settings.thresholds, write_report=settings.write_report)
     if result is not None and result.exit_code and session.exitstatus == 0:
         session.exitstatus = 1
     config._diffbench_gate, config._diffbench_report = result, report
@@ -99,7 +80,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     run = getattr(config, "_diffbench_session", None)
     if run is None or not run.records:
         return
-    from harness.cli import summary_table
+    from harness.run_end import summary_table
     tr = terminalreporter
     tr.section("diffbench")
     tr.write_line(summary_table(list(run.records.values())))

@@ -1,0 +1,207 @@
+"""Every run option, declared once: `diffbench run` (argparse) and `pytest suites/` (pytest options) are both
+generated from OPTIONS, with the same names, defaults and help, and read back into one Settings.
+
+pytest-timeout owns pytest's `--timeout`, so the per-case timeout is `--case-timeout` on both sides.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.errors import UserError
+
+DEFAULT_WARMUP, DEFAULT_REPEATS = 2, 10
+QUICK_WARMUP, QUICK_REPEATS = 1, 3
+DEFAULT_CASE_TIMEOUT_S = 900.0
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str                  # "--case-timeout"
+    help: str
+    type: Callable | None = None
+    default: Any = None
+    action: str | None = None  # "append" | "store_true" | None (one value)
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def kwargs(self) -> dict:
+        """add_argument keywords: argparse and pytest take the same ones."""
+        kw: dict[str, Any] = {"help": self.help.replace("%", "%%"), "dest": self.dest}
+        if self.action:
+            kw["action"] = self.action
+        if self.type is not None:
+            kw["type"] = self.type
+        if self.action == "append":
+            kw["default"] = None if self.default is None else list(self.default)
+        elif self.action != "store_true":
+            kw["default"] = self.default
+        if self.metavar:
+            kw["metavar"] = self.metavar
+        return kw
+
+
+SELECTION = (
+    Option("--model", "model (repeatable): tiny-sd, tiny-sd3, sd15, sdxl, sd35-large, flux-dev, path:DIR",
+           action="append"),
+    Option("--backend", "backend[+variant] (repeatable), e.g. torch_compile+max-autotune", action="append"),
+    Option("--dtype", "fp32, fp16, bf16 (repeatable)", action="append"),
+    Option("--batch", "batch size (repeatable)", type=int, action="append"),
+    Option("--size", "HxW (repeatable), e.g. 64x64 or 1024x1024", action="append"),
+    Option("--steps", "denoising steps (repeatable)", type=int, action="append"),
+    Option("--matrix", "TOML matrix file (default: the embedded tiny matrix)", metavar="FILE"),
+    Option("--gpu", "run on CUDA; stops at once when there is no CUDA device", action="store_true"),
+)
+MEASURING = (
+    Option("--quick", f"{QUICK_WARMUP} warm-up call, {QUICK_REPEATS} measured calls per case", action="store_true"),
+    Option("--warmup", f"warm-up calls per case, discarded (default {DEFAULT_WARMUP})", type=int),
+    Option("--repeats", f"measured calls per case (default {DEFAULT_REPEATS})", type=int),
+    Option("--case-timeout", "per-case timeout in seconds (0: none)", type=float, default=DEFAULT_CASE_TIMEOUT_S,
+           metavar="S"),
+    Option("--triton-url", "use an existing Triton server (host:port) instead of starting one",
+           metavar="HOST:PORT"),
+)
+OUTPUT = (
+    Option("--results-dir", "parent folder of results/<run-id>/", default="results", metavar="DIR"),
+    Option("--no-report", "write records only, no HTML report", action="store_true"),
+    Option("--baseline", "apply the regression gate against this baseline records file", metavar="FILE"),
+    Option("--threshold", "gate threshold (repeatable), e.g. e2e.p50:+10%", action="append", default=()),
+)
+OPTIONS: tuple[Option, ...] = (*SELECTION, *MEASURING, *OUTPUT)
+BY_FLAG = {o.flag: o for o in OPTIONS}
+
+
+def add_to_argparse(parser, flags: list[str] | None = None) -> None:
+    """Add the options (all, or the named ones) to an argparse parser."""
+    for option in _chosen(flags):
+        parser.add_argument(option.flag, **option.kwargs())
+
+
+def add_to_pytest(group, flags: list[str] | None = None) -> None:
+    """Add the options (all, or the named ones) to a pytest option group."""
+    for option in _chosen(flags):
+        group.addoption(option.flag, **option.kwargs())
+
+
+def _chosen(flags):
+    return OPTIONS if flags is None else tuple(BY_FLAG[f] for f in flags)
+
+
+# -- reading them back ------------------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    """What the options say, validated: the device, the cases, how to measure them, where results go."""
+    device: str
+    cases: list
+    run_options: Any                        # harness.runner.RunOptions
+    results_dir: Path = Path("results")
+    write_report: bool = True
+    baseline: str | None = None
+    thresholds: list[str] = field(default_factory=list)
+    triton_url: str | None = None
+
+
+def settings_from(get: Callable[[str], Any]) -> Settings:
+    """Settings from option values; `get(dest)` reads one (argparse: getattr on the namespace; pytest:
+    config.getoption). Raises UserError (one line, exit 2) on bad input."""
+    device = resolve_device(get("gpu"))
+    run_options = build_run_options(device, get("quick"), get("warmup"), get("repeats"), get("case_timeout"))
+    cases = select_cases(get("model"), get("backend"), get("dtype"), get("batch"), get("size"), get("steps"),
+                         get("matrix"))
+    thresholds = list(get("threshold") or [])
+    baseline = get("baseline")
+    if thresholds and not baseline:
+        raise UserError("conflicting options: --threshold needs --baseline")
+    if baseline:
+        from harness import gate
+        gate.parse_thresholds(thresholds or gate.DEFAULT_THRESHOLDS)
+        if not Path(baseline).is_file():
+            raise UserError(f"baseline {baseline} does not exist")
+    triton_url = get("triton_url")
+    if triton_url:
+        check_triton_url(triton_url)
+    return Settings(device, cases, run_options, Path(get("results_dir")), not get("no_report"), baseline,
+                    thresholds, triton_url)
+
+
+def export_backend_settings(settings: Settings) -> None:
+    """Settings that belong to a backend travel in the environment: harness/ never imports a backend by name, and
+    A/B or isolated workers inherit it."""
+    import os
+    if settings.triton_url:
+        os.environ["DIFFBENCH_TRITON_URL"] = settings.triton_url
+
+
+def select_cases(models=None, backends=None, dtypes=None, batches=None, sizes=None, steps=None, matrix=None):
+    """The matrix (file or embedded default) with any explicit selection overriding its lists; validated."""
+    from backends import base as registry
+    from harness import models as zoo
+    from harness.cases import load_matrix, parse_backend_spec, parse_size
+
+    m = load_matrix(matrix)
+    if models:
+        m.models = list(models)
+    if backends:
+        m.backends = list(backends)
+    if dtypes:
+        m.dtypes = list(dtypes)
+    if batches:
+        m.batches = list(batches)
+    if sizes:
+        m.sizes = [parse_size(s) for s in sizes]
+    if steps:
+        m.steps = list(steps)
+    for name in m.models:
+        zoo.spec(name)
+    for spec in m.backends:
+        backend, variant = parse_backend_spec(spec)
+        impl = registry.get(backend)
+        if variant not in impl.variants:
+            known = ", ".join(v for v in impl.variants if v) or "(none)"
+            raise UserError(f"unknown variant {variant!r} for backend {backend}; choose from {known}")
+    return m.expand()
+
+
+def resolve_device(gpu: bool) -> str:
+    if not gpu:
+        return "cpu"
+    import torch
+    if not torch.cuda.is_available():
+        raise UserError("--gpu was given but no CUDA device is visible (torch.cuda.is_available() is False)")
+    return "cuda"
+
+
+def build_run_options(device: str, quick: bool, warmup: int | None, repeats: int | None,
+                      case_timeout: float | None):
+    from harness.runner import RunOptions
+    if quick and (warmup is not None or repeats is not None):
+        raise UserError("conflicting options: --quick sets warm-up and repeats; drop --warmup/--repeats")
+    for flag, value, least in (("--warmup", warmup, 0), ("--repeats", repeats, 1)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be >= {least}, got {value}")
+    if case_timeout is not None and case_timeout < 0:
+        raise UserError(f"--case-timeout must be >= 0, got {case_timeout}")
+    options = RunOptions(device=device, timeout_s=case_timeout or None)
+    options.warmup, options.repeats = (QUICK_WARMUP, QUICK_REPEATS) if quick else (DEFAULT_WARMUP, DEFAULT_REPEATS)
+    if warmup is not None:
+        options.warmup = warmup
+    if repeats is not None:
+        options.repeats = repeats
+    return options
+
+
+def check_triton_url(url: str) -> None:
+    import socket
+    from urllib.parse import urlparse
+    parsed = urlparse(url if "://" in url else f"http://{url}")
+    if not parsed.hostname or not parsed.port:
+        raise UserError(f"--triton-url {url!r} must be host:port")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=3):
+            pass
+    except OSError as exc:
+        raise UserError(f"--triton-url {url} is unreachable: {exc.strerror or exc}")

@@ -1,0 +1,52 @@
+"""One declaration of every run option: `diffbench run` and `pytest suites/` offer the same ones, with the same
+names, defaults and help."""
+import argparse
+
+import pytest
+
+from harness import options
+from harness.cli import build_parser
+
+# options that only make sense on one side: the CLI resumes a run folder; pytest has its own session control
+CLI_ONLY = {"--resume"}
+
+
+def _cli_run_actions() -> dict[str, argparse.Action]:
+    parser = build_parser()
+    run = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    return {a.option_strings[0]: a for a in run._actions if a.option_strings and a.option_strings[0] != "-h"}
+
+
+def _pytest_options(pytestconfig) -> dict[str, object]:
+    group = pytestconfig._parser.getgroup("diffbench")
+    return {o.names()[0]: o for o in group.options}
+
+
+def test_cli_and_pytest_offer_the_same_options(pytestconfig):
+    cli, pyt = _cli_run_actions(), _pytest_options(pytestconfig)
+    assert set(cli) - CLI_ONLY == set(pyt) == {o.flag for o in options.OPTIONS}
+    for flag, action in cli.items():
+        if flag in CLI_ONLY:
+            continue
+        theirs = pyt[flag].attrs()
+        assert action.default == theirs.get("default"), flag
+        assert action.help == theirs.get("help"), flag
+        assert action.dest == theirs.get("dest"), flag
+
+
+def test_the_per_case_timeout_has_one_name_and_pytest_timeout_keeps_its_own(pytestconfig):
+    assert "--case-timeout" in _cli_run_actions()
+    assert pytestconfig.getoption("--case-timeout") == options.DEFAULT_CASE_TIMEOUT_S
+    assert "--timeout" not in _pytest_options(pytestconfig)    # pytest-timeout's
+
+
+def test_settings_are_validated_once_for_both_sides():
+    values = {o.dest: (list(o.default) if o.action == "append" and o.default is not None else o.default)
+              for o in options.OPTIONS}
+    values.update(model=["tiny-sd"], backend=["diffusers"], quick=True)
+    settings = options.settings_from(values.get)
+    assert [c.id for c in settings.cases] == ["tiny-sd/diffusers/fp32/b1/64x64/s4"]
+    assert (settings.run_options.warmup, settings.run_options.repeats) == (options.QUICK_WARMUP,
+                                                                           options.QUICK_REPEATS)
+    with pytest.raises(Exception, match="--quick sets warm-up"):
+        options.settings_from({**values, "repeats": 5}.get)
