@@ -73,11 +73,43 @@ class Prepared:
             self.on_close.pop()()
 
 
+def variant_options(variant: str) -> frozenset[str]:
+    """The named options a case's variant string holds ("max-autotune+fused-qkv" -> both; "" -> none)."""
+    return frozenset(name for name in variant.split("+") if name)
+
+
 class Backend:
-    """Base class. Subclasses set `name`, `variants`, and implement the three methods."""
+    """Base class. Subclasses set `name` and `options`, and implement available/support/prepare.
+
+    A case's variant is a set of the backend's named options joined by "+", always written in the order of
+    `options`, so `torch_compile+fused-qkv+max-autotune` and `torch_compile+max-autotune+fused-qkv` are one case
+    id everywhere (gate, merge, resume). Options in one `exclusive` group do not combine."""
     name: str = ""
-    variants: tuple[str, ...] = ("",)          # "" is the default variant
+    options: tuple[str, ...] = ()                      # named options, in canonical order
+    exclusive: tuple[tuple[str, ...], ...] = ()        # groups of options of which a case may choose one
     description: str = ""
+
+    def variant_problem(self, variant: str) -> str | None:
+        """What is wrong with a variant string (unknown or conflicting options), or None."""
+        names = variant_options(variant)
+        unknown = sorted(names - set(self.options))
+        if unknown:
+            known = ", ".join(self.options) or "(none)"
+            return (f"unknown variant option {', '.join(map(repr, unknown))} for backend {self.name}; "
+                    f"choose from {known}")
+        for group in self.exclusive:
+            chosen = [n for n in group if n in names]
+            if len(chosen) > 1:
+                return f"conflicting options {' and '.join(chosen)} for backend {self.name}: choose one"
+        return None
+
+    def canonical_variant(self, variant: str) -> str:
+        """The variant with its options in canonical order; UserError when it names unknown or conflicting ones."""
+        problem = self.variant_problem(variant)
+        if problem:
+            raise UserError(problem)
+        names = variant_options(variant)
+        return "+".join(n for n in self.options if n in names)
 
     def available(self) -> Support:
         """Can this backend run at all here (packages, devices)? Cheap; no model work."""
@@ -88,9 +120,9 @@ class Backend:
 
     def support(self, case, env) -> Support:
         """Can this backend run this case here? Cheap, checked before any work."""
-        if case.variant not in self.variants:
-            known = ", ".join(v or "(default)" for v in self.variants)
-            return Support.no(f"unknown variant {case.variant!r} for {self.name}; known: {known}")
+        problem = self.variant_problem(case.variant)
+        if problem:
+            return Support.no(problem)
         return self.available()
 
     def prepare(self, model, case, cache) -> Prepared:

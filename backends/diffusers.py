@@ -6,7 +6,6 @@ from backends.base import Backend, Prepared
 
 class DiffusersBackend(Backend):
     name = "diffusers"
-    variants = ("",)
     description = "eager PyTorch diffusers pipeline (the reference)"
 
     def prepare(self, model, case, cache) -> Prepared:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backends.base import Backend, Prepared, Support, module_available, timed
+from backends.base import Backend, Prepared, Support, module_available, timed, variant_options
 from backends.onnx.executors import make_executor, output_symbols
 from backends.onnx.export import export_model
 
@@ -109,7 +109,7 @@ def _element_type(dtype: torch.dtype):
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
-    variants = ("", "dynamo", "trt-ep")
+    options = ("dynamo", "trt-ep")
     description = "ONNX export (legacy or dynamo exporter) run in ONNX Runtime (CPU EP; CUDA EP / TensorRT EP on GPU)"
 
     def available(self) -> Support:
@@ -123,7 +123,8 @@ class OnnxRuntimeBackend(Backend):
 
         device = env.get("device", "cpu") if isinstance(env, dict) else "cpu"
         providers = ort.get_available_providers()
-        if case.variant == "trt-ep":
+        chosen = variant_options(case.variant)
+        if "trt-ep" in chosen:
             if device != "cuda":
                 return Support.no("TensorRT execution provider needs a CUDA GPU")
             if "TensorrtExecutionProvider" not in providers:
@@ -143,7 +144,7 @@ class OnnxRuntimeBackend(Backend):
                                           # run on torch's current stream: no cross-stream sync needed
                                           "user_compute_stream": str(torch.cuda.current_stream().cuda_stream),
                                           "do_copy_in_default_stream": True})
-        if case.variant == "trt-ep":
+        if "trt-ep" in variant_options(case.variant):
             trt_cache = cache / "ort-trt"
             trt_cache.mkdir(parents=True, exist_ok=True)
             return [("TensorrtExecutionProvider", {"trt_fp16_enable": case.dtype == "fp16",
@@ -156,7 +157,7 @@ class OnnxRuntimeBackend(Backend):
     def prepare(self, model, case, cache) -> Prepared:
 
         cache = Path(cache)
-        exporter = "dynamo" if case.variant == "dynamo" else "legacy"
+        exporter = "dynamo" if "dynamo" in variant_options(case.variant) else "legacy"
         build: dict[str, float] = {}
         with timed(build, "export"):
             result = export_model(model, case, cache, exporter)

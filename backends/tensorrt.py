@@ -22,9 +22,9 @@ from typing import Iterable
 
 import torch
 
-from backends.base import Backend, Prepared, Support, timed
+from backends.base import Backend, Prepared, Support, timed, variant_options
 
-VARIANTS = ("", "static", "fp8", "fp4")
+OPTIONS = ("static", "fp8", "fp4")
 # (min, opt, max) image side in pixels when no matrix is configured, per model kind (demoDiffusion-like ranges)
 DEFAULT_SIDES = {"tiny": (64, 64, 128), "sd": (256, 512, 1024), "sdxl": (512, 1024, 1536),
                  "sd3": (512, 1024, 1536), "flux": (512, 1024, 1536)}
@@ -48,7 +48,8 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 
 def precision_for(case) -> str:
-    return case.variant if case.variant in ("fp8", "fp4") else case.dtype
+    quantized = variant_options(case.variant) & {"fp8", "fp4"}
+    return next(iter(quantized)) if quantized else case.dtype
 
 
 def precision_support(precision: str, capability: tuple[int, int], trt_version: str) -> Support:
@@ -326,7 +327,8 @@ def _trt_version() -> str | None:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
-    variants = VARIANTS
+    options = OPTIONS
+    exclusive = (("fp8", "fp4"),)
     description = "TensorRT engines from the ONNX exports: profiles from the case matrix, cached per TRT x GPU"
 
     def __init__(self):
@@ -345,8 +347,9 @@ class TensorRTBackend(Backend):
         return Support.no("; ".join(missing)) if missing else Support.yes()
 
     def support(self, case, env) -> Support:
-        if case.variant not in self.variants:
-            return super().support(case, env)
+        problem = self.variant_problem(case.variant)
+        if problem:
+            return Support.no(problem)
         device = env.get("device", "cpu") if isinstance(env, dict) else "cpu"
         base = self.available()
         if not base:
@@ -358,7 +361,7 @@ class TensorRTBackend(Backend):
         for check in (precision_support(precision, capability, _trt_version()), quantization_support(precision)):
             if not check:
                 return check
-        if case.variant != "static":
+        if "static" not in variant_options(case.variant):
             # the engine profile must contain this case (checked again per input in prepare)
             lo_hi = axis_ranges(self._cases_for(case), "", "vae")
             side = lo_hi["latent_height"], lo_hi["latent_width"], lo_hi["batch"]
@@ -389,7 +392,7 @@ class TensorRTBackend(Backend):
         capability = torch.cuda.get_device_capability()
         version = _trt_version()
         precision = precision_for(case)
-        static = case.variant == "static"
+        static = "static" in variant_options(case.variant)
         cases = [case] if static else self._cases_for(case)
         pipeline = model.pipeline
         executors, engines, reused = {}, {}, {}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from backends.base import Backend, Prepared, Support, timed
+from backends.base import Backend, Prepared, Support, timed, variant_options
 
-# variant -> torch.compile options and model knobs
+# option -> torch.compile options and model knobs; a variant merges its options' entries
 VARIANTS = {
     "": {},
     "max-autotune": {"mode": "max-autotune"},
@@ -28,8 +28,15 @@ VARIANTS = {
 _COMPILE_KEYS = ("mode", "fullgraph", "dynamic")
 
 
+def knobs_for(variant: str) -> dict:
+    knobs: dict = {}
+    for name in variant_options(variant):
+        knobs.update(VARIANTS[name])
+    return knobs
+
+
 def compile_options(variant: str) -> dict:
-    return {k: v for k, v in VARIANTS[variant].items() if k in _COMPILE_KEYS}
+    return {k: v for k, v in knobs_for(variant).items() if k in _COMPILE_KEYS}
 
 
 def dynamo_stats() -> dict:
@@ -61,7 +68,8 @@ def set_inductor_cache(folder: Path) -> Path:
 
 class TorchCompileBackend(Backend):
     name = "torch_compile"
-    variants = tuple(VARIANTS)
+    options = tuple(v for v in VARIANTS if v)
+    exclusive = (("max-autotune", "reduce-overhead"),)
     description = "torch.compile (TorchInductor) of the denoiser and VAE decoder; modes, fullgraph, dynamic, knobs"
 
     def __init__(self):
@@ -73,7 +81,7 @@ class TorchCompileBackend(Backend):
         if not base:
             return base
         device = env.get("device", "cpu") if isinstance(env, dict) else "cpu"
-        if case.variant == "reduce-overhead" and device != "cuda":
+        if "reduce-overhead" in variant_options(case.variant) and device != "cuda":
             return Support.no("reduce-overhead uses CUDA graphs: needs a CUDA device")
         return Support.yes()
 
@@ -84,7 +92,7 @@ class TorchCompileBackend(Backend):
         # cases would eat the recompile limit (then dynamo silently falls back to eager)
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        knobs = VARIANTS[case.variant]
+        knobs = knobs_for(case.variant)
         options = compile_options(case.variant)
         pipeline = model.pipeline
         denoiser = getattr(pipeline, model.denoiser)

@@ -146,9 +146,11 @@ def cmd_backends(_args) -> int:
     from backends import base as registry
     for name in registry.names():
         support = registry.get(name).available()
-        variants = ", ".join(v for v in registry.get(name).variants if v) or "-"
+        backend = registry.get(name)
+        combine = "; ".join(" | ".join(group) + " do not combine" for group in backend.exclusive)
+        variants = ", ".join(backend.options) or "-"
         status = "available" if support else f"unavailable: {support.reason}"
-        print(f"{name:<14} {status}  [variants: {variants}]")
+        print(f"{name:<14} {status}  [options: {variants}{'; ' + combine if combine else ''}]")
     return 0
 
 

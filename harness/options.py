@@ -48,7 +48,8 @@ class Option:
 SELECTION = (
     Option("--model", "model (repeatable): tiny-sd, tiny-sd3, sd15, sdxl, sd35-large, flux-dev, path:DIR",
            action="append"),
-    Option("--backend", "backend[+variant] (repeatable), e.g. torch_compile+max-autotune", action="append"),
+    Option("--backend", "backend[+option...] (repeatable), e.g. torch_compile+max-autotune+fused-qkv",
+           action="append"),
     Option("--dtype", "fp32, fp16, bf16 (repeatable)", action="append"),
     Option("--batch", "batch size (repeatable)", type=int, action="append"),
     Option("--size", "HxW (repeatable), e.g. 64x64 or 1024x1024", action="append"),
@@ -157,12 +158,12 @@ def select_cases(models=None, backends=None, dtypes=None, batches=None, sizes=No
         m.steps = list(steps)
     for name in m.models:
         zoo.spec(name)
+    canonical = []
     for spec in m.backends:
         backend, variant = parse_backend_spec(spec)
-        impl = registry.get(backend)
-        if variant not in impl.variants:
-            known = ", ".join(v for v in impl.variants if v) or "(none)"
-            raise UserError(f"unknown variant {variant!r} for backend {backend}; choose from {known}")
+        variant = registry.get(backend).canonical_variant(variant)
+        canonical.append(f"{backend}+{variant}" if variant else backend)
+    m.backends = canonical
     return m.expand()
 
 

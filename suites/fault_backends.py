@@ -60,7 +60,8 @@ class _Wrapped(Executor):
 
 class FaultyBackend(Backend):
     name = "faulty"
-    variants = FAULTS
+    options = FAULTS
+    exclusive = (FAULTS,)
     description = "test-only fault injection"
 
     def prepare(self, model, case, cache) -> Prepared:

@@ -113,3 +113,15 @@ def test_schema_1_records_still_load_and_gate():
     assert all(r["schema"] == SCHEMA_VERSION and r["synthetic"] is False for r in records)
     result = gate.compare(records, records, gate.DEFAULT_THRESHOLDS)
     assert not result.regressed and result.counts()["PASS"] > 0
+
+
+def test_variant_options_have_one_canonical_order():
+    """a+b and b+a name one case everywhere (gate, merge, resume)."""
+    from harness.options import select_cases
+    one = select_cases(["tiny-sd"], ["torch_compile+fused-qkv+max-autotune"])
+    other = select_cases(["tiny-sd"], ["torch_compile+max-autotune+fused-qkv", "torch_compile+fused-qkv+max-autotune"])
+    assert [c.id for c in one] == [c.id for c in other] == ["tiny-sd/torch_compile+max-autotune+fused-qkv/fp32/b1/64x64/s4"]
+    with pytest.raises(UserError, match="conflicting options max-autotune and reduce-overhead"):
+        select_cases(["tiny-sd"], ["torch_compile+reduce-overhead+max-autotune"])
+    with pytest.raises(UserError, match="unknown variant option 'nope'"):
+        select_cases(["tiny-sd"], ["onnxruntime+dynamo+nope"])

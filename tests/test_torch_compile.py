@@ -11,7 +11,7 @@ CPU = {"device": "cpu"}
 
 def test_variants_and_support():
     b = tc.TorchCompileBackend()
-    assert b.variants[0] == "" and "reduce-overhead" in b.variants
+    assert "reduce-overhead" in b.options and ("max-autotune", "reduce-overhead") in b.exclusive
     assert b.support(Case("tiny-sd", "torch_compile"), CPU)
     ro = b.support(Case("tiny-sd", "torch_compile", "reduce-overhead"), CPU)
     assert not ro and "CUDA graphs" in ro.reason
