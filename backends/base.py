@@ -61,12 +61,15 @@ class Prepared:
     executors: component name -> the module now in the pipeline (e.g. "text_encoder", "unet", "vae").
     build: step -> seconds (export, compile, engine build, deploy...), recorded under `build`.
     info: extra facts for the record (session options, graph breaks, provider, exporter...).
+    after_measure: called once after the measured calls; returns facts to merge into `info` (counters such as
+        recompiles are read there, never inside the timed region).
     """
     pipeline: Any
     executors: dict[str, Any]
     build: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     on_close: list[Callable[[], None]] = field(default_factory=list)
+    after_measure: Callable[[], dict] | None = None
 
     def close(self) -> None:
         while self.on_close:
