@@ -16,106 +16,53 @@ worker for the next one; the run goes on.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness.cases import Case
 from harness.errors import UserError
 from harness.records import Record, RecordWriter, new_run_id, sanitize
 from harness.timing import stats
-from harness.worker import PROTOCOL   # both builds of an A/B run must speak the same message set
+from harness.worker import PROTOCOL, WorkerDied, WorkerProcess   # both builds speak the same message set
 
 SIDES = ("baseline", "current")
 
 
-class WorkerDied(Exception):
-    pass
-
-
 @dataclass
-class Worker:
-    """One build's worker process and its pending message."""
-    side: str
-    root: Path
-    results_dir: Path
+class Side:
+    """One build of an A/B run: its worker process (restarted after a crash) and its records file."""
+    name: str
+    worker: WorkerProcess
     run_id: str
     device: str
-    warmup: int
-    repeats: int
-    timeout_s: float | None
-    env: dict = field(default_factory=dict)
-    proc: subprocess.Popen | None = None
-    info: dict = field(default_factory=dict)
     writer: RecordWriter | None = None
 
     def start(self) -> None:
-        env = {**os.environ, **self.env, "PYTHONPATH": os.pathsep.join(
-            [str(self.root), *filter(None, [os.environ.get("PYTHONPATH")])])}
-        settings = {"protocol": PROTOCOL, "results_dir": str(self.results_dir), "run_id": self.run_id,
-                    "device": self.device, "warmup": self.warmup, "repeats": self.repeats, "timeout_s": self.timeout_s}
-        with open(self.results_dir / "worker.log", "a") as log:   # the child keeps its own copy of the handle
-            self.proc = subprocess.Popen([sys.executable, "-m", "harness.worker", json.dumps(settings)],
-                                         cwd=self.root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=log, text=True, bufsize=1)
-        try:
-            self.info = self.read()
-        except (WorkerDied, json.JSONDecodeError) as exc:
-            raise UserError(f"the {self.side} build's worker did not start: {exc}")
-        if self.info.get("protocol") != PROTOCOL:
-            self.stop()
-            raise UserError(f"the {self.side} build speaks A/B protocol {self.info.get('protocol')}, this one "
-                            f"{PROTOCOL}; use builds from the same protocol generation")
+        self.worker.start()
         if self.writer is None:   # one records file per side, kept across worker restarts
-            self.writer = RecordWriter(self.info["records_path"])
+            self.writer = RecordWriter(self.worker.info["records_path"])
 
-    def send(self, message: dict) -> None:
-        try:
-            self.proc.stdin.write(json.dumps(message) + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            raise WorkerDied(self._death())
-
-    def read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise WorkerDied(self._death())
-        return json.loads(line)
-
-    def _death(self) -> str:
-        code = self.proc.wait(timeout=30)
-        return f"{self.side} worker exited with code {code} (log: {self.results_dir / 'worker.log'})"
-
-    def stop(self, close_records: bool = True) -> None:
-        if self.proc and self.proc.poll() is None:
-            try:
-                self.send({"op": "exit"})
-                self.proc.stdin.close()           # EOF ends a worker that was waiting inside a case
-                self.proc.wait(timeout=60)
-            except (WorkerDied, OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        if close_records and self.writer:
+    def close(self) -> None:
+        self.worker.stop()
+        if self.writer:
             self.writer.close()
             self.writer = None
 
 
-def _paced_case(workers: dict[str, Worker], case: Case, warmup: int) -> tuple[dict[str, dict], list[float]]:
+def _paced_case(sides: dict[str, Side], case: Case, warmup: int) -> tuple[dict[str, dict], list[float]]:
     """Run one case on both sides, one call each in A B B A order. Returns each side's record and the
     current/baseline ratio of every measured pair."""
     pending, records, seconds = {}, {}, {side: {} for side in SIDES}
-    for side, worker in workers.items():
+    for side, s in sides.items():
         try:
-            worker.send({"op": "case", "case": case.id})
-            pending[side] = worker.read()
+            s.worker.send({"op": "case", "case": case.id})
+            pending[side] = s.worker.read()
         except WorkerDied as exc:
-            records[side] = _unmeasured_record(case, worker, "error", "WorkerDied", str(exc))
+            records[side] = _unmeasured_record(case, s, "error", "WorkerDied", str(exc))
     turn = 0
     while any("call" in message for message in pending.values()):
         order = SIDES if turn % 2 == 0 else SIDES[::-1]
@@ -123,7 +70,7 @@ def _paced_case(workers: dict[str, Worker], case: Case, warmup: int) -> tuple[di
             message = pending.get(side, {})
             if "call" not in message:
                 continue
-            worker = workers[side]
+            worker = sides[side].worker
             try:
                 worker.send({"op": "go"})
                 answer = worker.read()
@@ -132,7 +79,8 @@ def _paced_case(workers: dict[str, Worker], case: Case, warmup: int) -> tuple[di
                     answer = worker.read()
                 pending[side] = answer
             except WorkerDied as exc:
-                pending[side], records[side] = {}, _unmeasured_record(case, worker, "error", "WorkerDied", str(exc))
+                pending[side], records[side] = {}, _unmeasured_record(case, sides[side], "error", "WorkerDied",
+                                                                      str(exc))
         turn += 1
     for side, message in pending.items():
         if "record" in message:
@@ -142,9 +90,9 @@ def _paced_case(workers: dict[str, Worker], case: Case, warmup: int) -> tuple[di
     return records, ratios
 
 
-def _unmeasured_record(case: Case, worker: Worker, status: str, error_class: str, reason: str) -> dict:
+def _unmeasured_record(case: Case, side: Side, status: str, error_class: str, reason: str) -> dict:
     """The record a side gets when its worker could not report one (it died, or the run was interrupted)."""
-    record = Record.for_case(case, worker.run_id, device=worker.device)
+    record = Record.for_case(case, side.run_id, device=side.device)
     record.status, record.error_class, record.reason = status, error_class, reason
     return sanitize(record.to_dict())
 
@@ -153,43 +101,46 @@ def run_ab(cases: list[Case], baseline_root: Path, current_root: Path, out_dir: 
            repeats: int, timeout_s: float | None, env: dict[str, dict] | None = None) -> dict[str, Path]:
     """Measure every case on both builds in alternation; write both sides' records; return their paths."""
     env = env or {}
-    workers = {}
+    sides = {}
     run_id = new_run_id()
-    for side, root in zip(SIDES, (baseline_root, current_root)):
-        (out_dir / side).mkdir(parents=True, exist_ok=True)
-        workers[side] = Worker(side, Path(root).resolve(), out_dir / side, f"{run_id}-{side}", device, warmup,
-                               repeats, timeout_s, env.get(side, {}))
+    for name, root in zip(SIDES, (baseline_root, current_root)):
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+        settings = {"protocol": PROTOCOL, "results_dir": str(out_dir / name), "run_id": f"{run_id}-{name}",
+                    "device": device, "warmup": warmup, "repeats": repeats, "timeout_s": timeout_s}
+        worker = WorkerProcess(Path(root).resolve(), settings, out_dir / name / "worker.log", env.get(name, {}),
+                               label=f"{name} build's worker")
+        sides[name] = Side(name, worker, settings["run_id"], device)
     try:
-        for worker in workers.values():
-            worker.start()
-            worker.send({"op": "configure", "cases": [c.id for c in cases]})
+        for side in sides.values():
+            side.start()
+            side.worker.send({"op": "configure", "cases": [c.id for c in cases]})
         for case in cases:
             try:
-                records, ratios = _paced_case(workers, case, warmup)
+                records, ratios = _paced_case(sides, case, warmup)
             except KeyboardInterrupt:
-                for worker in workers.values():
-                    worker.writer.write(_unmeasured_record(case, worker, "interrupted", "Interrupted",
-                                                           "A/B run interrupted by signal"))
+                for side in sides.values():
+                    side.writer.write(_unmeasured_record(case, side, "interrupted", "Interrupted",
+                                                         "A/B run interrupted by signal"))
                 raise
             pair_stats = stats(ratios) if ratios else {"n": 0}
-            for side, other in zip(SIDES, SIDES[::-1]):
-                record = records[side]
-                record["paired"] = {"with_run": workers[other].run_id, "side": side,
+            for name, other in zip(SIDES, SIDES[::-1]):
+                record = records[name]
+                record["paired"] = {"with_run": sides[other].run_id, "side": name,
                                     "order": "ABBA, one call each", "ratio_current_over_baseline": pair_stats}
-                workers[side].writer.write(sanitize(record))
-            verdicts = "  ".join(f"{side} {records[side]['status']}" for side in SIDES)
+                sides[name].writer.write(sanitize(record))
+            verdicts = "  ".join(f"{name} {records[name]['status']}" for name in SIDES)
             change = f"  paired median {(pair_stats['p50'] - 1) * 100:+.1f}% over {len(ratios)} pairs" \
                 if ratios else ""
             print(f"  {case.id}: {verdicts}{change}", flush=True)
-            for side, worker in workers.items():
-                if worker.proc.poll() is not None:    # died during the case: a fresh one for the next
-                    worker.stop(close_records=False)
-                    worker.start()
-                    worker.send({"op": "configure", "cases": [c.id for c in cases]})
+            for side in sides.values():
+                if not side.worker.alive():    # died during the case: a fresh one for the next
+                    side.worker.stop()
+                    side.start()
+                    side.worker.send({"op": "configure", "cases": [c.id for c in cases]})
     finally:
-        for worker in workers.values():
-            worker.stop()
-    return {side: Path(worker.info["records_path"]) for side, worker in workers.items()}
+        for side in sides.values():
+            side.close()
+    return {name: Path(side.worker.info["records_path"]) for name, side in sides.items()}
 
 
 class Worktree:

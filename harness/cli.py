@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="benchmark a matrix of cases and write records (+ report)")
     options.add_to_argparse(run)     # the same table pytest's options come from
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run: skip the cases already recorded there")
+    run.add_argument("--allow-failures", action="store_true",
+                     help="exit 0 even when a case failed or errored (default: exit 1, like pytest)")
 
     ab = sub.add_parser("ab", help="measure two builds call by call in alternation and gate current vs baseline")
     options.add_to_argparse(ab, [o.flag for o in options.SELECTION] + ["--warmup", "--case-timeout", "--no-report"])
@@ -139,7 +141,19 @@ def cmd_run(args) -> int:
         print(result.table())
     if report is not None:
         print(f"report: {report}")
-    return result.exit_code if result is not None else 0
+    if result is not None and result.exit_code:
+        return result.exit_code
+    return run_exit_code(done, args.allow_failures)
+
+
+def run_exit_code(records, allow_failures: bool = False) -> int:
+    """1 when any case failed or errored (unsupported and over-budget are answers, not failures), like pytest."""
+    bad = [r for r in records if r.status in ("failed", "error")]
+    if bad and not allow_failures:
+        print(f"diffbench: {len(bad)} case(s) failed or errored (exit 1; --allow-failures to exit 0)",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_backends(_args) -> int:

@@ -1,16 +1,158 @@
-"""Peak memory per case: torch allocator peaks and NVML device memory on GPU, peak RSS of this process on CPU."""
+"""Memory and energy of a case, per phase (load, build, inference), over the whole process tree.
+
+A sampler runs in its own process (so it never holds the GIL of the timed code) and every ~10 ms reads:
+  - RSS of the harness process and of every child process (a Triton server is a child), via psutil;
+  - on GPU, NVML per-process GPU memory of the same process tree, and the device's used memory.
+In this process, at each phase boundary (never inside the timed region), the meter also reads what only this
+process can know exactly: the peak RSS (VmHWM, reset per phase through /proc/self/clear_refs) and torch's
+allocator peaks (max_memory_allocated / max_memory_reserved, reset per phase). Energy comes from NVML's
+total-energy counter read just before and after the measured calls, with the device's idle power (sampled once per
+session before any work) subtracted.
+
+Per phase: {peak_mb, rss_mb, children_mb, gpu_process_mb, gpu_device_mb, torch_allocated_mb, torch_reserved_mb}.
+`peak_mb` is the phase's peak of the whole process tree: on CPU the larger of the sampled tree RSS and this
+process's exact high-water mark; on GPU the process tree's NVML memory (falling back to the device's used memory
+above its idle level where NVML cannot attribute memory to processes, e.g. inside some containers, and to torch's
+reserved memory without NVML). `memory.peak_mb` of a record is the inference phase's.
+"""
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
+import time
 from pathlib import Path
 
 import psutil
 
 MB = 1024 * 1024
+SAMPLE_INTERVAL_S = 0.01
+CHILDREN_REFRESH_S = 0.5      # listing the process tree costs far more than reading a few RSS values
+PHASES = ("load", "build", "inference")
 
 
+# -- the sampler process ----------------------------------------------------------------------------------------
+class _Nvml:
+    def __init__(self, index: int):
+        import pynvml
+        pynvml.nvmlInit()
+        self.nvml = pynvml
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+
+    def device_used_mb(self) -> float:
+        return self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used / MB
+
+    def process_mb(self, pids: set[int]) -> float | None:
+        """GPU memory NVML attributes to these processes; None where it attributes none to anyone (containers
+        without the host's PID namespace see an empty list)."""
+        try:
+            running = self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+        except self.nvml.NVMLError:
+            return None
+        if not running:
+            return None
+        return sum((p.usedGpuMemory or 0) for p in running if p.pid in pids) / MB
+
+    def power_w(self) -> float | None:
+        try:
+            return self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
+        except self.nvml.NVMLError:
+            return None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No sampling inside the block (the overhead benchmark's bare side runs without telemetry)."""
+        if self.proc is None:
+            yield
+            return
+        self.conn.send(("pause",))
+        self.conn.recv()
+        try:
+            yield
+        finally:
+            self.conn.send(("resume",))
+
+    def energy_j(self) -> float | None:
+        try:
+            return self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1000.0
+        except self.nvml.NVMLError:
+            return None
+
+
+def _sampler_main(pid: int, conn, gpu_index: int | None, interval_s: float) -> None:
+    """Sample the process tree of `pid` until told to stop. Commands: ("phase",) starts new peaks and answers the
+    finished phase's peaks; ("idle_power", seconds) answers the mean power over that many idle seconds."""
+    root = psutil.Process(pid)
+    me = os.getpid()              # the sampler is a child of the harness too: never count it
+    nvml = None
+    if gpu_index is not None:
+        try:
+            nvml = _Nvml(gpu_index)
+        except Exception:   # nvidia-ml-py missing or no NVML: the in-process torch figures still stand
+            nvml = None
+    tree, listed_at = [root], 0.0
+    peaks, samples = {}, 0
+
+    def reset():
+        nonlocal peaks, samples
+        peaks, samples = {"rss_mb": 0.0, "children_mb": 0.0, "tree_mb": 0.0}, 0
+        if nvml is not None:
+            peaks.update(gpu_process_mb=None, gpu_device_mb=0.0)
+    reset()
+    while True:
+        if conn.poll(interval_s):
+            command = conn.recv()
+            if command[0] == "stop":
+                return
+            if command[0] == "pause":            # sample nothing until the next command
+                conn.send("paused")
+                command = conn.recv()
+                if command[0] == "stop":
+                    return
+            if command[0] == "phase":
+                conn.send({**peaks, "samples": samples, "nvml": nvml is not None})
+                reset()
+            elif command[0] == "idle_power":
+                watts = []
+                end = time.monotonic() + command[1]
+                while nvml is not None and time.monotonic() < end:
+                    w = nvml.power_w()
+                    if w is not None:
+                        watts.append(w)
+                    time.sleep(0.02)
+                conn.send(sum(watts) / len(watts) if watts else None)
+            continue
+        now = time.monotonic()
+        if now - listed_at > CHILDREN_REFRESH_S:
+            try:
+                tree = [root, *(p for p in root.children(recursive=True) if p.pid != me)]
+                listed_at = now
+            except psutil.Error:
+                return   # the harness process is gone
+        main, children = 0.0, 0.0
+        for p in tree:
+            try:
+                rss = p.memory_info().rss / MB
+            except psutil.Error:
+                continue
+            if p.pid == pid:
+                main = rss
+            else:
+                children += rss
+        samples += 1
+        peaks["rss_mb"] = max(peaks["rss_mb"], main)
+        peaks["children_mb"] = max(peaks["children_mb"], children)
+        peaks["tree_mb"] = max(peaks["tree_mb"], main + children)
+        if nvml is not None:
+            attributed = nvml.process_mb({p.pid for p in tree})
+            if attributed is not None:
+                peaks["gpu_process_mb"] = max(peaks["gpu_process_mb"] or 0.0, attributed)
+            peaks["gpu_device_mb"] = max(peaks["gpu_device_mb"], nvml.device_used_mb())
+
+
+# -- this process -------------------------------------------------------------------------------------------------
 def _reset_peak_rss() -> bool:
-    """Linux: writing 5 to clear_refs resets VmHWM (the peak RSS) so each case gets its own peak."""
+    """Linux: writing 5 to clear_refs resets VmHWM (the peak RSS), so each phase gets its own exact peak."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -28,56 +170,132 @@ def _peak_rss_mb() -> float | None:
     return None
 
 
-class _Nvml:
-    def __init__(self, device_index: int):
-        import pynvml
-        pynvml.nvmlInit()
-        self.pynvml = pynvml
-        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-        self.handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+class Telemetry:
+    """One sampler process per harness process (started on first use), phases marked by the runner."""
 
-    def used_mb(self) -> float:
-        return self.pynvml.nvmlDeviceGetMemoryInfo(self.handle).used / MB
+    def __init__(self, cuda: bool, gpu_index: int | None = None, interval_s: float = SAMPLE_INTERVAL_S):
+        self.cuda, self.interval_s = cuda, interval_s
+        self.gpu_index = gpu_index if cuda else None
+        self.conn = self.proc = None
+        self.idle_watts: float | None = None
+        self.idle_device_mb: float | None = None
+        self._nvml: _Nvml | None = None
+        self._hwm_resettable = False
 
+    def start(self) -> "Telemetry":
+        if self.proc is not None:
+            return self
+        if self.cuda:
+            import torch
+            if self.gpu_index is None:
+                self.gpu_index = _nvml_index(torch.cuda.current_device())
+            try:
+                self._nvml = _Nvml(self.gpu_index)
+                self.idle_device_mb = self._nvml.device_used_mb()
+            except Exception:
+                self._nvml = None
+        context = multiprocessing.get_context("spawn")   # no fork of a process that holds CUDA or threads
+        self.conn, child = context.Pipe()
+        self.proc = context.Process(target=_sampler_main, args=(os.getpid(), child, self.gpu_index,
+                                                                self.interval_s), daemon=True)
+        self.proc.start()
+        child.close()
+        if self._nvml is not None:
+            self.conn.send(("idle_power", 1.0))
+            self.idle_watts = self.conn.recv()
+        self.conn.send(("phase",))         # discard what was sampled while starting
+        self.conn.recv()
+        return self
 
-class MemoryMeter:
-    """start() before a case, sample() during it (e.g. after each pipeline call), result() at the end."""
+    def stop(self) -> None:
+        if self.proc is not None:
+            try:
+                self.conn.send(("stop",))
+            except OSError:
+                pass
+            self.proc.join(timeout=5)
+            if self.proc.is_alive():
+                self.proc.kill()
+            self.proc = self.conn = None
 
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-        self.nvml = None
-        self.nvml_peak = None
-        self.rss_resettable = False
-
-    def start(self) -> None:
+    def begin_phase(self) -> None:
+        """Start a phase: the sampler's peaks, VmHWM and torch's peaks all start afresh."""
+        self._end_sampler_phase()
+        self._hwm_resettable = _reset_peak_rss()
         if self.cuda:
             import torch
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            try:
-                self.nvml = _Nvml(torch.cuda.current_device())
-                self.nvml_peak = self.nvml.used_mb()
-            except Exception:  # nvidia-ml-py missing or no NVML: torch figures still stand
-                self.nvml = None
-        self.rss_resettable = _reset_peak_rss()
-        self.rss_start = psutil.Process().memory_info().rss / MB
 
-    def sample(self) -> None:
-        if self.nvml is not None:
-            self.nvml_peak = max(self.nvml_peak or 0.0, self.nvml.used_mb())
-
-    def result(self) -> dict:
-        self.sample()
-        out: dict = {"rss_peak_mb": _peak_rss_mb(), "rss_peak_resettable": self.rss_resettable}
+    def end_phase(self) -> dict:
+        """The peaks of the phase begun last."""
+        sampled = self._end_sampler_phase()
+        hwm = _peak_rss_mb() if self._hwm_resettable else None
+        rss = max(filter(None, (hwm, sampled.get("rss_mb"))), default=None)
+        out = {"rss_mb": rss, "children_mb": sampled.get("children_mb"),
+               "samples": sampled.get("samples", 0)}
+        tree = max(filter(None, (sampled.get("tree_mb"), hwm)), default=None)
         if self.cuda:
             import torch
-            out["torch_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / MB
-            out["torch_peak_reserved_mb"] = torch.cuda.max_memory_reserved() / MB
-            out["nvml_used_peak_mb"] = self.nvml_peak
-            out["peak_mb"] = out["torch_peak_reserved_mb"]
+            torch.cuda.synchronize()
+            out["torch_allocated_mb"] = torch.cuda.max_memory_allocated() / MB
+            out["torch_reserved_mb"] = torch.cuda.max_memory_reserved() / MB
+            out["gpu_process_mb"] = sampled.get("gpu_process_mb")
+            out["gpu_device_mb"] = sampled.get("gpu_device_mb") if sampled.get("nvml") else None
+            if out["gpu_process_mb"]:
+                out["peak_mb"], out["peak_source"] = out["gpu_process_mb"], "nvml per-process (process tree)"
+            elif out["gpu_device_mb"] and self.idle_device_mb is not None:
+                out["peak_mb"] = out["gpu_device_mb"] - self.idle_device_mb
+                out["peak_source"] = "nvml device used above idle"
+            else:
+                out["peak_mb"], out["peak_source"] = out["torch_reserved_mb"], "torch reserved"
         else:
-            out["peak_mb"] = out["rss_peak_mb"]
+            out["peak_mb"], out["peak_source"] = tree, "process tree RSS"
         return out
+
+    def _end_sampler_phase(self) -> dict:
+        if self.proc is None or not self.proc.is_alive():
+            return {}
+        self.conn.send(("phase",))
+        return self.conn.recv()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No sampling inside the block (the overhead benchmark's bare side runs without telemetry)."""
+        if self.proc is None:
+            yield
+            return
+        self.conn.send(("pause",))
+        self.conn.recv()
+        try:
+            yield
+        finally:
+            self.conn.send(("resume",))
+
+    def energy_j(self) -> float | None:
+        return self._nvml.energy_j() if self._nvml is not None else None
+
+
+def _nvml_index(torch_index: int) -> int:
+    """NVML numbers GPUs by PCI bus id; CUDA does too when CUDA_DEVICE_ORDER=PCI_BUS_ID (set before CUDA starts),
+    and CUDA_VISIBLE_DEVICES renumbers what torch sees."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+        if torch_index < len(ids) and ids[torch_index].isdigit():
+            return int(ids[torch_index])
+    return torch_index
+
+
+def energy_record(telemetry: Telemetry, joules: float | None, seconds: float, calls: int) -> dict:
+    """joules_per_call (idle power subtracted), watts_mean over the measured calls, idle_watts; or the reason."""
+    if not telemetry.cuda:
+        return {"unsupported": "no energy counter on CPU (NVML's total-energy counter is GPU-only)"}
+    if joules is None or calls == 0 or seconds <= 0:
+        return {"unsupported": "NVML total-energy counter not available on this GPU/driver"}
+    idle = telemetry.idle_watts or 0.0
+    return {"joules_per_call": max(joules - idle * seconds, 0.0) / calls, "watts_mean": joules / seconds,
+            "idle_watts": telemetry.idle_watts, "calls": calls, "seconds": seconds}
 
 
 def cuda_memory_snapshot() -> dict:

@@ -5,6 +5,7 @@ pytest-timeout owns pytest's `--timeout`, so the per-case timeout is `--case-tim
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -65,6 +66,9 @@ MEASURING = (
            metavar="S"),
     Option("--triton-url", "use an existing Triton server (host:port) instead of starting one",
            metavar="HOST:PORT"),
+    Option("--isolate", "measure each case in a fresh worker process, so allocator pools, compile caches, arenas "
+           "and the peak RSS of one case cannot leak into the next (default: on with --gpu, off on CPU)",
+           action=argparse.BooleanOptionalAction),
 )
 OUTPUT = (
     Option("--results-dir", "parent folder of results/<run-id>/", default="results", metavar="DIR"),
@@ -111,6 +115,8 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
     config.getoption). Raises UserError (one line, exit 2) on bad input."""
     device = resolve_device(get("gpu"))
     run_options = build_run_options(device, get("quick"), get("warmup"), get("repeats"), get("case_timeout"))
+    isolate = get("isolate")
+    run_options.isolate = device == "cuda" if isolate is None else bool(isolate)
     cases = select_cases(get("model"), get("backend"), get("dtype"), get("batch"), get("size"), get("steps"),
                          get("matrix"))
     thresholds = list(get("threshold") or [])

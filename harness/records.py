@@ -10,7 +10,7 @@ import os
 import subprocess
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -48,7 +48,8 @@ class Record:
     cold_s: float | None = None       # load + prepare + first call
     first_call_s: float | None = None
     build: dict[str, float] = field(default_factory=dict)   # step -> seconds (load, export, compile, engine...)
-    memory: dict[str, Any] = field(default_factory=dict)    # peak_mb (headline), rss/torch/nvml detail
+    memory: dict[str, Any] = field(default_factory=dict)    # {load, build, inference: {...}, peak_mb (headline)}
+    energy: dict[str, Any] = field(default_factory=dict)    # GPU: joules_per_call, watts_mean, idle_watts
     parity: dict[str, Any] = field(default_factory=dict)    # {verdict, image: {...}, components: {...}}
     info: dict[str, Any] = field(default_factory=dict)      # backend facts (providers, exporter, graph breaks...)
     serving: dict[str, Any] = field(default_factory=dict)   # triton: sweep, server stats, metrics
@@ -60,6 +61,7 @@ class Record:
     seed: int | None = None
     image: str = ""                   # path of the saved output image (relative to the records file)
     notes: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)       # worth a look, not failures (e.g. integration cost)
     synthetic: bool = False           # made-up numbers (test fixtures, demos): the report says so in a banner
     timestamp: float = field(default_factory=time.time)
     schema: int = SCHEMA_VERSION
@@ -71,6 +73,12 @@ class Record:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Record":
+        """A record read back (e.g. from a worker); keys this version does not know are dropped."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in upgrade(data).items() if k in names})
 
 
 class RecordWriter:
@@ -130,8 +138,11 @@ def upgrade(record: dict) -> dict:
         return record
     upgraded = dict(record)
     if version == 1:
-        # v2 added: synthetic (False for every real run)
+        # v2 added: synthetic (False for every real run), energy, findings, and memory per phase (load, build,
+        # inference); a v1 peak_mb was the whole case's peak (load and build included), kept as it was
         upgraded.setdefault("synthetic", False)
+        upgraded.setdefault("energy", {})
+        upgraded.setdefault("findings", [])
     upgraded["schema_written"], upgraded["schema"] = version, SCHEMA_VERSION
     return upgraded
 

@@ -27,9 +27,9 @@ from backends import base as registry
 from harness import compare, device as devinfo, models
 from harness.cases import Case
 from harness.errors import UserError
-from harness.memory import MemoryMeter, cuda_memory_snapshot
+from harness.memory import Telemetry, cuda_memory_snapshot, energy_record
 from harness.records import Record, RecordWriter, git_info, new_run_id, recorded_case_ids, sanitize
-from harness.timing import StageTimer, measure
+from harness.timing import StageTimer, measure, stats
 
 
 class CaseTimeout(Exception):
@@ -48,6 +48,9 @@ class RunOptions:
     timeout_s: float | None = 900.0
     save_images: bool = True
     tolerance_overrides: dict | None = None
+    isolate: bool = False          # each case in a fresh worker process (harness/worker.py)
+    time_components: bool = True   # time every executor alone on the reference's inputs, beside the pipeline
+    share_references: bool = False # keep each shape's reference in the run folder (isolated workers share it)
 
 
 @dataclass
@@ -80,6 +83,8 @@ class Session:
         self.records: dict[str, Record] = {}
         self._references: dict[tuple, Reference] = {}
         self.cache_dir = models.cache_root()
+        self.telemetry = Telemetry(self.options.device == "cuda")   # its sampler starts with the first case
+        self.cases: list[Case] = []
 
     # -- records ---------------------------------------------------------------------------------------------
     def write(self, record: Record) -> None:
@@ -87,12 +92,13 @@ class Session:
         if record.case_id in self.records:
             return
         self.records[record.case_id] = record
-        record.env, record.git = self.env, self.git
+        record.env, record.git = record.env or self.env, self.git
         record_dict = sanitize(record.to_dict())
         self.writer.write(record_dict)
 
     def configure(self, cases: list[Case]) -> None:
         """Tell each backend the run's whole case list before any case runs."""
+        self.cases = list(cases)
         for name in sorted({c.backend for c in cases}):
             try:
                 registry.get(name).configure([c for c in cases if c.backend == name])
@@ -100,20 +106,33 @@ class Session:
                 pass  # unknown backends become unsupported rows when their cases run
 
     def result(self, case: Case, loop=None) -> Record:
-        """The case's record for this run: measured once, then shared by every suite that asks."""
+        """The case's record for this run: measured once, then shared by every suite that asks. With isolation,
+        measured in a fresh worker process (which times its own loop: pytest-benchmark's `loop` stays here)."""
         if case.id not in self.records:
-            self.write(run_case(case, self, loop=loop))
+            self.write(run_isolated(case, self) if self.options.isolate else run_case(case, self, loop=loop))
         return self.records[case.id]
 
     def close(self) -> None:
         registry.close_all()
+        self.telemetry.stop()
         self.writer.close()
 
     # -- reference -------------------------------------------------------------------------------------------
     def reference(self, case: Case) -> Reference:
+        """The reference for the case's shape: computed once per run. Isolated workers share it through a file in
+        the run folder, so it is computed by the first worker of its shape only."""
         key = case.shape_key
         if key not in self._references:
-            self._references[key] = _compute_reference(case, self.options)
+            path = self.run_dir / "references" / (re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(map(str, key))) + ".pt")
+            if path.is_file():   # written by this run's own worker: captured calls hold plain Python values too
+                self._references[key] = Reference(**torch.load(path, weights_only=False))
+            else:
+                self._references[key] = _compute_reference(case, self.options)
+                if self.options.share_references:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(".tmp")
+                    torch.save(vars(self._references[key]), tmp)
+                    tmp.replace(path)
         return self._references[key]
 
 
@@ -258,14 +277,15 @@ def component_parity(prepared: registry.Prepared, model: models.LoadedModel, ref
     return results
 
 
-def parity_verdict(image_result: dict, components: dict[str, dict]) -> tuple[str, str, str]:
-    """(verdict, error class, reason) from the image and component checks."""
+def parity_verdict(image_results: dict[str, dict], components: dict[str, dict]) -> tuple[str, str, str]:
+    """(verdict, error class, reason) from the image checks (first and last measured call) and component checks."""
     failures = [(name, r) for name, r in components.items() if not r["passed"]]
-    if not image_result.get("passed"):
-        error = image_result.get("error", "")
-        cls = "NaNError" if "NaN" in error or "Inf" in error else (
-            "ConstantImageError" if "constant" in error else "ParityError")
-        return "fail", cls, f"image parity: {error}"
+    for which, image_result in image_results.items():
+        if not image_result.get("passed"):
+            error = image_result.get("error", "")
+            cls = "NaNError" if "NaN" in error or "Inf" in error else (
+                "ConstantImageError" if "constant" in error else "ParityError")
+            return "fail", cls, f"image parity ({which}): {error}"
     if failures:
         name, r = failures[0]
         error = r.get("error") or next((o.get("error") for o in r.get("outputs", {}).values()
@@ -273,6 +293,95 @@ def parity_verdict(image_result: dict, components: dict[str, dict]) -> tuple[str
         cls = "NaNError" if "NaN" in (error or "") else "ParityError"
         return "fail", cls, f"{name} parity: {error}"
     return "pass", "", ""
+
+
+# -- precision --------------------------------------------------------------------------------------------------
+def set_precision_defaults() -> None:
+    """fp32 means fp32: TF32 off in matmuls and cuDNN convolutions before every case (a `+tf32` variant turns it on
+    in its prepare and restores it at close)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
+def precision_facts() -> dict:
+    """What decides float32 precision and kernel choice right now (recorded per case in env.precision)."""
+    return {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cudnn_deterministic": torch.backends.cudnn.deterministic}
+
+
+# -- one pipeline call as every case makes it -------------------------------------------------------------------
+class PipelineCall:
+    """The user's call: the pipeline with the fixed inputs. Fresh latents are prepared by `setup` before the clock
+    starts (some schedulers modify them in place); the stage timer's hooks mark the stages inside the call."""
+
+    def __init__(self, pipeline, model: models.LoadedModel, case: Case, cuda: bool):
+        self.pipeline, self.model, self.case = pipeline, model, case
+        self.inputs = models.pipeline_inputs(model, case)
+        self.timer = StageTimer(cuda=cuda).attach(pipeline, model.text_encoders, model.denoiser, model.vae)
+
+    def setup(self) -> None:
+        self.inputs["latents"] = models.initial_latents(self.model, self.case)
+
+    def __call__(self):
+        with torch.inference_mode():
+            return self.pipeline(**self.inputs).images
+
+    def detach(self) -> None:
+        self.timer.detach()
+
+
+def time_components_alone(prepared: registry.Prepared, model: models.LoadedModel, reference: Reference,
+                          device: str, warmup: int, repeats: int) -> dict[str, dict]:
+    """Each executor called alone on the reference's captured inputs (what component parity feeds it): its cost
+    outside the pipeline, to set beside the in-pipeline stage. Same clock as the stages."""
+    clock = StageTimer(cuda=device == "cuda").clock
+    out = {}
+    for name, (args, kwargs, _) in reference.components.items():
+        executor = getattr(prepared.pipeline, name)
+        call = executor.decode if name == model.vae else executor
+        args, kwargs = _to_device(args, device), _to_device(kwargs, device)
+        seconds = []
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                start = clock.mark()
+                call(*args, **kwargs)
+                end = clock.mark()
+                clock.sync()
+                if i >= warmup:
+                    seconds.append(clock.seconds(start, end))
+        out[name] = stats(seconds)
+    return out
+
+
+INTEGRATION_WARNING = 1.5   # in-pipeline p50 above this multiple of the component alone is a finding
+
+
+def stages_alone(stages: dict, alone: dict[str, dict], model: models.LoadedModel,
+                 calls_per_run: dict[str, int]) -> list[str]:
+    """Put each component's alone figure beside its in-pipeline stage (stages[stage]["alone"], ["integration"] =
+    in-pipeline p50 / alone p50) and return the findings: stages whose integration exceeds INTEGRATION_WARNING."""
+    mapping = {"denoise_step": [model.denoiser], "vae_decode": [model.vae], "text_encode": model.text_encoders}
+    findings = []
+    for stage, components in mapping.items():
+        if stage not in stages or not all(c in alone and alone[c].get("n") for c in components):
+            continue
+        if stage == "text_encode":   # the stage sums every encoder call of a pipeline call (prompt and negative)
+            p50 = sum(alone[c]["p50"] * calls_per_run.get(c, 1) for c in components)
+            stages[stage]["alone"] = {"p50": p50, "components": {c: alone[c] for c in components},
+                                      "calls_per_pipeline_call": {c: calls_per_run.get(c, 1) for c in components}}
+        else:
+            stages[stage]["alone"] = dict(alone[components[0]])
+            p50 = alone[components[0]]["p50"]
+        ratio = stages[stage]["p50"] / p50 if p50 else None
+        stages[stage]["integration"] = ratio
+        if ratio is not None and ratio > INTEGRATION_WARNING:
+            findings.append(f"{stage}: in-pipeline p50 {stages[stage]['p50'] * 1e3:.2f} ms is {ratio:.2f}x the "
+                            f"component alone ({p50 * 1e3:.2f} ms): the pipeline around it slows it down")
+    return findings
 
 
 def _save_image(image: np.ndarray, run_dir: Path, case: Case) -> str:
@@ -293,12 +402,17 @@ def interrupted_record(case: Case, session: Session, record: Record | None = Non
 
 
 # -- one case -----------------------------------------------------------------------------------------------------
+class NoSamples(Exception):
+    """The case made no measured call (e.g. pytest-benchmark disabled): there is no latency to record."""
+
+
 def run_case(case: Case, session: Session, loop: Callable | None = None) -> Record:
     """Measure one case and return its record (never raises for a failing case; Interrupted propagates)."""
     options = session.options
     record = Record.for_case(case, session.run_id, device=options.device,
                              timing={"warmup": options.warmup, "repeats": options.repeats,
-                                     "clock": "cuda-events" if options.device == "cuda" else "perf_counter"})
+                                     "clock": "cuda-events" if options.device == "cuda" else "perf_counter",
+                                     "isolated": _is_worker()})
     try:
         support = support_of(case, session.env)
     except UserError as exc:
@@ -320,6 +434,8 @@ def run_case(case: Case, session: Session, loop: Callable | None = None) -> Reco
             record.memory["at_failure"] = cuda_memory_snapshot()
     except CaseTimeout as exc:
         record.status, record.error_class, record.reason = "error", "TimeoutError", str(exc)
+    except NoSamples as exc:
+        record.status, record.error_class, record.reason = "error", "NoSamples", str(exc)
     except Exception as exc:
         record.status, record.error_class, record.reason = "error", type(exc).__name__, _one_line(exc)
         record.info["traceback"] = traceback.format_exc(limit=8)[-4000:]
@@ -331,52 +447,120 @@ def run_case(case: Case, session: Session, loop: Callable | None = None) -> Reco
 def _measure_case(case: Case, session: Session, record: Record, reference: Reference, loop) -> None:
     options = session.options
     cuda = options.device == "cuda"
-    meter = MemoryMeter(cuda)
-    meter.start()
+    telemetry = session.telemetry.start()
     backend = registry.get(case.backend)
+    set_precision_defaults()
+    memory: dict[str, dict] = {}
     cold_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         build: dict[str, float] = {}
+        telemetry.begin_phase()
         with registry.timed(build, "load"):
             model = models.load(case.model, case.dtype, options.device)
+        memory["load"] = telemetry.end_phase()
         record.notes.extend(model.notes)
+        telemetry.begin_phase()
         prepared = backend.prepare(model, case, session.cache_dir)
         stack.callback(prepared.close)
         record.build = {**build, **prepared.build}
-        inputs = models.pipeline_inputs(model, case)
-        record.prompt, record.seed = list(inputs["prompt"]), models.seed_for(case)
-        timer = StageTimer(cuda=cuda).attach(prepared.pipeline, model.text_encoders, model.denoiser, model.vae)
-        stack.callback(timer.detach)
-
-        def call():
-            with torch.inference_mode():
-                # fresh latents each call: some schedulers modify them in place
-                inputs["latents"] = models.initial_latents(model, case)
-                return prepared.pipeline(**inputs).images
+        record.env = {**session.env, "precision": precision_facts(), "pid": os.getpid()}
+        call = PipelineCall(prepared.pipeline, model, case, cuda)
+        stack.callback(call.detach)
+        record.prompt, record.seed = list(call.inputs["prompt"]), models.seed_for(case)
 
         first_start = time.perf_counter()
-        image, _ = timer.run(call, keep=False)
+        first_image, _ = call.timer.run(call, keep=False, setup=call.setup)
         record.first_call_s = time.perf_counter() - first_start
         record.cold_s = time.perf_counter() - cold_start
-        meter.sample()
-        measure(timer, lambda: (call(), meter.sample()), options.warmup, options.repeats, loop)
-        record.stages, record.e2e = timer.summary()
-        record.samples = {"e2e": list(timer.samples["e2e"])}
-        timer.detach()
-        record.memory = meter.result()
+        memory["build"] = telemetry.end_phase()
+
+        # energy over the measured calls only: the counter is read in the setup of the first measured call
+        calls = {"n": 0}
+        energy = {}
+
+        def setup():
+            calls["n"] += 1
+            if calls["n"] == options.warmup + 1:
+                energy["start_j"], energy["start_s"] = telemetry.energy_j(), time.perf_counter()
+            call.setup()
+        telemetry.begin_phase()
+        last_image = measure(call.timer, call, options.warmup, options.repeats, loop, setup)
+        seconds = time.perf_counter() - energy.get("start_s", time.perf_counter())
+        end_j = telemetry.energy_j()
+        memory["inference"] = telemetry.end_phase()
+        if not call.timer.samples["e2e"]:
+            raise NoSamples(f"no measured call ({calls['n']} call(s), all warm-up): nothing to time -- was the "
+                            "benchmark loop disabled (pytest --benchmark-disable)?")
+        record.stages, record.e2e = call.timer.summary()
+        record.samples = {"e2e": list(call.timer.samples["e2e"])}
+        joules = end_j - energy["start_j"] if end_j is not None and energy.get("start_j") is not None else None
+        record.energy = energy_record(telemetry, joules, seconds, record.e2e["n"])
+        record.memory = {**memory, "peak_mb": memory["inference"]["peak_mb"],
+                         "sampler_interval_ms": telemetry.interval_s * 1000}
+        call.detach()
         record.info.update(prepared.info)
+        if prepared.after_measure is not None:
+            record.info.update(prepared.after_measure())
         record.notes.extend(record.info.pop("notes", []) or [])
         if "serving" in prepared.info:
             record.serving = record.info.pop("serving")
 
-        image = np.asarray(image, dtype=np.float32)
-        image_result = compare.check_image(reference.image, image, compare.IMAGE_TOLERANCES[case.dtype])
+        images = {"first call": np.asarray(first_image, dtype=np.float32),
+                  "last measured call": np.asarray(last_image, dtype=np.float32)}
+        tolerance = compare.IMAGE_TOLERANCES[case.dtype]
+        image_results = {which: compare.check_image(reference.image, image, tolerance)
+                         for which, image in images.items()}
         components = component_parity(prepared, model, reference, case.dtype, options.device,
                                       options.tolerance_overrides)
-        verdict, error_class, reason = parity_verdict(image_result, components)
-        record.parity = {"verdict": verdict, "reference": registry.REFERENCE, "image": image_result,
+        verdict, error_class, reason = parity_verdict(image_results, components)
+        record.parity = {"verdict": verdict, "reference": registry.REFERENCE,
+                         "image": image_results["first call"], "image_last": image_results["last measured call"],
                          "components": components}
         if options.save_images:
-            record.image = _save_image(image, session.run_dir, case)
+            record.image = _save_image(images["last measured call"], session.run_dir, case)
         if verdict != "pass":
             record.status, record.error_class, record.reason = "failed", error_class, reason
+        elif options.time_components:
+            alone = time_components_alone(prepared, model, reference, options.device, options.warmup,
+                                          options.repeats)
+            record.findings.extend(stages_alone(record.stages, alone, model, call.timer.calls_per_run))
+
+
+# -- isolation: each case in a fresh worker process ----------------------------------------------------------------
+ISOLATION_ENV = "DIFFBENCH_ISOLATED_WORKER"
+
+
+def _is_worker() -> bool:
+    return os.environ.get(ISOLATION_ENV) == "1"
+
+
+def run_isolated(case: Case, session: Session) -> Record:
+    """Measure the case in a fresh worker process of this build and return its record. A worker that dies (a crash
+    in native code, the kernel's OOM killer) becomes an error record; Ctrl-C / SIGTERM stop it and record the case
+    as interrupted."""
+    from dataclasses import asdict
+
+    from harness.worker import WorkerDied, WorkerProcess
+    options = {**asdict(session.options), "isolate": False, "share_references": True}
+    settings = {"results_dir": str(session.run_dir), "run_id": session.run_id, "in_run_dir": True,
+                "device": session.options.device, "warmup": session.options.warmup,
+                "repeats": session.options.repeats, "timeout_s": session.options.timeout_s, "options": options}
+    worker = WorkerProcess(Path(__file__).resolve().parent.parent, settings, session.run_dir / "workers.log",
+                           {ISOLATION_ENV: "1"}, label=f"worker of {case.id}")
+    try:
+        worker.start()
+        worker.send({"op": "configure", "cases": [c.id for c in session.cases or [case]]})
+        worker.send({"op": "run", "case": case.id})
+        message = worker.read()
+        worker.stop()
+        return Record.from_dict(message["record"])
+    except WorkerDied as exc:
+        record = Record.for_case(case, session.run_id, device=session.options.device)
+        record.status, record.error_class, record.reason = "error", "WorkerDied", str(exc)
+        return record
+    except (Interrupted, KeyboardInterrupt):
+        worker.kill()
+        session.write(interrupted_record(case, session))
+        raise
+    finally:
+        worker.kill()

@@ -3,7 +3,9 @@
 Stages: text_encode (all text-encoder calls of one pipeline call), denoise (all denoiser calls), denoise_step
 (each denoiser call), vae_decode, other (scheduler, guidance, pre/post-processing = e2e minus the stages) and e2e.
 GPU: CUDA events on the current stream and ONE synchronise at the end of each pipeline call. CPU: perf_counter.
-Warm-up calls are run and discarded; the cold first call is measured by the runner separately.
+Warm-up calls are run and discarded; the cold first call is measured by the runner separately. Whatever prepares
+a call (fresh inputs) runs before the clock starts: the timed region holds the user's call and the hooks' clock
+marks, nothing else.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class _Call:
     stage: str
     start: Any
     end: Any = None
+    component: str = ""
 
 
 @dataclass
@@ -66,6 +69,7 @@ class StageTimer:
     samples: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in (*STAGES, "e2e")})
     _calls: list[_Call] = field(default_factory=list)
     _undo: list[Callable[[], None]] = field(default_factory=list)
+    calls_per_run: dict[str, int] = field(default_factory=dict)   # component -> calls in the last pipeline call
 
     def __post_init__(self):
         self.clock = _Clock(self.cuda)
@@ -73,30 +77,30 @@ class StageTimer:
     # -- instrumentation -------------------------------------------------------------------------------------
     def attach(self, pipeline, text_encoders: list[str], denoiser: str, vae: str) -> "StageTimer":
         for name in text_encoders:
-            self._hook_module(getattr(pipeline, name), "text_encode")
-        self._hook_module(getattr(pipeline, denoiser), "denoise")
-        self._wrap_method(getattr(pipeline, vae), "decode", "vae_decode")
+            self._hook_module(getattr(pipeline, name), "text_encode", name)
+        self._hook_module(getattr(pipeline, denoiser), "denoise", denoiser)
+        self._wrap_method(getattr(pipeline, vae), "decode", "vae_decode", vae)
         return self
 
     def detach(self) -> None:
         while self._undo:
             self._undo.pop()()
 
-    def _hook_module(self, module, stage: str) -> None:
+    def _hook_module(self, module, stage: str, component: str) -> None:
         def pre(_mod, _args, _kwargs=None):
-            self._calls.append(_Call(stage, self.clock.mark()))
+            self._calls.append(_Call(stage, self.clock.mark(), component=component))
 
         def post(_mod, _args, *_rest):
             self._close(stage)
         handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
         self._undo.append(lambda: [h.remove() for h in handles])
 
-    def _wrap_method(self, obj, method: str, stage: str) -> None:
+    def _wrap_method(self, obj, method: str, stage: str, component: str) -> None:
         original = getattr(obj, method)
         had_instance_attr = method in vars(obj)
 
         def timed(*args, **kwargs):
-            self._calls.append(_Call(stage, self.clock.mark()))
+            self._calls.append(_Call(stage, self.clock.mark(), component=component))
             try:
                 return original(*args, **kwargs)
             finally:
@@ -117,8 +121,12 @@ class StageTimer:
                 return
 
     # -- measuring -------------------------------------------------------------------------------------------
-    def run(self, fn: Callable[[], Any], keep: bool = True) -> tuple[Any, dict[str, float]]:
-        """Call fn once; return its result and this call's per-stage seconds (recorded when keep)."""
+    def run(self, fn: Callable[[], Any], keep: bool = True,
+            setup: Callable[[], Any] | None = None) -> tuple[Any, dict[str, float]]:
+        """Call fn once; return its result and this call's per-stage seconds (recorded when keep). `setup` runs
+        first, outside the clock."""
+        if setup is not None:
+            setup()
         self._calls.clear()
         start = self.clock.mark()
         result = fn()
@@ -127,7 +135,9 @@ class StageTimer:
         e2e = self.clock.seconds(start, end)
         per_call = {"text_encode": 0.0, "denoise": 0.0, "vae_decode": 0.0}
         steps = []
+        self.calls_per_run = {}
         for call in self._calls:
+            self.calls_per_run[call.component] = self.calls_per_run.get(call.component, 0) + 1
             if call.end is None:
                 continue
             seconds = self.clock.seconds(call.start, call.end)
@@ -149,9 +159,11 @@ class StageTimer:
 
 
 def measure(timer: StageTimer, fn: Callable[[], Any], warmup: int, repeats: int,
-            loop: Callable[[Callable[[], Any], int, int], Any] | None = None) -> Any:
-    """Run warm-up calls (discarded) then `repeats` measured calls. `loop(call, warmup, repeats)` may drive the
-    calls instead (pytest-benchmark's pedantic mode); our timer still tells warm-up from measured calls."""
+            loop: Callable[..., Any] | None = None, setup: Callable[[], Any] | None = None) -> Any:
+    """Run warm-up calls (discarded) then `repeats` measured calls; `setup` prepares each call outside the clock.
+    `loop(call, warmup, repeats, setup)` may drive the calls instead (pytest-benchmark's pedantic mode, which
+    runs `setup` before each round outside its own clock); our timer still tells warm-up from measured calls.
+    Returns the last call's result (the image parity judges beside the first call's)."""
     count = {"n": 0}
     last = {}
 
@@ -163,7 +175,9 @@ def measure(timer: StageTimer, fn: Callable[[], Any], warmup: int, repeats: int,
 
     if loop is None:
         for _ in range(warmup + repeats):
+            if setup is not None:
+                setup()
             call()
     else:
-        loop(call, warmup, repeats)
+        loop(call, warmup, repeats, setup)
     return last.get("result")

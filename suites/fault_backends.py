@@ -5,6 +5,8 @@
   nan    -- returns NaN                    oom   -- raises torch.OutOfMemoryError
   blank  -- makes the VAE return a constant image
   scaled -- scales the denoiser output by 1.01 (a subtly wrong executor that parity must catch)
+  drift  -- right during the first pipeline call, scaled by 1.01 after it (reused buffers, stale state: a
+            backend that parity on the first call alone would pass)
   slow   -- busy-waits DIFFBENCH_FAULT_SLEEP seconds (default 0.01) per denoiser call (a real slowdown for the gate)
   exit   -- ends the process at once, like a crash in native code (for the A/B worker's crash handling)
 
@@ -21,15 +23,15 @@ import torch
 from backends import base as registry
 from backends.base import Backend, Executor, Prepared
 
-FAULTS = ("raise", "hang", "nan", "oom", "blank", "scaled", "slow", "exit")
+FAULTS = ("raise", "hang", "nan", "oom", "blank", "scaled", "drift", "slow", "exit")
 
 
 class _Wrapped(Executor):
     """Runs the original module, then misbehaves as asked."""
 
-    def __init__(self, inner, fault: str):
+    def __init__(self, inner, fault: str, steps: int):
         super().__init__(inner)
-        self.inner, self.fault = inner, fault
+        self.inner, self.fault, self.steps, self.calls = inner, fault, steps, 0
 
     def __getattr__(self, name):
         try:
@@ -51,6 +53,9 @@ class _Wrapped(Executor):
             while time.perf_counter() < end:
                 pass
         out = self.inner(*args, **kwargs)
+        self.calls += 1
+        if self.fault == "drift" and self.calls > self.steps:
+            return (out[0] * 1.01,)
         if self.fault == "nan":
             return (torch.full_like(out[0], float("nan")),)
         if self.fault == "scaled":
@@ -73,7 +78,7 @@ class FaultyBackend(Backend):
             vae.decode = lambda z, *a, **k: (torch.zeros_like(original(z, *a, **k)[0]),)
             executors[model.vae] = vae
         else:
-            wrapped = _Wrapped(getattr(pipeline, model.denoiser), case.variant)
+            wrapped = _Wrapped(getattr(pipeline, model.denoiser), case.variant, case.steps)
             setattr(pipeline, model.denoiser, wrapped)
             executors[model.denoiser] = wrapped
         return Prepared(pipeline=pipeline, executors=executors, info={"fault": case.variant})

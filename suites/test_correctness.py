@@ -27,6 +27,13 @@ def test_image_parity(case, diffbench_session):
     assert image["psnr"] is None or image["psnr"] >= image["tolerance"]["min_psnr_db"]
 
 
+def test_image_parity_holds_on_the_last_measured_call(case, diffbench_session):
+    """A backend right on its first call and wrong later (overwritten output buffers, stale state) must fail."""
+    record = _measured(case, diffbench_session)
+    last = record.parity["image_last"]
+    assert last["passed"], f"{case.id}: last measured call: {last.get('error')}"
+
+
 def test_component_parity(case, diffbench_session):
     record = _measured(case, diffbench_session)
     components = record.parity["components"]

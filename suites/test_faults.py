@@ -30,6 +30,7 @@ EXPECTED = {  # fault -> (status, error class, text in the reason)
     "nan": ("failed", "NaNError", "NaN"),
     "oom": ("error", "OutOfMemoryError", "out of memory"),
     "blank": ("failed", "ConstantImageError", "constant"),
+    "drift": ("failed", "ParityError", "image parity (last measured call)"),
 }
 
 
@@ -54,6 +55,37 @@ def test_every_fault_is_a_record_and_the_run_goes_on(faulty, tmp_path):
     assert records[Case("tiny-sd", "diffusers", steps=2).id]["status"] == "passed", "the case after the faults did not run"
 
 
+def test_a_case_without_measured_calls_is_an_error_not_a_pass(tmp_path):
+    """pytest --benchmark-disable runs the benchmarked function once: every call a warm-up, nothing timed."""
+    session = Session(tmp_path, RunOptions(warmup=2, repeats=10))
+    try:
+        record = session.result(Case("tiny-sd", "diffusers", steps=1),
+                                loop=lambda call, warmup, repeats, setup: (setup(), call()))
+    finally:
+        session.close()
+    assert (record.status, record.error_class) == ("error", "NoSamples"), record.reason
+    assert "benchmark-disable" in record.reason
+
+
+def test_isolated_run_gives_each_case_its_own_process_and_exits_1_on_a_failure(tmp_path):
+    """--isolate: every case in a fresh worker (its own pid), records written by the coordinator; a case wrong only
+    after its first call fails, and the run exits 1 (--allow-failures: 0)."""
+    args = ["run", "--isolate", "--model", "tiny-sd", "--backend", "diffusers", "--backend", "faulty+drift",
+            "--steps", "2", "--warmup", "0", "--repeats", "2", "--no-report", "--results-dir", str(tmp_path)]
+    proc = _diffbench(args, env_extra={"DIFFBENCH_PLUGINS": "suites.fault_backends"})
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, (out, err)
+    assert "1 case(s) failed or errored" in err
+    (records_file,) = tmp_path.glob("*/records.jsonl")
+    records = {r["backend"]: r for r in read_records(records_file)}
+    assert records["diffusers"]["status"] == "passed"
+    assert records["faulty"]["status"] == "failed" and "last measured call" in records["faulty"]["reason"]
+    pids = {r["env"]["pid"] for r in records.values()}
+    assert len(pids) == 2 and proc.pid not in pids
+    assert all(r["timing"]["isolated"] for r in records.values())
+    assert (records_file.parent / "references").is_dir()     # the second worker reused the first one's reference
+
+
 def test_unsupported_variant_is_a_record(faulty, tmp_path):
     session = Session(tmp_path, RunOptions(warmup=0, repeats=1))
     record = session.result(Case("tiny-sd", "faulty", "no-such-fault"))
@@ -70,8 +102,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _diffbench(args, **kw):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DIFFBENCH_FAULT_SLEEP": "0.4"}
+def _diffbench(args, env_extra=None, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DIFFBENCH_FAULT_SLEEP": "0.4", **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-c", _RUNNER, *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             preexec_fn=fault_backends.sigint_as_at_a_terminal, **kw)

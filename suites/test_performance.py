@@ -9,8 +9,9 @@ import pytest
 def test_latency(case, diffbench_session, benchmark):
     options = diffbench_session.options
 
-    def loop(call, warmup, repeats):
-        benchmark.pedantic(call, rounds=repeats, warmup_rounds=warmup, iterations=1)
+    def loop(call, warmup, repeats, setup):
+        # pedantic's setup runs before each round outside its clock, as ours does
+        benchmark.pedantic(call, setup=setup, rounds=repeats, warmup_rounds=warmup, iterations=1)
 
     record = diffbench_session.result(case, loop=loop)
     if record.status == "unsupported":
@@ -26,3 +27,18 @@ def test_latency(case, diffbench_session, benchmark):
     benchmark.extra_info.update(case=case.id, parity=record.parity["verdict"],
                                 stages_p50_ms={k: v["p50"] * 1000 for k, v in record.stages.items()},
                                 cold_s=record.cold_s, build=record.build, peak_mb=record.memory["peak_mb"])
+
+
+def test_in_pipeline_denoise_step_stays_close_to_the_component_alone(case, diffbench_session):
+    """A backend configured badly for life inside a pipeline (e.g. ONNX Runtime's spinning thread pool fighting
+    torch's threads for the cores) shows as an in-pipeline denoiser step far slower than the same executor alone on
+    the same inputs. Both are measured in the same run, so this is a ratio, not an absolute time."""
+    from harness.runner import INTEGRATION_WARNING
+    record = diffbench_session.result(case)
+    if record.status != "passed":
+        pytest.skip(f"{record.status}: {record.reason}")
+    step = record.stages["denoise_step"]
+    assert step.get("alone"), "the denoiser was not timed alone"
+    assert step["integration"] <= INTEGRATION_WARNING, (
+        f"{case.id}: in-pipeline denoise_step p50 {step['p50'] * 1e3:.2f} ms vs alone "
+        f"{step['alone']['p50'] * 1e3:.2f} ms = {step['integration']:.2f}x")

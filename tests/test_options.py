@@ -7,8 +7,9 @@ import pytest
 from harness import options
 from harness.cli import build_parser
 
-# options that only make sense on one side: the CLI resumes a run folder; pytest has its own session control
-CLI_ONLY = {"--resume"}
+# options that only make sense on one side: the CLI resumes a run folder and sets its exit code; pytest has its
+# own session control and exit status
+CLI_ONLY = {"--resume", "--allow-failures"}
 
 
 def _cli_run_actions() -> dict[str, argparse.Action]:
@@ -50,3 +51,18 @@ def test_settings_are_validated_once_for_both_sides():
                                                                            options.QUICK_REPEATS)
     with pytest.raises(Exception, match="--quick sets warm-up"):
         options.settings_from({**values, "repeats": 5}.get)
+
+
+def test_run_exit_code_fails_on_failed_or_errored_cases_only():
+    from harness.cases import Case
+    from harness.cli import run_exit_code
+    from harness.records import Record
+
+    def record(status):
+        r = Record.for_case(Case("tiny-sd", "diffusers"), "run")
+        r.status = status
+        return r
+    assert run_exit_code([record("passed"), record("unsupported")]) == 0
+    assert run_exit_code([record("passed"), record("failed")]) == 1
+    assert run_exit_code([record("error")]) == 1
+    assert run_exit_code([record("error")], allow_failures=True) == 0

@@ -35,6 +35,10 @@ def test_runner_case_passes_parity(session, variant):
     info = record.info["triton"]
     assert info["protocol"] == variant and info["served"] == {"unet": "tiny-sd_fp32_unet_denoiser"}
     assert record.stages["denoise_step"]["n"] > 0
+    # the server and its python-backend stubs are child processes: the case's memory counts them
+    inference = record.memory["inference"]
+    assert inference["children_mb"] > 50, inference
+    assert record.memory["peak_mb"] >= inference["rss_mb"] + 50
 
 
 def test_one_server_per_session(session):
