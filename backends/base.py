@@ -18,6 +18,12 @@ import torch
 from harness.errors import UserError
 
 
+class Unsupported(Exception):
+    """Raised by prepare() when only the loaded pipeline can tell that a case cannot run, or that its variant would
+    do nothing for it (e.g. VAE tiling where the latent fits in one tile): the case becomes an unsupported row
+    with this reason, not an error."""
+
+
 @dataclass(frozen=True)
 class Support:
     supported: bool
@@ -63,6 +69,8 @@ class Prepared:
     info: extra facts for the record (session options, graph breaks, provider, exporter...).
     after_measure: called once after the measured calls; returns facts to merge into `info` (counters such as
         recompiles are read there, never inside the timed region).
+    image_tolerance / tolerance_overrides: parity bounds for a variant whose output differs from the reference by
+        design (VAE tiling, fp8 storage), set from the error measured on correct runs; None = the dtype's defaults.
     """
     pipeline: Any
     executors: dict[str, Any]
@@ -70,6 +78,8 @@ class Prepared:
     info: dict[str, Any] = field(default_factory=dict)
     on_close: list[Callable[[], None]] = field(default_factory=list)
     after_measure: Callable[[], dict] | None = None
+    image_tolerance: Any = None
+    tolerance_overrides: dict | None = None
 
     def close(self) -> None:
         while self.on_close:
@@ -120,6 +130,10 @@ class Backend:
 
     def configure(self, cases: list) -> None:
         """Told the whole case list before a run (e.g. engine profiles that span every shape). Optional."""
+
+    def load_device(self, case, device: str) -> str:
+        """Where the model is loaded before prepare() (offloading variants load on the CPU)."""
+        return device
 
     def support(self, case, env) -> Support:
         """Can this backend run this case here? Cheap, checked before any work."""

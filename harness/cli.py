@@ -5,8 +5,10 @@ import argparse
 import contextlib
 import signal
 import sys
+import time
 from pathlib import Path
 
+from harness import fit as fit_defaults
 from harness import options
 from harness.errors import UserError
 from harness.run_end import gate_and_report, summary_table
@@ -53,6 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--threshold", action="append", default=[],
                     help=f"gate threshold (default: the gate's defaults with {AB_E2E_P50.replace('%', '%%')})")
     ab.add_argument("--all", action="store_true", help="print every gate row, PASS included")
+
+    fit = sub.add_parser("fit", help="what fits in N GB: the fastest correct configuration and largest batch per "
+                                     "memory budget")
+    fit.add_argument("--model", required=True, help="model name or path:DIR")
+    fit.add_argument("--budget", action="append", required=True, metavar="SIZE",
+                     help="memory budget (repeatable), e.g. 4GB, 512MB")
+    fit.add_argument("--variants", nargs="+", metavar="BACKEND_SPEC",
+                     help="configurations to try (default: the reference and each of its memory options that "
+                          "applies here)")
+    fit.add_argument("--size", default="64x64", help="HxW (default 64x64)")
+    fit.add_argument("--dtype", default="fp32")
+    fit.add_argument("--steps", type=int, default=4)
+    fit.add_argument("--max-batch", type=int, default=fit_defaults.DEFAULT_MAX_BATCH,
+                     help=f"largest batch tried (default {fit_defaults.DEFAULT_MAX_BATCH})")
+    fit.add_argument("--time-cap", type=float, default=fit_defaults.DEFAULT_TIME_CAP_S, metavar="S",
+                     help=f"stop searching after this many seconds (default {fit_defaults.DEFAULT_TIME_CAP_S:g})")
+    fit.add_argument("--confirm", type=int, default=fit_defaults.DEFAULT_CONFIRM,
+                     help="extra runs of each largest fitting batch: its success rate "
+                          f"(default {fit_defaults.DEFAULT_CONFIRM})")
+    fit.add_argument("--warmup", type=int, default=1)
+    fit.add_argument("--repeats", type=int, default=3)
+    options.add_to_argparse(fit, ["--gpu", "--results-dir", "--case-timeout"])
 
     sub.add_parser("backends", help="list backends, whether each is available here, and why not")
     sub.add_parser("models", help="list the model zoo")
@@ -154,6 +178,75 @@ def run_exit_code(records, allow_failures: bool = False) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_fit(args) -> int:
+    from backends import base as registry
+    from harness import fit, models, runner
+    from harness.cases import DTYPES, parse_size, validate_shape
+
+    device = options.resolve_device(args.gpu)
+    models.spec(args.model)
+    if args.dtype not in DTYPES:
+        raise UserError(f"unknown dtype {args.dtype!r}; choose from {', '.join(DTYPES)}")
+    height, width = parse_size(args.size)
+    validate_shape(1, height, width, args.steps)
+    if args.max_batch < 1 or args.confirm < 0 or args.time_cap <= 0:
+        raise UserError("--max-batch must be >= 1, --confirm >= 0 and --time-cap > 0")
+    budgets = [options.parse_memory_size(b, "--budget") for b in args.budget]
+    reference = registry.get(registry.REFERENCE)
+    specs = args.variants or [registry.REFERENCE] + [f"{registry.REFERENCE}+{o}" for o in reference.options]
+    variants = options.select_cases([args.model], specs)   # validated, canonical
+    variants = list(dict.fromkeys(c.backend_spec for c in variants))
+    plan = fit.FitPlan(args.model, variants, budgets, args.dtype, height, width, args.steps, args.max_batch,
+                       args.time_cap, args.confirm)
+    _check_writable(Path(args.results_dir))
+    out = Path(args.results_dir).resolve() / time.strftime("fit-%Y%m%d-%H%M%S")
+    base = options.build_run_options(device, False, args.warmup, args.repeats, args.case_timeout)
+    base.isolate, base.save_images = True, False
+    sessions: dict = {}
+
+    def session_for(budget_mb):
+        if budget_mb not in sessions:
+            run_options = runner.RunOptions(**{**vars(base), "memory_budget_mb": budget_mb})
+            folder = out / (f"budget-{budget_mb:g}MB" if budget_mb else "trials")
+            sessions[budget_mb] = runner.Session(folder, run_options)
+        return sessions[budget_mb]
+
+    def measure(case, budget_mb, _attempt):
+        session = session_for(budget_mb)
+        record = runner.run_isolated(case, session) if session.options.isolate else runner.run_case(case, session)
+        session.append(record)
+        return sanitize(record.to_dict())
+
+    from harness.records import sanitize
+    print(f"diffbench fit: {args.model} {height}x{width} {args.dtype} s{args.steps} on {device}; "
+          f"{len(variants)} configuration(s) x {len(budgets)} budget(s); writing {out}", flush=True)
+    try:
+        result = fit.run_fit(plan, measure, device)
+    finally:
+        for session in sessions.values():
+            session.close()
+    document = fit.write_outputs(out, plan, result["records"], result["searches"], result["elapsed_s"])
+    print(fit_table_text(document["table"]))
+    if result["time_cap_reached"]:
+        print(f"diffbench fit: the {args.time_cap:g} s time cap ended the search; the table says what was found")
+    import reports
+    report = reports.build_report(result["records"], out, fit=document) if result["records"] else None
+    print(f"fit: {out / 'fit.csv'}, {out / 'fit.json'}" + (f"\nreport: {report}" if report else ""))
+    return 0
+
+
+def fit_table_text(table: list[dict]) -> str:
+    rows = [("budget", "configuration", "e2e p50 ms (b1)", "largest batch", "peak MB", "success")]
+    for r in table:
+        rows.append((f"{r['budget_mb']:g} MB", ("* " if r.get("fastest") else "  ") + r["configuration"],
+                     f"{r['e2e_p50_ms']:.1f}" if r["e2e_p50_ms"] is not None else "-", r["largest_batch"],
+                     f"{r['peak_mb_at_largest']:.0f}" if r["peak_mb_at_largest"] is not None else "-",
+                     f"{r['success_rate']:.0%}" if r["success_rate"] is not None else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines + ["* the fastest configuration that fits the budget"])
 
 
 def cmd_backends(_args) -> int:
@@ -260,7 +353,7 @@ def cmd_baseline(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "ab": cmd_ab, "backends": cmd_backends, "models": cmd_models, "report": cmd_report,
+COMMANDS = {"run": cmd_run, "ab": cmd_ab, "fit": cmd_fit, "backends": cmd_backends, "models": cmd_models, "report": cmd_report,
             "gate": cmd_gate, "baseline": cmd_baseline}
 
 

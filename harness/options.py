@@ -66,6 +66,9 @@ MEASURING = (
            metavar="S"),
     Option("--triton-url", "use an existing Triton server (host:port) instead of starting one",
            metavar="HOST:PORT"),
+    Option("--memory-budget", "hold each case to this much memory, e.g. 12GB: on GPU a real allocator cap in the "
+           "case's worker, on CPU its measured inference peak (process tree); above it the case is over_budget",
+           metavar="SIZE"),
     Option("--isolate", "measure each case in a fresh worker process, so allocator pools, compile caches, arenas "
            "and the peak RSS of one case cannot leak into the next (default: on with --gpu, off on CPU)",
            action=argparse.BooleanOptionalAction),
@@ -117,6 +120,11 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
     run_options = build_run_options(device, get("quick"), get("warmup"), get("repeats"), get("case_timeout"))
     isolate = get("isolate")
     run_options.isolate = device == "cuda" if isolate is None else bool(isolate)
+    if get("memory_budget"):
+        run_options.memory_budget_mb = parse_memory_size(get("memory_budget"), "--memory-budget")
+        if device == "cuda" and not run_options.isolate:
+            raise UserError("conflicting options: a --memory-budget on GPU caps the case's own worker process; "
+                            "drop --no-isolate")
     cases = select_cases(get("model"), get("backend"), get("dtype"), get("batch"), get("size"), get("steps"),
                          get("matrix"))
     thresholds = list(get("threshold") or [])
@@ -133,6 +141,21 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
         check_triton_url(triton_url)
     return Settings(device, cases, run_options, Path(get("results_dir")), not get("no_report"), baseline,
                     thresholds, triton_url)
+
+
+_UNITS_MB = {"MB": 1.0, "MIB": 1.0, "GB": 1024.0, "GIB": 1024.0, "TB": 1024.0 * 1024.0}
+
+
+def parse_memory_size(text: str, flag: str) -> float:
+    """'12GB', '0.2GB', '512MB' (binary units: 1 GB = 1024 MB, as GPUs and RSS are counted) -> MB."""
+    import re
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]+)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS_MB:
+        raise UserError(f"{flag} {text!r}: expected a size such as 512MB or 12GB")
+    mb = float(m.group(1)) * _UNITS_MB[m.group(2).upper()]
+    if mb <= 0:
+        raise UserError(f"{flag} {text!r} must be positive")
+    return mb
 
 
 def export_backend_settings(settings: Settings) -> None:

@@ -20,7 +20,8 @@ SCHEMA_VERSION = 2
 # versions the loader reads: older records are upgraded in memory (upgrade()), so baselines kept for months still
 # load and compare
 READABLE_SCHEMAS = (1, 2)
-STATUSES = ("passed", "failed", "unsupported", "error", "interrupted")
+# over_budget: measured and correct, but above the run's --memory-budget (an answer, not a failure)
+STATUSES = ("passed", "failed", "unsupported", "over_budget", "error", "interrupted")
 # fields every record must carry (the loader refuses files without them)
 REQUIRED = ("schema", "run_id", "case_id", "model", "backend", "variant", "dtype", "batch", "height", "width",
             "steps", "status")
@@ -38,7 +39,7 @@ class Record:
     height: int
     width: int
     steps: int
-    status: str = "passed"            # passed | failed | unsupported | error | interrupted
+    status: str = "passed"            # passed | failed | unsupported | over_budget | error | interrupted
     reason: str = ""                  # why not passed: "<ErrorClass>: message" or the unsupported reason
     error_class: str = ""             # e.g. OutOfMemoryError, TimeoutError, ParityError, NaNError
     device: str = "cpu"
@@ -50,6 +51,7 @@ class Record:
     build: dict[str, float] = field(default_factory=dict)   # step -> seconds (load, export, compile, engine...)
     memory: dict[str, Any] = field(default_factory=dict)    # {load, build, inference: {...}, peak_mb (headline)}
     energy: dict[str, Any] = field(default_factory=dict)    # GPU: joules_per_call, watts_mean, idle_watts
+    budget: dict[str, Any] = field(default_factory=dict)    # --memory-budget: limit_mb, peak_mb, enforced (how)
     parity: dict[str, Any] = field(default_factory=dict)    # {verdict, image: {...}, components: {...}}
     info: dict[str, Any] = field(default_factory=dict)      # backend facts (providers, exporter, graph breaks...)
     serving: dict[str, Any] = field(default_factory=dict)   # triton: sweep, server stats, metrics
@@ -143,6 +145,7 @@ def upgrade(record: dict) -> dict:
         upgraded.setdefault("synthetic", False)
         upgraded.setdefault("energy", {})
         upgraded.setdefault("findings", [])
+        upgraded.setdefault("budget", {})
     upgraded["schema_written"], upgraded["schema"] = version, SCHEMA_VERSION
     return upgraded
 

@@ -51,6 +51,7 @@ class RunOptions:
     isolate: bool = False          # each case in a fresh worker process (harness/worker.py)
     time_components: bool = True   # time every executor alone on the reference's inputs, beside the pipeline
     share_references: bool = False # keep each shape's reference in the run folder (isolated workers share it)
+    memory_budget_mb: float | None = None  # over it a case is over_budget; on GPU also a real allocator cap
 
 
 @dataclass
@@ -95,6 +96,11 @@ class Session:
         record.env, record.git = record.env or self.env, self.git
         record_dict = sanitize(record.to_dict())
         self.writer.write(record_dict)
+
+    def append(self, record: Record) -> None:
+        """Write a record even when its case id is already in this run (fit's repeated trials of one case)."""
+        record.env, record.git = record.env or self.env, self.git
+        self.writer.write(sanitize(record.to_dict()))
 
     def configure(self, cases: list[Case]) -> None:
         """Tell each backend the run's whole case list before any case runs."""
@@ -432,10 +438,16 @@ def run_case(case: Case, session: Session, loop: Callable | None = None) -> Reco
         record.status, record.error_class, record.reason = "error", "OutOfMemoryError", _one_line(exc)
         if options.device == "cuda":
             record.memory["at_failure"] = cuda_memory_snapshot()
+        if options.memory_budget_mb:   # an honest out-of-memory under the cap: the answer to "does it fit"
+            record.status, record.error_class = "over_budget", "OutOfMemoryError"
+            record.reason = f"out of memory under the {options.memory_budget_mb:g} MB budget: {_one_line(exc)}"
+            record.budget = budget_facts(options)
     except CaseTimeout as exc:
         record.status, record.error_class, record.reason = "error", "TimeoutError", str(exc)
     except NoSamples as exc:
         record.status, record.error_class, record.reason = "error", "NoSamples", str(exc)
+    except registry.Unsupported as exc:
+        record.status, record.reason = "unsupported", str(exc)
     except Exception as exc:
         record.status, record.error_class, record.reason = "error", type(exc).__name__, _one_line(exc)
         record.info["traceback"] = traceback.format_exc(limit=8)[-4000:]
@@ -450,13 +462,15 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
     telemetry = session.telemetry.start()
     backend = registry.get(case.backend)
     set_precision_defaults()
+    if cuda and options.memory_budget_mb:
+        cap_cuda_memory(options.memory_budget_mb)
     memory: dict[str, dict] = {}
     cold_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         build: dict[str, float] = {}
         telemetry.begin_phase()
         with registry.timed(build, "load"):
-            model = models.load(case.model, case.dtype, options.device)
+            model = models.load(case.model, case.dtype, backend.load_device(case, options.device))
         memory["load"] = telemetry.end_phase()
         record.notes.extend(model.notes)
         telemetry.begin_phase()
@@ -507,11 +521,11 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
 
         images = {"first call": np.asarray(first_image, dtype=np.float32),
                   "last measured call": np.asarray(last_image, dtype=np.float32)}
-        tolerance = compare.IMAGE_TOLERANCES[case.dtype]
+        tolerance = prepared.image_tolerance or compare.IMAGE_TOLERANCES[case.dtype]
         image_results = {which: compare.check_image(reference.image, image, tolerance)
                          for which, image in images.items()}
-        components = component_parity(prepared, model, reference, case.dtype, options.device,
-                                      options.tolerance_overrides)
+        overrides = {**(prepared.tolerance_overrides or {}), **(options.tolerance_overrides or {})}
+        components = component_parity(prepared, model, reference, case.dtype, options.device, overrides or None)
         verdict, error_class, reason = parity_verdict(image_results, components)
         record.parity = {"verdict": verdict, "reference": registry.REFERENCE,
                          "image": image_results["first call"], "image_last": image_results["last measured call"],
@@ -520,10 +534,33 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
             record.image = _save_image(images["last measured call"], session.run_dir, case)
         if verdict != "pass":
             record.status, record.error_class, record.reason = "failed", error_class, reason
-        elif options.time_components:
+        elif options.memory_budget_mb:
+            record.budget = budget_facts(options, record.memory["peak_mb"])
+            if record.budget["peak_mb"] is not None and record.budget["peak_mb"] > options.memory_budget_mb:
+                record.status, record.error_class = "over_budget", "OverBudget"
+                record.reason = (f"inference peak {record.budget['peak_mb']:.0f} MB is over the "
+                                 f"{options.memory_budget_mb:g} MB budget")
+        if record.status == "passed" and options.time_components:
             alone = time_components_alone(prepared, model, reference, options.device, options.warmup,
                                           options.repeats)
             record.findings.extend(stages_alone(record.stages, alone, model, call.timer.calls_per_run))
+
+
+# -- memory budgets -------------------------------------------------------------------------------------------------
+def cap_cuda_memory(budget_mb: float) -> None:
+    """A real cap: torch's caching allocator refuses to grow this process past the budget (an isolated worker, so
+    the cap dies with the case). Memory outside torch's allocator (ONNX Runtime arenas, TensorRT engines) is not
+    capped: it is held to the budget by its measured NVML peak instead."""
+    device = torch.cuda.current_device()
+    total_mb = torch.cuda.get_device_properties(device).total_memory / (1024 * 1024)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_mb / total_mb), device)
+
+
+def budget_facts(options: RunOptions, peak_mb: float | None = None) -> dict:
+    enforced = ("cuda allocator cap (set_per_process_memory_fraction) + measured peak"
+                if options.device == "cuda" else "measured inference peak of the process tree")
+    return {"limit_mb": options.memory_budget_mb, "peak_mb": peak_mb, "enforced": enforced,
+            "capped": options.device == "cuda"}
 
 
 # -- isolation: each case in a fresh worker process ----------------------------------------------------------------
