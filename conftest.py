@@ -41,8 +41,8 @@ def pytest_configure(config):
         config._diffbench_cases = select_cases(o("--model"), o("--backend"), o("--dtype"), None, o("--size"),
                                                o("--steps"), o("--matrix"))
         if o("--baseline"):
-            from harness import gate
-            gate.parse_thresholds(o("--threshold") or gate.DEFAULT_THRESHOLDS)
+            from harness.thresholds import DEFAULT_THRESHOLDS, parse_thresholds
+            parse_thresholds(o("--threshold") or DEFAULT_THRESHOLDS)
             if not Path(o("--baseline")).is_file():
                 raise UserError(f"baseline {o('--baseline')} does not exist")
     except UserError as exc:

@@ -201,8 +201,8 @@ def cmd_run(args) -> int:
     if args.threshold and not args.baseline:
         raise UserError("conflicting options: --threshold needs --baseline")
     if args.baseline:
-        from harness import gate
-        gate.parse_thresholds(args.threshold or gate.DEFAULT_THRESHOLDS)
+        from harness.thresholds import DEFAULT_THRESHOLDS, parse_thresholds
+        parse_thresholds(args.threshold or DEFAULT_THRESHOLDS)
         if not Path(args.baseline).is_file():
             raise UserError(f"baseline {args.baseline} does not exist")
     if args.resume:
@@ -259,8 +259,9 @@ def gate_and_report(records: list[dict], out_dir: Path, baseline=None, threshold
     result = None
     if baseline:
         from harness import gate
+        from harness.thresholds import DEFAULT_THRESHOLDS, parse_thresholds
         result = gate.compare(load_many([baseline]), records,
-                              gate.parse_thresholds(list(thresholds) or gate.DEFAULT_THRESHOLDS))
+                              parse_thresholds(list(thresholds) or DEFAULT_THRESHOLDS))
     report = None
     if write_report:
         import reports
@@ -313,10 +314,11 @@ def cmd_report(args) -> int:
 def cmd_gate(args) -> int:
     from harness import gate
     from harness.records import load_many
+    from harness.thresholds import DEFAULT_THRESHOLDS, load_thresholds_toml, parse_thresholds
     specs = list(args.threshold)
     if args.thresholds:
-        specs = gate.load_thresholds_toml(args.thresholds) + specs
-    thresholds = gate.parse_thresholds(specs or gate.DEFAULT_THRESHOLDS)
+        specs = load_thresholds_toml(args.thresholds) + specs
+    thresholds = parse_thresholds(specs or DEFAULT_THRESHOLDS)
     result = gate.compare(load_many([args.baseline]), load_many(args.current), thresholds)
     print(result.table(all_rows=args.all))
     return result.exit_code
@@ -333,14 +335,15 @@ def _env_pairs(items: list[str], flag: str) -> dict[str, str]:
 
 
 def cmd_ab(args) -> int:
-    from harness import ab, gate
+    from harness import ab
+    from harness.thresholds import DEFAULT_THRESHOLDS, parse_thresholds
     if not (args.baseline_dir or args.baseline_rev):
         raise UserError("ab needs --baseline-dir DIR or --baseline-rev REV")
     device = resolve_device(args.gpu)
     options = run_options(device, False, args.warmup, args.repeats or AB_REPEATS, args.timeout)
     cases = select_cases(args.model, args.backend, args.dtype, args.batch, args.size, args.steps, args.matrix)
-    thresholds = list(args.threshold) or [*gate.DEFAULT_THRESHOLDS, AB_E2E_P50]   # later specs win
-    gate.parse_thresholds(thresholds)
+    thresholds = list(args.threshold) or [*DEFAULT_THRESHOLDS, AB_E2E_P50]   # later specs win
+    parse_thresholds(thresholds)
     env = {"baseline": _env_pairs(args.baseline_env, "--baseline-env"),
            "current": _env_pairs(args.current_env, "--current-env")}
     current = ab.check_build(args.current_dir or ROOT, "--current-dir")
@@ -376,8 +379,8 @@ def cmd_ab(args) -> int:
 
 
 def cmd_baseline(args) -> int:
-    from harness import gate
-    gate.save_baseline(args.records, args.out)
+    from harness.baseline import save_baseline
+    save_baseline(args.records, args.out)
     print(f"baseline: {args.out}")
     return 0
 

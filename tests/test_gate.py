@@ -4,8 +4,10 @@ import json
 import pytest
 
 from harness import gate
+from harness.baseline import load_baseline, save_baseline
 from harness.errors import UserError
 from harness.records import load_many
+from harness.thresholds import DEFAULT_THRESHOLDS, load_thresholds_toml, parse_thresholds
 from reports.samples import CPU_ENV, H100_ENV, write_sample_run
 
 SD_ORT = "tiny-sd/onnxruntime/fp32/b1/64x64/s4"
@@ -30,7 +32,7 @@ def regressed_cases(result):
 
 def test_records_against_themselves_pass(runs):
     records = load_many([runs["base"]])
-    result = gate.compare(records, records, gate.DEFAULT_THRESHOLDS)
+    result = gate.compare(records, records, DEFAULT_THRESHOLDS)
     assert result.exit_code == 0 and not result.regressed
     assert {r.verdict for r in result.rows} == {"PASS"}
     assert "gate: PASS" in result.table()
@@ -38,7 +40,7 @@ def test_records_against_themselves_pass(runs):
 
 def test_twenty_percent_slower_regresses_and_names_the_cases(runs):
     base, slow = load_many([runs["base"]]), load_many([runs["slow"]])
-    result = gate.compare(base, slow, gate.parse_thresholds(["e2e.p50:+10%"]))
+    result = gate.compare(base, slow, parse_thresholds(["e2e.p50:+10%"]))
     assert result.exit_code == 1
     passed = {r["case_id"] for r in base if r["status"] == "passed"}
     assert regressed_cases(result) == passed
@@ -104,10 +106,10 @@ def test_memory_and_psnr_thresholds():
 def test_new_and_missing_cases_are_not_errors(runs):
     base = load_many([runs["base"]])
     gone = [r for r in base if r["case_id"] != SD_ORT]
-    result = gate.compare(base, gone, gate.DEFAULT_THRESHOLDS)
+    result = gate.compare(base, gone, DEFAULT_THRESHOLDS)
     assert result.exit_code == 0
     assert [(r.case_id, r.verdict) for r in result.rows if r.verdict != "PASS"] == [(SD_ORT, "MISSING")]
-    result = gate.compare(gone, base, gate.DEFAULT_THRESHOLDS)
+    result = gate.compare(gone, base, DEFAULT_THRESHOLDS)
     assert [(r.case_id, r.verdict) for r in result.rows if r.verdict != "PASS"] == [(SD_ORT, "NEW")]
 
 
@@ -116,7 +118,7 @@ def test_device_classes_are_never_compared(runs):
     cpu, gpu = load_many([runs["base"]]), load_many([runs["gpu"]])
     assert gate.device_class(gpu[0]) == "NVIDIA H100 80GB HBM3 (sm 9.0)"
     assert gate.device_class(cpu[0]).startswith("CPU Intel(R) Xeon(R)")
-    result = gate.compare(cpu, gpu, gate.DEFAULT_THRESHOLDS)  # the GPU run is 20x faster: must not be IMPROVED
+    result = gate.compare(cpu, gpu, DEFAULT_THRESHOLDS)  # the GPU run is 20x faster: must not be IMPROVED
     assert result.exit_code == 0
     assert {r.verdict for r in result.rows} == {"NEW", "MISSING"}
     # merged runners: each case is compared within its own device class
@@ -171,36 +173,36 @@ def test_unsupported_records_only_get_the_status_rule(runs):
 ])
 def test_bad_threshold_is_a_user_error(spec, message):
     with pytest.raises(UserError, match=message):
-        gate.parse_thresholds([spec])
+        parse_thresholds([spec])
 
 
 def test_threshold_grammar_and_toml(tmp_path):
-    parsed = gate.parse_thresholds(["e2e.p99:+15%", "denoise.p50:10%", "memory.peak:+5%", "parity.psnr:-1dB",
+    parsed = parse_thresholds(["e2e.p99:+15%", "denoise.p50:10%", "memory.peak:+5%", "parity.psnr:-1dB",
                                     "e2e.p99:+20%"])
     assert parsed["e2e.p99"].limit == 20.0  # the later spec wins (CLI after the TOML file)
     assert set(parsed) == {"status", "e2e.p99", "denoise.p50", "memory.peak", "parity.psnr"}
     assert parsed["parity.psnr"].spec == "parity.psnr:-1dB"
     (tmp_path / "list.toml").write_text('thresholds = ["e2e.p50:+10%", "status"]\n')
-    assert gate.load_thresholds_toml(tmp_path / "list.toml") == ["e2e.p50:+10%", "status"]
+    assert load_thresholds_toml(tmp_path / "list.toml") == ["e2e.p50:+10%", "status"]
     (tmp_path / "table.toml").write_text('[thresholds]\n"e2e.p50" = "+10%"\nstatus = true\n')
-    assert gate.load_thresholds_toml(tmp_path / "table.toml") == ["e2e.p50:+10%", "status"]
+    assert load_thresholds_toml(tmp_path / "table.toml") == ["e2e.p50:+10%", "status"]
     (tmp_path / "bad.toml").write_text('thresholds = [\n')
     with pytest.raises(UserError, match="malformed thresholds file"):
-        gate.load_thresholds_toml(tmp_path / "bad.toml")
+        load_thresholds_toml(tmp_path / "bad.toml")
     with pytest.raises(UserError, match="cannot read"):
-        gate.load_thresholds_toml(tmp_path / "absent.toml")
+        load_thresholds_toml(tmp_path / "absent.toml")
 
 
 def test_malformed_baseline_is_a_user_error(tmp_path, runs):
     bad = tmp_path / "baseline.jsonl"
     bad.write_text('{"not": "a record"}\n{"either": 1}\n')
     with pytest.raises(UserError):
-        gate.load_baseline(bad)
+        load_baseline(bad)
     bad.write_text("garbage line\n" + runs["base"].read_text())
     with pytest.raises(UserError, match="not a JSON record"):
-        gate.load_baseline(bad)
+        load_baseline(bad)
     with pytest.raises(UserError, match="does not exist"):
-        gate.load_baseline(tmp_path / "absent.jsonl")
+        load_baseline(tmp_path / "absent.jsonl")
     with pytest.raises(UserError, match="not a diffbench record"):
         gate.compare([{"case_id": "x"}], load_many([runs["base"]]), [])
 
@@ -209,23 +211,23 @@ def test_other_schema_version_is_a_user_error(tmp_path, runs):
     records = load_many([runs["base"]])
     old = [{**r, "schema": 0} for r in records]
     with pytest.raises(UserError, match="schema version 0"):
-        gate.compare(old, records, gate.DEFAULT_THRESHOLDS)
+        gate.compare(old, records, DEFAULT_THRESHOLDS)
     path = tmp_path / "old.jsonl"
     path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "_source"}) + "\n" for r in old))
     with pytest.raises(UserError, match="schema version 0"):
-        gate.load_baseline(path)
+        load_baseline(path)
 
 
 def test_save_baseline_merges_and_round_trips(tmp_path, runs):
-    out = gate.save_baseline([runs["base"], runs["gpu"]], tmp_path / "baselines" / "main.jsonl")
-    saved = gate.load_baseline(out)
+    out = save_baseline([runs["base"], runs["gpu"]], tmp_path / "baselines" / "main.jsonl")
+    saved = load_baseline(out)
     assert len(saved) == len(load_many([runs["base"]])) + len(load_many([runs["gpu"]]))
     assert all(r["image"] == "" for r in saved)
-    result = gate.compare(saved, load_many([runs["same"], runs["gpu"]]), gate.DEFAULT_THRESHOLDS)
+    result = gate.compare(saved, load_many([runs["same"], runs["gpu"]]), DEFAULT_THRESHOLDS)
     assert result.exit_code == 0 and {r.verdict for r in result.rows} == {"PASS"}
     json.dumps(result.to_dict(), allow_nan=False)
     with pytest.raises(UserError):
-        gate.save_baseline([tmp_path / "absent.jsonl"], tmp_path / "x.jsonl")
+        save_baseline([tmp_path / "absent.jsonl"], tmp_path / "x.jsonl")
 
 
 def _run_record(run_id, p50, std=0.001, n=10, ts=0.0):
@@ -259,7 +261,7 @@ def test_save_baseline_keeps_every_run(tmp_path):
         with RecordWriter(path) as w:
             w.write(_run_record(f"r{i}", p, ts=i))
         paths.append(path)
-    out = gate.save_baseline(paths, tmp_path / "baseline.jsonl")
+    out = save_baseline(paths, tmp_path / "baseline.jsonl")
     assert len(load_many([out])) == 2
 
 

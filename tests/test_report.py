@@ -13,6 +13,7 @@ import reports
 from harness import gate
 from harness.cases import Case
 from harness.records import Record, RecordWriter, load_many
+from harness.thresholds import DEFAULT_THRESHOLDS
 from reports.samples import H100_ENV, write_sample_run
 
 SD3_ORT = "tiny-sd3/onnxruntime/fp32/b1/64x64/s4"
@@ -52,7 +53,7 @@ def full(tmp_path_factory):
     gpu = write_sample_run(root / "gpu", env=H100_ENV, seed=2, run_id="gpu-run")
     records = load_many([cpu, gpu])
     slow = write_sample_run(root / "slow", seed=1, scale=1.3, failed=(SD3_ORT,))
-    result = gate.compare(load_many([cpu]), load_many([slow]), gate.DEFAULT_THRESHOLDS)
+    result = gate.compare(load_many([cpu]), load_many([slow]), DEFAULT_THRESHOLDS)
     html = reports.build_report(records, root / "out", gate_result=result, title="nightly")
     return {"records": records, "html": html, "page": parse(html), "gate": result}
 

@@ -19,6 +19,7 @@ import pytest
 import reports
 from harness import gate
 from harness.records import load_many
+from harness.thresholds import DEFAULT_THRESHOLDS
 from reports.samples import H100_ENV, write_sample_run
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -160,7 +161,7 @@ def test_report_renders_in_chromium(chromium, tmp_path, request):
                            prompt="a red fox <script>console.error('injected')</script>")
     gpu = write_sample_run(tmp_path / "gpu", env=H100_ENV, seed=2, run_id="gpu-run")
     records = load_many([cpu, gpu])
-    result = gate.compare(load_many([cpu]), records, gate.DEFAULT_THRESHOLDS)
+    result = gate.compare(load_many([cpu]), records, DEFAULT_THRESHOLDS)
     page = reports.build_report(records, tmp_path / "report", gate_result=result, title="browser <b>test</b>")
 
     results_dir = Path(request.config.getoption("--results-dir", default="results") or "results")
