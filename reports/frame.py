@@ -100,5 +100,6 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
         row["ssim"] = get(r, "parity", "image", "ssim")
         row["image"] = r.get("image") or ""
         row["source"] = r.get("_source") or ""
+        row["synthetic"] = bool(r.get("synthetic"))
         rows.append(row)
     return pd.DataFrame(rows)

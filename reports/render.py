@@ -49,6 +49,15 @@ def _summary(records: list[dict], dropped: int, gate_result) -> dict:
             "totals": totals, "n": len(records), "dropped": dropped, "gate": gate}
 
 
+def _synthetic(records: list[dict]) -> dict | None:
+    """How many of the report's records are made up (`synthetic: true`) and from which runs; None when none is."""
+    made_up = [r for r in records if r.get("synthetic")]
+    if not made_up:
+        return None
+    return {"n": len(made_up), "total": len(records),
+            "runs": sorted({str(r.get("run_id")) for r in made_up})}
+
+
 def _latency(records: list[dict], pngs: charts.PngWriter) -> list[dict]:
     groups = defaultdict(list)
     for r in records:
@@ -248,6 +257,7 @@ def build_report(records: list[dict], out_dir: Path, gate_result=None, title: st
     pngs = charts.PngWriter(out_dir)
     page = _ENV.get_template("report.html.j2").render(
         title=title, generated=time.strftime("%Y-%m-%d %H:%M:%S"),
+        synthetic=_synthetic(records),
         summary=_summary(records, dropped, gate_result) if records else None,
         latency=_latency(records, pngs), cold_build=_cold_build(records, pngs), memory=_memory(records, pngs),
         compat=_compat(records) if records else None, correctness=_correctness(records),

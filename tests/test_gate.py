@@ -8,7 +8,7 @@ from harness.baseline import load_baseline, save_baseline
 from harness.errors import UserError
 from harness.records import load_many
 from harness.thresholds import DEFAULT_THRESHOLDS, load_thresholds_toml, parse_thresholds
-from reports.samples import CPU_ENV, H100_ENV, write_sample_run
+from tests.synthetic_runs import CPU_ENV, H100_ENV, write_synthetic_run
 
 SD_ORT = "tiny-sd/onnxruntime/fp32/b1/64x64/s4"
 
@@ -17,11 +17,11 @@ SD_ORT = "tiny-sd/onnxruntime/fp32/b1/64x64/s4"
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("gate")
     return {
-        "base": write_sample_run(root / "base", seed=1, images=False),
-        "same": write_sample_run(root / "same", seed=1, images=False),
-        "slow": write_sample_run(root / "slow", seed=1, scale=1.2, images=False),
-        "failed": write_sample_run(root / "failed", seed=1, images=False, failed=(SD_ORT,)),
-        "gpu": write_sample_run(root / "gpu", seed=1, images=False, env=H100_ENV),
+        "base": write_synthetic_run(root / "base", seed=1, images=False),
+        "same": write_synthetic_run(root / "same", seed=1, images=False),
+        "slow": write_synthetic_run(root / "slow", seed=1, scale=1.2, images=False),
+        "failed": write_synthetic_run(root / "failed", seed=1, images=False, failed=(SD_ORT,)),
+        "gpu": write_synthetic_run(root / "gpu", seed=1, images=False, env=H100_ENV),
         "root": root,
     }
 
@@ -129,7 +129,7 @@ def test_device_classes_are_never_compared(runs):
 
 def test_noise_aware_change_within_spread_does_not_count(tmp_path):
     """+30 % median with a huge spread over 5 repeats is noise; the same +30 % with a tight spread is not."""
-    base = load_many([write_sample_run(tmp_path / "b", seed=3, jitter=0.6, repeats=5, images=False,
+    base = load_many([write_synthetic_run(tmp_path / "b", seed=3, jitter=0.6, repeats=5, images=False,
                                        models=("tiny-sd",), backends=("diffusers",))])
     cur = json.loads(json.dumps(base))
     for r in cur:
