@@ -86,9 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     gate = sub.add_parser("gate", help="compare current records with a baseline; exit 1 on a regression")
     gate.add_argument("--baseline", required=True)
     gate.add_argument("--current", required=True, nargs="+")
-    gate.add_argument("--threshold", action="append", default=[], help="e.g. e2e.p50:+10%%, status")
+    gate.add_argument("--threshold", action="append", default=[],
+                      help="e.g. e2e.p50:+10%%, e2e.p50:<10ms, memory.peak:<8GB, throughput:>500/s, status")
     gate.add_argument("--thresholds", help="TOML file of thresholds")
     gate.add_argument("--all", action="store_true", help="print every row, PASS included")
+    gate.add_argument("--format", choices=("text", "markdown"), default="text",
+                      help="text: a terminal table; markdown: every case with its verdict, for a CI job summary")
 
     baseline = sub.add_parser("baseline", help="manage baselines")
     bsub = baseline.add_subparsers(dest="baseline_command", required=True, parser_class=_Parser)
@@ -320,7 +323,7 @@ def cmd_gate(args) -> int:
         specs = load_thresholds_toml(args.thresholds) + specs
     thresholds = parse_thresholds(specs or DEFAULT_THRESHOLDS)
     result = gate.compare(load_many([args.baseline]), load_many(args.current), thresholds)
-    print(result.table(all_rows=args.all))
+    print(result.markdown() if args.format == "markdown" else result.table(all_rows=args.all))
     return result.exit_code
 
 

@@ -1,8 +1,14 @@
 """Regression gate: current records vs a baseline, per case id and device class, with a verdict per metric.
 
-Verdicts: PASS, REGRESSED, IMPROVED, NEW (a case only in the current records), MISSING (only in the baseline).
-Which metrics are compared, and by how much they may change, is the threshold grammar (harness/thresholds.py);
-when a latency change is large enough to count is the noise statistics (harness/noise.py).
+Verdicts: PASS, REGRESSED (the row fails the gate: exit 1), IMPROVED, NEW (a case only in the current records),
+MISSING (only in the baseline). Which metrics are judged, and how far they may move, is the threshold grammar
+(harness/thresholds.py) over the metric table (harness/metrics.py); when a latency change is large enough to count
+is the noise statistics (harness/noise.py).
+
+What cannot pass silently: a metric measured in the baseline and missing now, a passed record without latency
+samples (e2e.n = 0) when the baseline had them, a bound that cannot be checked on e2e latency. A metric missing only
+in the baseline is not compared (PASS with a note); an absolute bound is judged on the current record alone, on new
+cases too.
 """
 from __future__ import annotations
 
@@ -13,11 +19,12 @@ from harness import noise
 from harness.device import device_class as _env_device_class
 from harness.errors import UserError
 from harness.records import REQUIRED, check_schema, sanitize, upgrade
+from harness.metrics import METRICS, PSNR_CAP_DB, Metric, stage_stats
 from harness.thresholds import DEFAULT_THRESHOLDS, Threshold, parse_thresholds
 
 VERDICTS = ("PASS", "REGRESSED", "IMPROVED", "NEW", "MISSING")
-# PSNR of identical images is infinite (stored as null); anything above this is "identical" for the gate.
-PSNR_CAP_DB = 100.0
+# a case's verdict is its worst row's; markdown lists cases in this order
+_CASE_ORDER = ("REGRESSED", "MISSING", "NEW", "IMPROVED", "PASS")
 
 
 def device_class(record: dict) -> str:
@@ -77,9 +84,46 @@ class GateResult:
         lines.append(self.summary())
         return "\n".join(lines)
 
+    def markdown(self) -> str:
+        """A markdown table for a CI job summary: every compared case with its verdict (its worst row's),
+        regressions first, the rows that decided it beside it; then a one-line summary."""
+        cases: dict[tuple[str, str], list[GateRow]] = {}
+        for r in self.rows:
+            cases.setdefault((r.case_id, r.device_class), []).append(r)
+        verdicts = {key: min((r.verdict for r in rows), key=_CASE_ORDER.index) for key, rows in cases.items()}
+        order = sorted(cases, key=lambda key: (_CASE_ORDER.index(verdicts[key]), key))
+        lines = ["| verdict | case | device class | metrics |", "|---|---|---|---|"]
+        for key in order:
+            verdict = verdicts[key]
+            shown = f"**{verdict}**" if verdict == "REGRESSED" else verdict
+            details = "; ".join(_md_detail(r) for r in cases[key] if not (r.metric == "status" and r.verdict == "PASS"
+                                                                           and not r.note))
+            lines.append(f"| {shown} | {_md(key[0])} | {_md(key[1])} | {_md(details) or '–'} |")
+        counts = ", ".join(f"{n} {v.lower()}" for v in _CASE_ORDER if (n := list(verdicts.values()).count(v)))
+        lines += ["", f"**gate: {'REGRESSED' if self.regressed else 'PASS'}** — {len(cases)} case(s): "
+                      f"{counts or 'nothing compared'}; thresholds: {', '.join(self.thresholds)}"]
+        return "\n".join(lines)
+
     def to_dict(self) -> dict:
         return sanitize({"regressed": self.regressed, "exit_code": self.exit_code, "counts": self.counts(),
                          "thresholds": self.thresholds, "rows": [asdict(r) for r in self.rows]})
+
+
+def _md_detail(r: GateRow) -> str:
+    """One row as markdown text: metric and change (or value); for a row that is not PASS, its verdict, threshold
+    and note."""
+    if r.metric == "case":
+        return r.note
+    text = f"{r.metric} {r.change or _fmt(r.current)}"
+    if r.verdict != "PASS":
+        why = "; ".join(x for x in (r.threshold if r.threshold != "status" else "", r.note[:160]) if x)
+        return f"{text} {r.verdict}" + (f" ({why})" if why else "")
+    return f"{text} ({r.note[:160]})" if r.note and r.metric in ("status", "e2e.n") else text
+
+
+def _md(text: str) -> str:
+    """Text for a markdown table cell: pipes escaped, on one line."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def _fmt(value) -> str:
@@ -121,23 +165,6 @@ def _runs(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
-def _latency(record: dict, metric: str) -> dict | None:
-    stage, stat = metric.split(".")
-    stats = record.get("e2e") if stage == "e2e" else (record.get("stages") or {}).get(stage)
-    if not stats or stats.get(stat) is None:
-        return None
-    return stats
-
-
-def _psnr(record: dict) -> float | None:
-    image = (record.get("parity") or {}).get("image") or {}
-    if "psnr" not in image or image.get("error"):
-        return None
-    value = image["psnr"]
-    # null psnr without an error is an identical image (inf does not survive JSON)
-    return PSNR_CAP_DB if value is None else min(float(value), PSNR_CAP_DB)
-
-
 def compare(baseline: list[dict], current: list[dict], thresholds=DEFAULT_THRESHOLDS) -> GateResult:
     """Compare current records with the baseline. thresholds: parse_thresholds() output or a list of specs."""
     if not isinstance(thresholds, dict):
@@ -150,65 +177,102 @@ def compare(baseline: list[dict], current: list[dict], thresholds=DEFAULT_THRESH
     for key in sorted(set(base) | set(cur)):
         case_id, dev = key
         b, c = base.get(key), cur.get(key)
-        if b is None:
-            result.rows.append(GateRow(case_id, dev, "case", None, c["status"], "", "", "NEW",
-                                       "not in the baseline for this device class"))
-            continue
         if c is None:
             result.rows.append(GateRow(case_id, dev, "case", b["status"], None, "", "", "MISSING",
                                        "in the baseline but not measured now"))
             continue
+        if b is None:
+            result.rows.append(GateRow(case_id, dev, "case", None, c["status"], "", "", "NEW",
+                                       "not in the baseline for this device class"))
         result.rows.extend(_compare_case(case_id, dev, b, c, thresholds, base_runs.get(key, [])))
     return result
 
 
-def _compare_case(case_id: str, dev: str, b: dict, c: dict, thresholds: dict,
+def _compare_case(case_id: str, dev: str, b: dict | None, c: dict, thresholds: dict,
                   b_runs: list[dict] = ()) -> list[GateRow]:
+    """The rows of one case; b is None for a case new in the current records (only its bounds are judged)."""
     rows = []
-    bs, cs = b["status"], c["status"]
-    if bs == "passed" and cs != "passed":
-        rows.append(GateRow(case_id, dev, "status", bs, cs, f"{bs}→{cs}", "status", "REGRESSED",
-                            (c.get("reason") or "")[:200]))
-    elif bs != "passed" and cs == "passed":
-        rows.append(GateRow(case_id, dev, "status", bs, cs, f"{bs}→{cs}", "status", "IMPROVED", ""))
-    else:
-        rows.append(GateRow(case_id, dev, "status", bs, cs, "", "status", "PASS",
-                            "" if cs == "passed" else "not passed on either side; no metrics compared"))
-    if not (bs == cs == "passed"):
-        return rows
-    for metric, t in thresholds.items():
-        if metric == "status":
+    bs, cs = (b or {}).get("status"), c["status"]
+    if b is not None:
+        rows.append(_status_row(case_id, dev, bs, c))
+    if cs != "passed":
+        return rows   # the status rule has spoken; a case that did not pass has no figures to judge
+    base = b if bs == "passed" else None   # a baseline that did not pass has no figures to compare with
+    if stage_stats(c, "e2e") is None:
+        rows.append(_no_samples_row(case_id, dev, base))
+    for t in thresholds.values():
+        if t.metric == "status":
             continue
-        if metric == "memory.peak":
-            bv = (b.get("memory") or {}).get("peak_mb")
-            cv = (c.get("memory") or {}).get("peak_mb")
-            rows.append(_relative_row(case_id, dev, t, bv, cv, band=0.0, unit="MB"))
-        elif metric == "parity.psnr":
-            rows.append(_psnr_row(case_id, dev, t, _psnr(b), _psnr(c)))
-        else:
-            sb, sc = _latency(b, metric), _latency(c, metric)
-            if sb is None and sc is None:
-                continue  # stage not measured by this pipeline on either side
-            stat = metric.split(".")[1]
-            paired = _pairs(b, c)
-            if paired and metric in noise.PAIRED_METRICS and sb and sc:
-                rows.append(_paired_row(case_id, dev, t, sb[stat], sc[stat], paired))
-                continue
-            band = noise.standard_error_band(sb, sc, stat) if sb and sc else 0.0
-            kind = noise.STANDARD_ERROR_KIND
-            stage = metric.split(".")[0]
-            bootstrap = noise.bootstrap_band((b.get("samples") or {}).get(stage),
-                                             (c.get("samples") or {}).get(stage), stat)
-            if bootstrap:
-                band, kind = bootstrap
-            bv = sb and sb[stat]
-            median, between = noise.between_runs_band([s[stat] for s in (_latency(r, metric) for r in b_runs) if s])
-            if median is not None:
-                bv = median
-                if between > band:
-                    band, kind = between, f"{noise.NOISE_K:g} sigma of {len(b_runs)} baseline runs"
-            rows.append(_relative_row(case_id, dev, t, bv, sc and sc[stat], band=band, unit="s", noise_kind=kind))
+        metric = METRICS[t.metric]
+        if t.bound:
+            rows.append(_bound_row(case_id, dev, t, metric, base, c, new=b is None))
+        elif base is not None:
+            row = _change_row(case_id, dev, t, metric, base, c, b_runs)
+            if row is not None:
+                rows.append(row)
     return rows
+
+
+def _status_row(case_id: str, dev: str, bs: str, c: dict) -> GateRow:
+    cs = c["status"]
+    if bs == "passed" and cs != "passed":
+        return GateRow(case_id, dev, "status", bs, cs, f"{bs}→{cs}", "status", "REGRESSED",
+                       (c.get("reason") or "")[:200])
+    if bs != "passed" and cs == "passed":
+        return GateRow(case_id, dev, "status", bs, cs, f"{bs}→{cs}", "status", "IMPROVED", "")
+    return GateRow(case_id, dev, "status", bs, cs, "", "status", "PASS",
+                   "" if cs == "passed" else "not passed on either side; no metrics compared")
+
+
+def _no_samples_row(case_id: str, dev: str, b: dict | None) -> GateRow:
+    """A passed record that timed nothing (no e2e statistics, or n = 0) is not a measured pass."""
+    bn = (stage_stats(b, "e2e") or {}).get("n") if b else None
+    note = "passed without latency samples (no e2e statistics or e2e.n = 0): nothing was timed"
+    if bn:
+        return GateRow(case_id, dev, "e2e.n", bn, 0, "", "status", "REGRESSED", f"{note}; the baseline had {bn}")
+    side = "the baseline had none either" if b else "no baseline to compare with"
+    return GateRow(case_id, dev, "e2e.n", bn, 0, "", "status", "PASS", f"{note}; {side}")
+
+
+def _missing_row(case_id, dev, t: Threshold, bv, cv) -> GateRow | None:
+    """The row of a change threshold when a side lacks the metric; None when both do (not this case's metric)."""
+    if bv is None and cv is None:
+        return None
+    if cv is None:
+        return GateRow(case_id, dev, t.metric, bv, None, "", t.spec, "REGRESSED",
+                       "measured in the baseline but missing in the current")
+    return GateRow(case_id, dev, t.metric, None, cv, "", t.spec, "PASS", "not in the baseline; not compared")
+
+
+def _change_row(case_id, dev, t: Threshold, metric: Metric, b: dict, c: dict, b_runs) -> GateRow | None:
+    """A change against the baseline, with the noise rules for latency."""
+    if metric.name == "parity.psnr":
+        bv, cv = metric.read(b), metric.read(c)
+        return _psnr_row(case_id, dev, t, bv, cv) if None not in (bv, cv) else _missing_row(case_id, dev, t, bv, cv)
+    if not metric.stage:
+        bv, cv = metric.read(b), metric.read(c)
+        if None in (bv, cv):
+            return _missing_row(case_id, dev, t, bv, cv)
+        return _relative_row(case_id, dev, t, metric, bv, cv, band=0.0)
+    sb, sc = stage_stats(b, metric.stage), stage_stats(c, metric.stage)
+    bv, cv = (sb or {}).get(metric.stat), (sc or {}).get(metric.stat)
+    if None in (bv, cv):
+        return _missing_row(case_id, dev, t, bv, cv)
+    stat = metric.stat
+    paired = _pairs(b, c)
+    if paired and metric.name in noise.PAIRED_METRICS:
+        return _paired_row(case_id, dev, t, bv, cv, paired)
+    band, kind = noise.standard_error_band(sb, sc, stat), noise.STANDARD_ERROR_KIND
+    bootstrap = noise.bootstrap_band((b.get("samples") or {}).get(metric.stage),
+                                     (c.get("samples") or {}).get(metric.stage), stat)
+    if bootstrap:
+        band, kind = bootstrap
+    median, between = noise.between_runs_band([v for v in (metric.read(r) for r in b_runs) if v is not None])
+    if median is not None:
+        bv = median
+        if between > band:
+            band, kind = between, f"{noise.NOISE_K:g} sigma of {len(b_runs)} baseline runs"
+    return _relative_row(case_id, dev, t, metric, bv, cv, band=band, noise_kind=kind)
 
 
 def _pairs(b: dict, c: dict) -> dict | None:
@@ -233,11 +297,8 @@ def _paired_row(case_id, dev, t: Threshold, bv: float, cv: float, ratio: dict) -
     return GateRow(case_id, dev, t.metric, bv, cv, f"{pct:+.1f}%", t.spec, verdict, note)
 
 
-def _relative_row(case_id, dev, t: Threshold, bv, cv, band: float, unit: str,
+def _relative_row(case_id, dev, t: Threshold, metric: Metric, bv, cv, band: float,
                   noise_kind: str = noise.STANDARD_ERROR_KIND) -> GateRow:
-    if bv is None or cv is None:
-        side = "baseline" if bv is None else "current"
-        return GateRow(case_id, dev, t.metric, bv, cv, "", t.spec, "PASS", f"not measured in the {side}; not compared")
     bv, cv = float(bv), float(cv)
     diff = cv - bv
     pct = diff / bv * 100 if bv > 0 else (0.0 if diff == 0 else math.inf)
@@ -245,20 +306,37 @@ def _relative_row(case_id, dev, t: Threshold, bv, cv, band: float, unit: str,
     verdict, note = "PASS", ""
     if abs(pct) > t.limit:
         if band and abs(diff) <= band:
-            note = f"{change} is within run-to-run noise (±{band:.4g} {unit} = {noise_kind}); not counted"
+            note = f"{change} is within run-to-run noise (±{band:.4g} {metric.unit} = {noise_kind}); not counted"
         else:
-            verdict = "REGRESSED" if diff > 0 else "IMPROVED"
+            verdict = "REGRESSED" if (diff > 0) != metric.higher_is_better else "IMPROVED"
             if band:
-                note = f"beyond noise (±{band:.4g} {unit} = {noise_kind})"
+                note = f"beyond noise (±{band:.4g} {metric.unit} = {noise_kind})"
     return GateRow(case_id, dev, t.metric, bv, cv, change, t.spec, verdict, note)
 
 
-def _psnr_row(case_id, dev, t: Threshold, bv, cv) -> GateRow:
-    if bv is None or cv is None:
-        side = "baseline" if bv is None else "current"
-        return GateRow(case_id, dev, t.metric, bv, cv, "", t.spec, "PASS",
-                       f"no image PSNR in the {side}; not compared")
+def _psnr_row(case_id, dev, t: Threshold, bv: float, cv: float) -> GateRow:
     diff = cv - bv
     verdict = "REGRESSED" if diff < -t.limit else "IMPROVED" if diff > t.limit else "PASS"
     note = f"values capped at {PSNR_CAP_DB:g} dB (identical images)" if PSNR_CAP_DB in (bv, cv) else ""
     return GateRow(case_id, dev, t.metric, bv, cv, f"{diff:+.2f}dB", t.spec, verdict, note)
+
+
+def _bound_row(case_id, dev, t: Threshold, metric: Metric, b: dict | None, c: dict, new: bool) -> GateRow:
+    """An absolute bound, judged on the current record alone; the baseline's value is shown beside it."""
+    bv, cv = metric.read(b) if b else None, metric.read(c)
+    if cv is None:
+        if bv is not None or metric.required:
+            why = "measured in the baseline" if bv is not None else "every passed case must have latency samples"
+            return GateRow(case_id, dev, t.metric, bv, None, "", t.spec, "REGRESSED",
+                           f"missing in the current ({why}): the bound cannot be checked")
+        return GateRow(case_id, dev, t.metric, None, None, "", t.spec, "PASS",
+                       "not measured for this case; the bound is not checked")
+    value = float(cv) / metric.bound_units[t.unit]   # in the bound's own unit, as the spec writes it
+    holds = cv < t.bound_value if t.bound == "<" else cv > t.bound_value
+    relation = t.bound if holds else {"<": "≥", ">": "≤"}[t.bound]
+    change = f"{value:.4g}{t.unit} {relation} {t.limit:g}{t.unit}"
+    if holds:
+        return GateRow(case_id, dev, t.metric, bv, cv, change, t.spec, "PASS", "")
+    side = "above" if t.bound == "<" else "below"
+    note = f"{side} the bound (judged on the current record alone" + ("; a new case)" if new else ")")
+    return GateRow(case_id, dev, t.metric, bv, cv, change, t.spec, "REGRESSED", note)

@@ -88,7 +88,7 @@ def test_memory_and_psnr_thresholds():
     base = {"schema": 1, "run_id": "a", "case_id": "m/onnxruntime/fp32/b1/64x64/s4", "model": "m",
             "backend": "onnxruntime", "variant": "", "dtype": "fp32", "batch": 1, "height": 64, "width": 64,
             "steps": 4, "status": "passed", "env": CPU_ENV, "memory": {"peak_mb": 1000.0},
-            "parity": {"verdict": "pass", "image": {"psnr": 50.0, "passed": True}}}
+            "e2e": {"p50": 0.1, "n": 10}, "parity": {"verdict": "pass", "image": {"psnr": 50.0, "passed": True}}}
     cur = json.loads(json.dumps(base))
     cur["memory"]["peak_mb"] = 1060.0
     cur["parity"]["image"]["psnr"] = 48.5
@@ -170,6 +170,13 @@ def test_unsupported_records_only_get_the_status_rule(runs):
     ("parity.psnr:+1%", "malformed threshold"),
     ("e2e.p50:+ten%", "malformed threshold"),
     ("status:+1%", "status takes no value"),
+    ("e2e.p50:>10ms", "lower is better for e2e.p50"),
+    ("throughput:<500/s", "higher is better for throughput"),
+    ("e2e.p50:<10MB", "a bound on e2e.p50 is in s/ms/us"),
+    ("memory.peak:<8ms", "a bound on memory.peak is in MB/GB"),
+    ("throughput:+10%", "throughput takes -N%"),
+    ("e2e.p50:<10", "malformed threshold"),
+    ("e2e.p50:+10ms", "e2e.p50 takes [+]N%"),
 ])
 def test_bad_threshold_is_a_user_error(spec, message):
     with pytest.raises(UserError, match=message):
@@ -291,3 +298,163 @@ def test_tail_of_few_calls_is_judged_by_its_bootstrap_interval():
     result = gate.compare([_sampled_record("b", base)], [_sampled_record("c", shifted, ts=1)],
                           ["e2e.p50:+10%", "e2e.p99:+15%"])
     assert {r.metric for r in result.rows if r.verdict == "REGRESSED"} == {"e2e.p50", "e2e.p99"}
+
+
+# -- a metric missing on one side; passed without latency samples -------------------------------------------------
+def _record(run_id="r", ts=0.0, env=CPU_ENV, **fields):
+    """A passed hand-made record: tiny-sd/diffusers with e2e 100 ms over 10 calls unless fields say otherwise.
+    throughput={"per_s": N} stands for the field a throughput-measuring workload records."""
+    from harness.cases import Case
+    from harness.records import Record
+    fields.setdefault("e2e", {"p50": 0.1, "p99": 0.1, "std": 0.0, "n": 10})
+    throughput = fields.pop("throughput", None)
+    record = Record.for_case(Case("tiny-sd", "diffusers"), run_id, env=env, timestamp=ts, **fields).to_dict()
+    return {**record, "throughput": throughput} if throughput else record
+
+
+def _rows(result, metric):
+    return [r for r in result.rows if r.metric == metric]
+
+
+def test_a_metric_missing_in_the_current_regresses_and_one_missing_in_the_baseline_is_not_compared():
+    stages = {"denoise": {"p50": 0.07, "n": 10}, "vae_decode": {"p50": 0.02, "n": 10}}
+    base = _record(memory={"peak_mb": 900.0}, stages=stages)
+    lost = _record(ts=1, stages={"denoise": stages["denoise"]})        # no memory, no vae_decode stage
+    result = gate.compare([base], [lost], ["memory.peak:+5%", "vae_decode.p50:+10%", "text_encode.p50:+10%"])
+    assert result.exit_code == 1
+    for metric in ("memory.peak", "vae_decode.p50"):
+        [row] = _rows(result, metric)
+        assert row.verdict == "REGRESSED" and row.current is None
+        assert row.note == "measured in the baseline but missing in the current"
+    assert _rows(result, "text_encode.p50") == []          # on neither side: not this pipeline's stage
+    back = gate.compare([lost], [base], ["memory.peak:+5%", "vae_decode.p50:+10%"])
+    assert back.exit_code == 0
+    assert {r.note for r in back.rows if r.metric != "status"} == {"not in the baseline; not compared"}
+
+
+@pytest.mark.parametrize("e2e", [{"n": 0}, {}], ids=["n=0", "no e2e"])
+def test_passed_without_latency_samples_cannot_pass_silently(e2e):
+    """What a pytest-benchmark run with --benchmark-disable leaves: status passed, nothing timed."""
+    base, untimed = _record(memory={"peak_mb": 900.0}), _record(ts=1, e2e=e2e, memory={"peak_mb": 900.0})
+    result = gate.compare([base], [untimed], DEFAULT_THRESHOLDS)
+    assert result.exit_code == 1
+    [row] = _rows(result, "e2e.n")
+    assert (row.verdict, row.baseline, row.current) == ("REGRESSED", 10, 0)
+    assert "passed without latency samples" in row.note
+    assert {r.verdict for r in _rows(result, "e2e.p50") + _rows(result, "e2e.p99")} == {"REGRESSED"}
+    # a baseline without samples either: nothing to compare, but the row still says so
+    result = gate.compare([_record(e2e=e2e)], [untimed], DEFAULT_THRESHOLDS)
+    [row] = _rows(result, "e2e.n")
+    assert row.verdict == "PASS" and "the baseline had none either" in row.note
+    assert result.exit_code == 0 and _rows(result, "e2e.p50") == []
+    # a bound on latency cannot hold on a case that timed nothing, new or not
+    result = gate.compare([], [untimed], ["e2e.p50:<10s"])
+    assert [(r.metric, r.verdict) for r in result.rows] == [("case", "NEW"), ("e2e.n", "PASS"),
+                                                             ("e2e.p50", "REGRESSED")]
+    assert "the bound cannot be checked" in result.rows[-1].note
+
+
+# -- absolute bounds ------------------------------------------------------------------------------------------------
+def test_absolute_bounds_grammar():
+    parsed = parse_thresholds(["e2e.p50:+10%", "e2e.p50:<10ms", "latency.p99:<0.5s", "vram.peak:<8GB",
+                               "throughput:>500/s", "psnr:>40dB", "memory.peak:<1000mb", "throughput:-10%"])
+    assert set(parsed) == {"status", "e2e.p50", "e2e.p50:<", "e2e.p99:<", "memory.peak:<", "throughput:>",
+                           "parity.psnr:>", "throughput"}      # a change and a bound on one metric both apply
+    assert parsed["e2e.p50:<"].bound_value == pytest.approx(0.010)
+    assert parsed["e2e.p99:<"].bound_value == pytest.approx(0.5)
+    assert parsed["memory.peak:<"].bound_value == 1000.0         # the later memory bound won
+    assert parsed["throughput:>"].bound_value == 500.0 and parsed["throughput"].spec == "throughput:-10%"
+    assert parse_thresholds(["memory.peak:<8GB"])["memory.peak:<"].bound_value == 8 * 1024
+    for t in parsed.values():   # every spec reads back as itself
+        assert parse_thresholds([t.spec])[t.key] == t
+
+
+def test_absolute_bounds_are_judged_on_the_current_record_alone():
+    fast, slow = (_record(ts=1, e2e={"p50": s, "p99": s, "n": 10}) for s in (0.008, 0.012))
+    # the same 12 ms on both sides: no change, but the target is missed
+    result = gate.compare([_record(e2e={"p50": 0.012, "n": 10})], [slow], ["e2e.p50:+10%", "e2e.p50:<10ms"])
+    bound = next(r for r in result.rows if r.threshold == "e2e.p50:<10ms")
+    assert (bound.verdict, bound.change, bound.baseline) == ("REGRESSED", "12ms ≥ 10ms", 0.012)
+    assert "above the bound" in bound.note
+    assert next(r for r in result.rows if r.threshold == "e2e.p50:+10%").verdict == "PASS"
+    assert result.exit_code == 1
+    result = gate.compare([slow], [fast], ["e2e.p50:<10ms"])
+    assert [r.change for r in _rows(result, "e2e.p50")] == ["8ms < 10ms"] and result.exit_code == 0
+    # a case only in the current run is judged too: the targets must hold on a new case
+    assert gate.compare([], [fast], ["e2e.p50:<10ms"]).exit_code == 0
+    new = gate.compare([], [slow], ["e2e.p50:<10ms"])
+    assert new.exit_code == 1 and "a new case" in _rows(new, "e2e.p50")[0].note
+    # a case that did not pass is the status rule's business, not the bound's
+    failed = {**slow, "status": "failed", "reason": "ParityError: x"}
+    assert _rows(gate.compare([], [failed], ["e2e.p50:<10ms"]), "e2e.p50") == []
+    # memory in GB
+    heavy = _record(ts=1, memory={"peak_mb": 9000.0})
+    assert [r.verdict for r in _rows(gate.compare([], [heavy], ["memory.peak:<8GB"]), "memory.peak")] == [
+        "REGRESSED"]
+    assert gate.compare([], [heavy], ["memory.peak:<9GB"]).exit_code == 0
+
+
+def test_bounds_are_judged_per_device_class(runs):
+    """One bound, merged runners: each device class's record is judged on its own figures."""
+    cpu, gpu = load_many([runs["base"]]), load_many([runs["gpu"]])
+    result = gate.compare(cpu + gpu, cpu + gpu, ["e2e.p50:<50ms"])   # synthetic: CPU ~200 ms, H100 ~10 ms
+    rows = [r for r in result.rows if r.metric == "e2e.p50"]
+    assert rows and {r.verdict for r in rows if r.device_class.startswith("NVIDIA")} == {"PASS"}
+    assert {r.verdict for r in rows if r.device_class.startswith("CPU")} == {"REGRESSED"}
+
+
+def test_throughput_is_one_metric_entry_read_from_the_record():
+    """Higher is better: a lower bound and a relative drop; records without throughput are not judged on it."""
+    served = [_record(ts=1, throughput={"per_s": v}) for v in (612.0, 431.0)]
+    verdicts = [_rows(gate.compare([], [r], ["throughput:>500/s"]), "throughput")[0] for r in served]
+    assert [(r.verdict, r.change) for r in verdicts] == [("PASS", "612/s > 500/s"), ("REGRESSED", "431/s ≤ 500/s")]
+    base = _record(throughput={"per_s": 600.0})
+    drop = gate.compare([base], [_record(ts=1, throughput={"per_s": 500.0})], ["throughput:-10%"])
+    assert [(r.verdict, r.change) for r in _rows(drop, "throughput")] == [("REGRESSED", "-16.7%")]
+    gain = gate.compare([base], [_record(ts=1, throughput={"per_s": 700.0})], ["throughput:-10%"])
+    assert [r.verdict for r in _rows(gain, "throughput")] == ["IMPROVED"]
+    # a text-to-image case has no throughput: the bound is not checked there, unless the baseline measured it
+    unmeasured = gate.compare([_record()], [_record(ts=1)], ["throughput:>500/s"])
+    assert [(r.verdict, r.note) for r in _rows(unmeasured, "throughput")] == [
+        ("PASS", "not measured for this case; the bound is not checked")]
+    assert gate.compare([base], [_record(ts=1)], ["throughput:>500/s"]).exit_code == 1
+
+
+# -- markdown for a CI job summary -----------------------------------------------------------------------------
+def test_markdown_lists_every_case_regressions_first(runs):
+    base, slow = load_many([runs["base"]]), load_many([runs["slow"]])
+    gone = [r for r in slow if r["case_id"] != SD_ORT]
+    result = gate.compare(base, gone, ["e2e.p50:+10%"])
+    lines = result.markdown().splitlines()
+    assert lines[:2] == ["| verdict | case | device class | metrics |", "|---|---|---|---|"]
+    table = [line for line in lines[2:] if line.startswith("|")]
+    assert len(table) == len({r["case_id"] for r in base})            # every case once
+    verdicts = [line.split(" | ")[0].strip("| *") for line in table]
+    assert verdicts == sorted(verdicts, key=["REGRESSED", "MISSING", "NEW", "IMPROVED", "PASS"].index)
+    assert verdicts[0] == "REGRESSED" and "MISSING" in verdicts and "PASS" in verdicts
+    first = table[0]
+    assert "e2e.p50 +2" in first and "REGRESSED (e2e.p50:+10%; beyond noise" in first
+    assert lines[-1].startswith("**gate: REGRESSED** — ") and f"{len(table)} case(s)" in lines[-1]
+    # a note with a pipe cannot break the table
+    odd = [{**r, "reason": "a | b"} if r["case_id"] == SD_ORT else r for r in load_many([runs["failed"]])]
+    text = gate.compare(base, odd, []).markdown()
+    assert "a \\| b" in text and all(line.count(" | ") == 3 for line in text.splitlines() if line.startswith("| "))
+
+
+def test_gate_cli_markdown_and_bounds(runs, tmp_path, capsys):
+    from harness.cli import main
+    from harness.records import RecordWriter
+    assert main(["gate", "--baseline", str(runs["base"]), "--current", str(runs["slow"]), "--threshold",
+                 "e2e.p50:+10%", "--format", "markdown"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("| verdict | case | device class | metrics |\n") and "**gate: REGRESSED**" in out
+    # the embedding service's target on measured throughput: exit 1 below it, 0 above
+    for per_s, code in ((431.0, 1), (612.0, 0)):
+        path = tmp_path / f"{per_s}.jsonl"
+        with RecordWriter(path) as w:
+            w.write(_record(throughput={"per_s": per_s}))
+        assert main(["gate", "--baseline", str(path), "--current", str(path), "--threshold", "throughput:>500/s"]) \
+            == code
+    capsys.readouterr()
+    assert main(["gate", "--baseline", str(path), "--current", str(path), "--format", "html"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
