@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from harness import noise
 from harness.device import device_class as _env_device_class
 from harness.errors import UserError
-from harness.records import REQUIRED, check_schema, sanitize, upgrade
 from harness.metrics import METRICS, PSNR_CAP_DB, Metric, stage_stats
+from harness.records import REQUIRED, check_schema, sanitize, upgrade
 from harness.thresholds import DEFAULT_THRESHOLDS, Threshold, parse_thresholds
 
 VERDICTS = ("PASS", "REGRESSED", "IMPROVED", "NEW", "MISSING")
@@ -96,8 +96,7 @@ class GateResult:
         for key in order:
             verdict = verdicts[key]
             shown = f"**{verdict}**" if verdict == "REGRESSED" else verdict
-            details = "; ".join(_md_detail(r) for r in cases[key] if not (r.metric == "status" and r.verdict == "PASS"
-                                                                           and not r.note))
+            details = "; ".join(filter(None, map(_md_detail, cases[key])))
             lines.append(f"| {shown} | {_md(key[0])} | {_md(key[1])} | {_md(details) or '–'} |")
         counts = ", ".join(f"{n} {v.lower()}" for v in _CASE_ORDER if (n := list(verdicts.values()).count(v)))
         lines += ["", f"**gate: {'REGRESSED' if self.regressed else 'PASS'}** — {len(cases)} case(s): "
@@ -111,9 +110,11 @@ class GateResult:
 
 def _md_detail(r: GateRow) -> str:
     """One row as markdown text: metric and change (or value); for a row that is not PASS, its verdict, threshold
-    and note."""
+    and note. Empty for a passed status (the verdict column says it)."""
     if r.metric == "case":
         return r.note
+    if r.metric == "status" and r.verdict == "PASS" and not r.note:
+        return ""
     text = f"{r.metric} {r.change or _fmt(r.current)}"
     if r.verdict != "PASS":
         why = "; ".join(x for x in (r.threshold if r.threshold != "status" else "", r.note[:160]) if x)
