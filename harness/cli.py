@@ -90,9 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     gate = sub.add_parser("gate", help="compare current records with a baseline; exit 1 on a regression")
     gate.add_argument("--baseline", required=True)
     gate.add_argument("--current", required=True, nargs="+")
-    gate.add_argument("--threshold", action="append", default=[], help="e.g. e2e.p50:+10%%, status")
+    gate.add_argument("--threshold", action="append", default=[],
+                      help="e.g. e2e.p50:+10%%, e2e.p50:<10ms, memory.peak:<8GB, throughput:>500/s, status")
     gate.add_argument("--thresholds", help="TOML file of thresholds")
     gate.add_argument("--all", action="store_true", help="print every row, PASS included")
+    gate.add_argument("--format", choices=("text", "markdown"), default="text",
+                      help="text: a terminal table; markdown: every case with its verdict, for a CI job summary")
 
     baseline = sub.add_parser("baseline", help="manage baselines")
     bsub = baseline.add_subparsers(dest="baseline_command", required=True, parser_class=_Parser)
@@ -283,12 +286,13 @@ def cmd_report(args) -> int:
 def cmd_gate(args) -> int:
     from harness import gate
     from harness.records import load_many
+    from harness.thresholds import DEFAULT_THRESHOLDS, load_thresholds_toml, parse_thresholds
     specs = list(args.threshold)
     if args.thresholds:
-        specs = gate.load_thresholds_toml(args.thresholds) + specs
-    thresholds = gate.parse_thresholds(specs or gate.DEFAULT_THRESHOLDS)
+        specs = load_thresholds_toml(args.thresholds) + specs
+    thresholds = parse_thresholds(specs or DEFAULT_THRESHOLDS)
     result = gate.compare(load_many([args.baseline]), load_many(args.current), thresholds)
-    print(result.table(all_rows=args.all))
+    print(result.markdown() if args.format == "markdown" else result.table(all_rows=args.all))
     return result.exit_code
 
 
@@ -303,15 +307,16 @@ def _env_pairs(items: list[str], flag: str) -> dict[str, str]:
 
 
 def cmd_ab(args) -> int:
-    from harness import ab, gate
+    from harness import ab
+    from harness.thresholds import DEFAULT_THRESHOLDS, parse_thresholds
     if not (args.baseline_dir or args.baseline_rev):
         raise UserError("ab needs --baseline-dir DIR or --baseline-rev REV")
     device = options.resolve_device(args.gpu)
     run_options = options.build_run_options(device, False, args.warmup, args.repeats or AB_REPEATS, args.case_timeout)
     cases = options.select_cases(args.model, args.backend, args.dtype, args.batch, args.size, args.steps,
                                  args.matrix)
-    thresholds = list(args.threshold) or [*gate.DEFAULT_THRESHOLDS, AB_E2E_P50]   # later specs win
-    gate.parse_thresholds(thresholds)
+    thresholds = list(args.threshold) or [*DEFAULT_THRESHOLDS, AB_E2E_P50]   # later specs win
+    parse_thresholds(thresholds)
     env = {"baseline": _env_pairs(args.baseline_env, "--baseline-env"),
            "current": _env_pairs(args.current_env, "--current-env")}
     current = ab.check_build(args.current_dir or ROOT, "--current-dir")
@@ -347,8 +352,8 @@ def cmd_ab(args) -> int:
 
 
 def cmd_baseline(args) -> int:
-    from harness import gate
-    gate.save_baseline(args.records, args.out)
+    from harness.baseline import save_baseline
+    save_baseline(args.records, args.out)
     print(f"baseline: {args.out}")
     return 0
 

@@ -1,150 +1,30 @@
-"""Regression gate: current records vs a baseline, per case id and device class.
+"""Regression gate: current records vs a baseline, per case id and device class, with a verdict per metric.
 
-Threshold grammar (one spec per string; later specs for the same metric win):
+Verdicts: PASS, REGRESSED (the row fails the gate: exit 1), IMPROVED, NEW (a case only in the current records),
+MISSING (only in the baseline). Which metrics are judged, and how far they may move, is the threshold grammar
+(harness/thresholds.py) over the metric table (harness/metrics.py); when a latency change is large enough to count
+is the noise statistics (harness/noise.py).
 
-    e2e.p50:+10%        end-to-end latency statistic (p50 p90 p99 mean min max) may grow by at most 10 %
-    denoise.p50:+10%    the same for a stage of record["stages"] (text_encode, denoise, denoise_step, vae_decode, other)
-    memory.peak:+5%     record["memory"]["peak_mb"] may grow by at most 5 %
-    parity.psnr:-1dB    record["parity"]["image"]["psnr"] may drop by at most 1 dB
-    status              passed before and not passed now is a regression (always applied, listed for clarity)
-
-Aliases from DESIGN.md: latency.<stat> = e2e.<stat>, vram.peak = memory.peak, psnr = parity.psnr.
-
-Noise rule (latency only): records carry summary statistics of n repeats, not samples. A latency change counts only
-when it exceeds the threshold AND k = 3 standard errors of the difference of the two runs -- the Welch-test bound
-(a ~99.7 % band if the noise were normal). For the median the per-sample spread comes from the quartiles
-(1.253 x IQR / 1.349, robust to one stray repeat; std for records without quartiles), for other statistics from the
-std (for p99 that underestimates the noise, so tail gates stay the stricter ones). With n = 1 or no spread the
-threshold alone decides. A change inside the noise band is PASS with a note that says so.
-
-Between-run noise: on a shared machine whole runs drift (measured here: one unchanged build gave e2e p50 from 57.6
-to 101.6 ms over six runs while each run's own std was 1-13 ms), which no within-run spread can see. A baseline that
-holds several runs of a case (`diffbench baseline save RUN1 RUN2 ...`) gives the gate that drift: the baseline
-value is then the median over its runs, and the noise band is the larger of the within-run bound above and
-k x (sample std over the baseline runs) x sqrt(1 + 1/m) -- a prediction band for one new run around m old ones.
-
-Paired rule (A/B runs, harness/ab.py): when the current record was measured call by call in alternation with this
-baseline record (record["paired"]["with_run"] is the baseline's run id), e2e.p50 and e2e.mean are judged by the
-median of the per-pair ratios current/baseline, with k standard errors of that median as the band: the machine's
-drift is common to both calls of a pair and cancels.
+What cannot pass silently: a metric measured in the baseline and missing now, a passed record without latency
+samples (e2e.n = 0) when the baseline had them, a bound that cannot be checked on e2e latency. A metric missing only
+in the baseline is not compared (PASS with a note); an absolute bound is judged on the current record alone, on new
+cases too.
 """
 from __future__ import annotations
 
-import json
 import math
-import re
-import tomllib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import numpy as np
-
+from harness import noise
 from harness.device import device_class as _env_device_class
 from harness.errors import UserError
-from harness.records import REQUIRED, check_schema, load_many, read_records, sanitize, upgrade
+from harness.metrics import METRICS, PSNR_CAP_DB, Metric, stage_stats
+from harness.records import REQUIRED, check_schema, sanitize, upgrade
+from harness.thresholds import DEFAULT_THRESHOLDS, Threshold, parse_thresholds
 
 VERDICTS = ("PASS", "REGRESSED", "IMPROVED", "NEW", "MISSING")
-LATENCY_STATS = ("p50", "p90", "p99", "mean", "min", "max")
-STAGE_NAMES = ("e2e", "text_encode", "denoise", "denoise_step", "vae_decode", "other")
-NOISE_K = 3.0
-# the central statistics an A/B run's per-pair ratios speak for; tails and stages use the unpaired rule
-PAIRED_METRICS = ("e2e.p50", "e2e.mean")
-BOOTSTRAP_RESAMPLES = 4000
-BOOTSTRAP_MIN_CALLS = 8
-_STAT_FUNCTIONS = {
-    "p50": lambda a: np.percentile(a, 50, axis=-1), "p90": lambda a: np.percentile(a, 90, axis=-1),
-    "p99": lambda a: np.percentile(a, 99, axis=-1), "mean": lambda a: a.mean(axis=-1),
-    "min": lambda a: a.min(axis=-1), "max": lambda a: a.max(axis=-1)}
-# PSNR of identical images is infinite (stored as null); anything above this is "identical" for the gate.
-PSNR_CAP_DB = 100.0
-DEFAULT_THRESHOLDS = ["status", "e2e.p50:+10%", "e2e.p99:+15%", "memory.peak:+5%", "parity.psnr:-1dB"]
-_ALIASES = {"latency": "e2e", "vram": "memory", "psnr": "parity.psnr", "vram.peak": "memory.peak"}
-
-
-@dataclass(frozen=True)
-class Threshold:
-    metric: str          # canonical: "status", "e2e.p50", "denoise.p99", "memory.peak", "parity.psnr"
-    limit: float = 0.0   # percent for latency/memory, dB for psnr (always positive)
-    unit: str = ""       # "%", "dB" or "" (status)
-
-    @property
-    def spec(self) -> str:
-        if self.metric == "status":
-            return "status"
-        sign = "-" if self.unit == "dB" else "+"
-        return f"{self.metric}:{sign}{self.limit:g}{self.unit}"
-
-
-_SPEC = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(?::\s*([+-]?)\s*(\d+(?:\.\d+)?)\s*(%|dB|db)\s*)?$")
-
-
-def _canonical_metric(name: str, spec: str) -> str:
-    name = _ALIASES.get(name, name)
-    head, _, tail = name.partition(".")
-    head = _ALIASES.get(head, head)
-    name = f"{head}.{tail}" if tail else head
-    if name in ("status", "memory.peak", "parity.psnr"):
-        return name
-    if head in STAGE_NAMES and tail in LATENCY_STATS:
-        return name
-    allowed = (f"status, memory.peak, parity.psnr, <stage>.<stat> with stage in {'/'.join(STAGE_NAMES)} "
-               f"and stat in {'/'.join(LATENCY_STATS)}")
-    raise UserError(f"unknown gate metric {name!r} in threshold {spec!r}; allowed: {allowed}")
-
-
-def parse_thresholds(specs: list[str]) -> dict[str, Threshold]:
-    """Parse threshold specs into {metric: Threshold}. The status rule is always included."""
-    out: dict[str, Threshold] = {"status": Threshold("status")}
-    for spec in specs:
-        if not isinstance(spec, str):
-            raise UserError(f"malformed threshold {spec!r}: expected a string such as e2e.p50:+10%")
-        m = _SPEC.match(spec)
-        if not m:
-            raise UserError(f"malformed threshold {spec!r}: expected METRIC:+N% (latency, memory), "
-                            f"parity.psnr:-NdB or status")
-        name, sign, number, unit = m.groups()
-        metric = _canonical_metric(name, spec)
-        if metric == "status":
-            if number is not None:
-                raise UserError(f"malformed threshold {spec!r}: status takes no value")
-            continue
-        if number is None:
-            raise UserError(f"malformed threshold {spec!r}: {metric} needs a limit, e.g. "
-                            f"{'-1dB' if metric == 'parity.psnr' else '+10%'}")
-        unit = "dB" if unit.lower() == "db" else unit
-        want_unit, want_sign = ("dB", "-") if metric == "parity.psnr" else ("%", "+")
-        if unit != want_unit or sign not in ("", want_sign):
-            raise UserError(f"malformed threshold {spec!r}: {metric} takes {want_sign}N{want_unit} "
-                            f"(the direction that is worse)")
-        out[metric] = Threshold(metric, float(number), unit)
-    return out
-
-
-def load_thresholds_toml(path: str | Path) -> list[str]:
-    """Threshold specs from a TOML file: either `thresholds = ["e2e.p50:+10%", ...]` or a table
-    `[thresholds]` of `"e2e.p50" = "+10%"` (and `status = true`)."""
-    p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UserError(f"cannot read thresholds file {p}: {exc.strerror or exc}")
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"malformed thresholds file {p}: {exc}")
-    section = data.get("gate", data)  # [gate] thresholds = ... or a top-level thresholds
-    table = section.get("thresholds") if isinstance(section, dict) else None
-    if isinstance(table, list) and all(isinstance(s, str) for s in table):
-        return list(table)
-    if isinstance(table, dict):
-        specs = []
-        for metric, value in table.items():
-            if value is True and metric == "status":
-                specs.append("status")
-            elif isinstance(value, str):
-                specs.append(f"{metric}:{value}")
-            else:
-                raise UserError(f"thresholds file {p}: {metric} = {value!r} must be a string such as \"+10%\"")
-        return specs
-    raise UserError(f"thresholds file {p}: expected `thresholds = [\"e2e.p50:+10%\", ...]` or a [thresholds] table")
+# a case's verdict is its worst row's; markdown lists cases in this order
+_CASE_ORDER = ("REGRESSED", "MISSING", "NEW", "IMPROVED", "PASS")
 
 
 def device_class(record: dict) -> str:
@@ -204,9 +84,47 @@ class GateResult:
         lines.append(self.summary())
         return "\n".join(lines)
 
+    def markdown(self) -> str:
+        """A markdown table for a CI job summary: every compared case with its verdict (its worst row's),
+        regressions first, the rows that decided it beside it; then a one-line summary."""
+        cases: dict[tuple[str, str], list[GateRow]] = {}
+        for r in self.rows:
+            cases.setdefault((r.case_id, r.device_class), []).append(r)
+        verdicts = {key: min((r.verdict for r in rows), key=_CASE_ORDER.index) for key, rows in cases.items()}
+        order = sorted(cases, key=lambda key: (_CASE_ORDER.index(verdicts[key]), key))
+        lines = ["| verdict | case | device class | metrics |", "|---|---|---|---|"]
+        for key in order:
+            verdict = verdicts[key]
+            shown = f"**{verdict}**" if verdict == "REGRESSED" else verdict
+            details = "; ".join(filter(None, map(_md_detail, cases[key])))
+            lines.append(f"| {shown} | {_md(key[0])} | {_md(key[1])} | {_md(details) or '–'} |")
+        counts = ", ".join(f"{n} {v.lower()}" for v in _CASE_ORDER if (n := list(verdicts.values()).count(v)))
+        lines += ["", f"**gate: {'REGRESSED' if self.regressed else 'PASS'}** — {len(cases)} case(s): "
+                      f"{counts or 'nothing compared'}; thresholds: {', '.join(self.thresholds)}"]
+        return "\n".join(lines)
+
     def to_dict(self) -> dict:
         return sanitize({"regressed": self.regressed, "exit_code": self.exit_code, "counts": self.counts(),
                          "thresholds": self.thresholds, "rows": [asdict(r) for r in self.rows]})
+
+
+def _md_detail(r: GateRow) -> str:
+    """One row as markdown text: metric and change (or value); for a row that is not PASS, its verdict, threshold
+    and note. Empty for a passed status (the verdict column says it)."""
+    if r.metric == "case":
+        return r.note
+    if r.metric == "status" and r.verdict == "PASS" and not r.note:
+        return ""
+    text = f"{r.metric} {r.change or _fmt(r.current)}"
+    if r.verdict != "PASS":
+        why = "; ".join(x for x in (r.threshold if r.threshold != "status" else "", r.note[:160]) if x)
+        return f"{text} {r.verdict}" + (f" ({why})" if why else "")
+    return f"{text} ({r.note[:160]})" if r.note and r.metric in ("status", "e2e.n") else text
+
+
+def _md(text: str) -> str:
+    """Text for a markdown table cell: pipes escaped, on one line."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def _fmt(value) -> str:
@@ -248,38 +166,7 @@ def _runs(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
-def _between_runs(runs: list[dict], metric: str) -> tuple[float | None, float]:
-    """Median of a latency metric over baseline runs and its k-sigma prediction band (0 with fewer than 2 runs)."""
-    stat = metric.split(".")[1]
-    values = [s[stat] for s in (_latency(r, metric) for r in runs) if s]
-    if len(values) < 2:
-        return None, 0.0
-    values.sort()
-    mid = len(values) // 2
-    median = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return median, NOISE_K * std * math.sqrt(1 + 1 / len(values))
-
-
-def _latency(record: dict, metric: str) -> dict | None:
-    stage, stat = metric.split(".")
-    stats = record.get("e2e") if stage == "e2e" else (record.get("stages") or {}).get(stage)
-    if not stats or stats.get(stat) is None:
-        return None
-    return stats
-
-
-def _psnr(record: dict) -> float | None:
-    image = (record.get("parity") or {}).get("image") or {}
-    if "psnr" not in image or image.get("error"):
-        return None
-    value = image["psnr"]
-    # null psnr without an error is an identical image (inf does not survive JSON)
-    return PSNR_CAP_DB if value is None else min(float(value), PSNR_CAP_DB)
-
-
-def compare(baseline: list[dict], current: list[dict], thresholds) -> GateResult:
+def compare(baseline: list[dict], current: list[dict], thresholds=DEFAULT_THRESHOLDS) -> GateResult:
     """Compare current records with the baseline. thresholds: parse_thresholds() output or a list of specs."""
     if not isinstance(thresholds, dict):
         thresholds = parse_thresholds(list(thresholds))
@@ -291,101 +178,102 @@ def compare(baseline: list[dict], current: list[dict], thresholds) -> GateResult
     for key in sorted(set(base) | set(cur)):
         case_id, dev = key
         b, c = base.get(key), cur.get(key)
-        if b is None:
-            result.rows.append(GateRow(case_id, dev, "case", None, c["status"], "", "", "NEW",
-                                       "not in the baseline for this device class"))
-            continue
         if c is None:
             result.rows.append(GateRow(case_id, dev, "case", b["status"], None, "", "", "MISSING",
                                        "in the baseline but not measured now"))
             continue
+        if b is None:
+            result.rows.append(GateRow(case_id, dev, "case", None, c["status"], "", "", "NEW",
+                                       "not in the baseline for this device class"))
         result.rows.extend(_compare_case(case_id, dev, b, c, thresholds, base_runs.get(key, [])))
     return result
 
 
-def _compare_case(case_id: str, dev: str, b: dict, c: dict, thresholds: dict,
+def _compare_case(case_id: str, dev: str, b: dict | None, c: dict, thresholds: dict,
                   b_runs: list[dict] = ()) -> list[GateRow]:
+    """The rows of one case; b is None for a case new in the current records (only its bounds are judged)."""
     rows = []
-    bs, cs = b["status"], c["status"]
-    if bs == "passed" and cs != "passed":
-        rows.append(GateRow(case_id, dev, "status", bs, cs, f"{bs}→{cs}", "status", "REGRESSED",
-                            (c.get("reason") or "")[:200]))
-    elif bs != "passed" and cs == "passed":
-        rows.append(GateRow(case_id, dev, "status", bs, cs, f"{bs}→{cs}", "status", "IMPROVED", ""))
-    else:
-        rows.append(GateRow(case_id, dev, "status", bs, cs, "", "status", "PASS",
-                            "" if cs == "passed" else "not passed on either side; no metrics compared"))
-    if not (bs == cs == "passed"):
-        return rows
-    for metric, t in thresholds.items():
-        if metric == "status":
+    bs, cs = (b or {}).get("status"), c["status"]
+    if b is not None:
+        rows.append(_status_row(case_id, dev, bs, c))
+    if cs != "passed":
+        return rows   # the status rule has spoken; a case that did not pass has no figures to judge
+    base = b if bs == "passed" else None   # a baseline that did not pass has no figures to compare with
+    if stage_stats(c, "e2e") is None:
+        rows.append(_no_samples_row(case_id, dev, base))
+    for t in thresholds.values():
+        if t.metric == "status":
             continue
-        if metric == "memory.peak":
-            bv = (b.get("memory") or {}).get("peak_mb")
-            cv = (c.get("memory") or {}).get("peak_mb")
-            rows.append(_relative_row(case_id, dev, t, bv, cv, noise=0.0, unit="MB"))
-        elif metric == "parity.psnr":
-            rows.append(_psnr_row(case_id, dev, t, _psnr(b), _psnr(c)))
-        else:
-            sb, sc = _latency(b, metric), _latency(c, metric)
-            if sb is None and sc is None:
-                continue  # stage not measured by this pipeline on either side
-            stat = metric.split(".")[1]
-            paired = _pairs(b, c)
-            if paired and metric in PAIRED_METRICS and sb and sc:
-                rows.append(_paired_row(case_id, dev, t, sb[stat], sc[stat], paired))
-                continue
-            noise = _noise(sb, sc, stat) if sb and sc else 0.0
-            kind = f"{NOISE_K:g} standard errors of the difference"
-            bootstrap = _bootstrap_noise(b, c, metric)
-            if bootstrap is not None:
-                noise, kind = bootstrap
-            bv = sb and sb[stat]
-            median, between = _between_runs(list(b_runs), metric)
-            if median is not None:
-                bv = median
-                if between > noise:
-                    noise, kind = between, f"{NOISE_K:g} sigma of {len(b_runs)} baseline runs"
-            rows.append(_relative_row(case_id, dev, t, bv, sc and sc[stat], noise=noise, unit="s", noise_kind=kind))
+        metric = METRICS[t.metric]
+        if t.bound:
+            rows.append(_bound_row(case_id, dev, t, metric, base, c, new=b is None))
+        elif base is not None:
+            row = _change_row(case_id, dev, t, metric, base, c, b_runs)
+            if row is not None:
+                rows.append(row)
     return rows
 
 
-def _median_spread(stats: dict) -> float:
-    """Per-sample spread for the standard error of a median: from the quartiles when the record has them
-    (1.253 x IQR / 1.349 -- one slow outlier does not widen it), else 1.253 x std."""
-    if stats.get("p25") is not None and stats.get("p75") is not None:
-        return 1.253 * (stats["p75"] - stats["p25"]) / 1.349
-    return 1.253 * (stats.get("std") or 0.0)
+def _status_row(case_id: str, dev: str, bs: str, c: dict) -> GateRow:
+    cs = c["status"]
+    if bs == "passed" and cs != "passed":
+        return GateRow(case_id, dev, "status", bs, cs, f"{bs}→{cs}", "status", "REGRESSED",
+                       (c.get("reason") or "")[:200])
+    if bs != "passed" and cs == "passed":
+        return GateRow(case_id, dev, "status", bs, cs, f"{bs}→{cs}", "status", "IMPROVED", "")
+    return GateRow(case_id, dev, "status", bs, cs, "", "status", "PASS",
+                   "" if cs == "passed" else "not passed on either side; no metrics compared")
 
 
-def _noise(sb: dict, sc: dict, stat: str = "p50") -> float:
-    """k standard errors of the difference between the two runs (0 when a side has no spread)."""
-    var = 0.0
-    for s in (sb, sc):
-        n = s.get("n") or 0
-        spread = _median_spread(s) if stat == "p50" else (s.get("std") or 0.0)
-        if n > 1:
-            var += spread * spread / n
-    return NOISE_K * math.sqrt(var)
+def _no_samples_row(case_id: str, dev: str, b: dict | None) -> GateRow:
+    """A passed record that timed nothing (no e2e statistics, or n = 0) is not a measured pass."""
+    bn = (stage_stats(b, "e2e") or {}).get("n") if b else None
+    note = "passed without latency samples (no e2e statistics or e2e.n = 0): nothing was timed"
+    if bn:
+        return GateRow(case_id, dev, "e2e.n", bn, 0, "", "status", "REGRESSED", f"{note}; the baseline had {bn}")
+    side = "the baseline had none either" if b else "no baseline to compare with"
+    return GateRow(case_id, dev, "e2e.n", bn, 0, "", "status", "PASS", f"{note}; {side}")
 
 
-def _bootstrap_noise(b: dict, c: dict, metric: str) -> tuple[float, str] | None:
-    """For an e2e statistic when both records carry their per-call samples: the half-width, on the side of the
-    observed change, of a 99.7 % bootstrap interval (the k = 3 equivalent) of the statistic's difference. Honest for
-    tails, where std/sqrt(n) is not: a p99 of 50 calls is about their maximum and its interval shows it."""
-    stage, stat = metric.split(".")
-    xb = np.asarray(((b.get("samples") or {}).get(stage)) or [], dtype=float)
-    xc = np.asarray(((c.get("samples") or {}).get(stage)) or [], dtype=float)
-    if xb.size < BOOTSTRAP_MIN_CALLS or xc.size < BOOTSTRAP_MIN_CALLS:
-        return None   # a handful of calls has too few distinct resamples for a 99.7 % interval
-    rng = np.random.default_rng(0)   # a fixed seed: the same records always get the same verdict
-    fb = _STAT_FUNCTIONS[stat](xb[rng.integers(0, xb.size, (BOOTSTRAP_RESAMPLES, xb.size))])
-    fc = _STAT_FUNCTIONS[stat](xc[rng.integers(0, xc.size, (BOOTSTRAP_RESAMPLES, xc.size))])
-    observed = _STAT_FUNCTIONS[stat](xc[None, :])[0] - _STAT_FUNCTIONS[stat](xb[None, :])[0]
-    tail = (1 - math.erf(NOISE_K / math.sqrt(2))) / 2
-    low, high = np.quantile(fc - fb, [tail, 1 - tail])
-    half = observed - low if observed > 0 else high - observed
-    return float(max(half, 0.0)), f"99.7 % bootstrap interval from {xb.size}+{xc.size} calls"
+def _missing_row(case_id, dev, t: Threshold, bv, cv) -> GateRow | None:
+    """The row of a change threshold when a side lacks the metric; None when both do (not this case's metric)."""
+    if bv is None and cv is None:
+        return None
+    if cv is None:
+        return GateRow(case_id, dev, t.metric, bv, None, "", t.spec, "REGRESSED",
+                       "measured in the baseline but missing in the current")
+    return GateRow(case_id, dev, t.metric, None, cv, "", t.spec, "PASS", "not in the baseline; not compared")
+
+
+def _change_row(case_id, dev, t: Threshold, metric: Metric, b: dict, c: dict, b_runs) -> GateRow | None:
+    """A change against the baseline, with the noise rules for latency."""
+    if metric.name == "parity.psnr":
+        bv, cv = metric.read(b), metric.read(c)
+        return _psnr_row(case_id, dev, t, bv, cv) if None not in (bv, cv) else _missing_row(case_id, dev, t, bv, cv)
+    if not metric.stage:
+        bv, cv = metric.read(b), metric.read(c)
+        if None in (bv, cv):
+            return _missing_row(case_id, dev, t, bv, cv)
+        return _relative_row(case_id, dev, t, metric, bv, cv, band=0.0)
+    sb, sc = stage_stats(b, metric.stage), stage_stats(c, metric.stage)
+    bv, cv = (sb or {}).get(metric.stat), (sc or {}).get(metric.stat)
+    if None in (bv, cv):
+        return _missing_row(case_id, dev, t, bv, cv)
+    stat = metric.stat
+    paired = _pairs(b, c)
+    if paired and metric.name in noise.PAIRED_METRICS:
+        return _paired_row(case_id, dev, t, bv, cv, paired)
+    band, kind = noise.standard_error_band(sb, sc, stat), noise.STANDARD_ERROR_KIND
+    bootstrap = noise.bootstrap_band((b.get("samples") or {}).get(metric.stage),
+                                     (c.get("samples") or {}).get(metric.stage), stat)
+    if bootstrap:
+        band, kind = bootstrap
+    median, between = noise.between_runs_band([v for v in (metric.read(r) for r in b_runs) if v is not None])
+    if median is not None:
+        bv = median
+        if between > band:
+            band, kind = between, f"{noise.NOISE_K:g} sigma of {len(b_runs)} baseline runs"
+    return _relative_row(case_id, dev, t, metric, bv, cv, band=band, noise_kind=kind)
 
 
 def _pairs(b: dict, c: dict) -> dict | None:
@@ -400,9 +288,7 @@ def _pairs(b: dict, c: dict) -> dict | None:
 def _paired_row(case_id, dev, t: Threshold, bv: float, cv: float, ratio: dict) -> GateRow:
     """A/B rule: the change is the median of the per-pair ratios current/baseline, the noise band k standard
     errors of that median -- both sides saw the same machine, so its drift is not in the band."""
-    pct = (ratio["p50"] - 1) * 100
-    band = NOISE_K * _median_spread(ratio) / math.sqrt(ratio["n"]) * 100
-    kind = f"{NOISE_K:g} standard errors of the median of {ratio['n']} interleaved call pairs"
+    pct, band, kind = noise.paired_band(ratio)
     verdict, note = "PASS", f"paired A/B: median current/baseline call ratio; noise ±{band:.1f}% = {kind}"
     if abs(pct) > t.limit:
         if abs(pct) <= band:
@@ -412,66 +298,46 @@ def _paired_row(case_id, dev, t: Threshold, bv: float, cv: float, ratio: dict) -
     return GateRow(case_id, dev, t.metric, bv, cv, f"{pct:+.1f}%", t.spec, verdict, note)
 
 
-def _relative_row(case_id, dev, t: Threshold, bv, cv, noise: float, unit: str,
-                  noise_kind: str = f"{NOISE_K:g} standard errors of the difference") -> GateRow:
-    if bv is None or cv is None:
-        side = "baseline" if bv is None else "current"
-        return GateRow(case_id, dev, t.metric, bv, cv, "", t.spec, "PASS", f"not measured in the {side}; not compared")
+def _relative_row(case_id, dev, t: Threshold, metric: Metric, bv, cv, band: float,
+                  noise_kind: str = noise.STANDARD_ERROR_KIND) -> GateRow:
     bv, cv = float(bv), float(cv)
     diff = cv - bv
     pct = diff / bv * 100 if bv > 0 else (0.0 if diff == 0 else math.inf)
     change = f"{pct:+.1f}%"
     verdict, note = "PASS", ""
     if abs(pct) > t.limit:
-        if noise and abs(diff) <= noise:
-            note = f"{change} is within run-to-run noise (±{noise:.4g} {unit} = {noise_kind}); not counted"
+        if band and abs(diff) <= band:
+            note = f"{change} is within run-to-run noise (±{band:.4g} {metric.unit} = {noise_kind}); not counted"
         else:
-            verdict = "REGRESSED" if diff > 0 else "IMPROVED"
-            if noise:
-                note = f"beyond noise (±{noise:.4g} {unit} = {noise_kind})"
+            verdict = "REGRESSED" if (diff > 0) != metric.higher_is_better else "IMPROVED"
+            if band:
+                note = f"beyond noise (±{band:.4g} {metric.unit} = {noise_kind})"
     return GateRow(case_id, dev, t.metric, bv, cv, change, t.spec, verdict, note)
 
 
-def _psnr_row(case_id, dev, t: Threshold, bv, cv) -> GateRow:
-    if bv is None or cv is None:
-        side = "baseline" if bv is None else "current"
-        return GateRow(case_id, dev, t.metric, bv, cv, "", t.spec, "PASS",
-                       f"no image PSNR in the {side}; not compared")
+def _psnr_row(case_id, dev, t: Threshold, bv: float, cv: float) -> GateRow:
     diff = cv - bv
     verdict = "REGRESSED" if diff < -t.limit else "IMPROVED" if diff > t.limit else "PASS"
     note = f"values capped at {PSNR_CAP_DB:g} dB (identical images)" if PSNR_CAP_DB in (bv, cv) else ""
     return GateRow(case_id, dev, t.metric, bv, cv, f"{diff:+.2f}dB", t.spec, verdict, note)
 
 
-# -- baselines ---------------------------------------------------------------------------------------------------
-def load_baseline(path: str | Path) -> list[dict]:
-    """A baseline file (records JSONL); bad or foreign files are UserError."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"baseline {p} does not exist")
-    try:
-        return read_records(p)
-    except UserError as exc:
-        raise UserError(f"baseline: {exc}")
-
-
-def save_baseline(records_paths, out_file: str | Path) -> Path:
-    """Merge records files into one baseline JSONL: the latest record per (case id, device class, run id) -- so
-    several runs give the gate their between-run spread -- without the image path (it is relative to the run
-    folder and means nothing beside the baseline)."""
-    if isinstance(records_paths, (str, Path)):
-        records_paths = [records_paths]
-    records = load_many(records_paths)
-    out = Path(out_file)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w", encoding="utf-8") as fh:
-            latest = {(r["case_id"], device_class(r), r.get("run_id", "")): r
-                      for r in sorted(records, key=lambda r: r.get("timestamp") or 0)}
-            for r in latest.values():
-                data = {k: v for k, v in r.items() if k != "_source"}
-                data["image"] = ""
-                fh.write(json.dumps(sanitize(data), allow_nan=False) + "\n")
-    except OSError as exc:
-        raise UserError(f"cannot write baseline {out}: {exc.strerror or exc}")
-    return out
+def _bound_row(case_id, dev, t: Threshold, metric: Metric, b: dict | None, c: dict, new: bool) -> GateRow:
+    """An absolute bound, judged on the current record alone; the baseline's value is shown beside it."""
+    bv, cv = metric.read(b) if b else None, metric.read(c)
+    if cv is None:
+        if bv is not None or metric.required:
+            why = "measured in the baseline" if bv is not None else "every passed case must have latency samples"
+            return GateRow(case_id, dev, t.metric, bv, None, "", t.spec, "REGRESSED",
+                           f"missing in the current ({why}): the bound cannot be checked")
+        return GateRow(case_id, dev, t.metric, None, None, "", t.spec, "PASS",
+                       "not measured for this case; the bound is not checked")
+    value = float(cv) / metric.bound_units[t.unit]   # in the bound's own unit, as the spec writes it
+    holds = cv < t.bound_value if t.bound == "<" else cv > t.bound_value
+    relation = t.bound if holds else {"<": "≥", ">": "≤"}[t.bound]
+    change = f"{value:.4g}{t.unit} {relation} {t.limit:g}{t.unit}"
+    if holds:
+        return GateRow(case_id, dev, t.metric, bv, cv, change, t.spec, "PASS", "")
+    side = "above" if t.bound == "<" else "below"
+    note = f"{side} the bound (judged on the current record alone" + ("; a new case)" if new else ")")
+    return GateRow(case_id, dev, t.metric, bv, cv, change, t.spec, "REGRESSED", note)

@@ -132,8 +132,8 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
     if thresholds and not baseline:
         raise UserError("conflicting options: --threshold needs --baseline")
     if baseline:
-        from harness import gate
-        gate.parse_thresholds(thresholds or gate.DEFAULT_THRESHOLDS)
+        from harness.thresholds import DEFAULT_THRESHOLDS, parse_thresholds
+        parse_thresholds(thresholds or DEFAULT_THRESHOLDS)
         if not Path(baseline).is_file():
             raise UserError(f"baseline {baseline} does not exist")
     triton_url = get("triton_url")

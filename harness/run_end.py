@@ -31,8 +31,8 @@ def gate_and_report(records: list[dict], out_dir: Path, baseline=None, threshold
     result = None
     if baseline:
         from harness import gate
-        result = gate.compare(load_many([baseline]), records,
-                              gate.parse_thresholds(list(thresholds) or gate.DEFAULT_THRESHOLDS))
+        from harness.thresholds import DEFAULT_THRESHOLDS, parse_thresholds
+        result = gate.compare(load_many([baseline]), records, parse_thresholds(list(thresholds) or DEFAULT_THRESHOLDS))
     report = None
     if write_report:
         import reports

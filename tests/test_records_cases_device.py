@@ -111,7 +111,7 @@ def test_schema_1_records_still_load_and_gate():
     records = read_records(v1)
     assert {r["schema_written"] for r in records} == {1}
     assert all(r["schema"] == SCHEMA_VERSION and r["synthetic"] is False for r in records)
-    result = gate.compare(records, records, gate.DEFAULT_THRESHOLDS)
+    result = gate.compare(records, records)
     assert not result.regressed and result.counts()["PASS"] > 0
 
 

@@ -13,7 +13,8 @@ import reports
 from harness import gate
 from harness.cases import Case
 from harness.records import Record, RecordWriter, load_many
-from reports.samples import H100_ENV, write_sample_run
+from harness.thresholds import DEFAULT_THRESHOLDS
+from tests.synthetic_runs import H100_ENV, write_synthetic_run
 
 SD3_ORT = "tiny-sd3/onnxruntime/fp32/b1/64x64/s4"
 
@@ -48,11 +49,11 @@ def parse(path: Path) -> _Page:
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    cpu = write_sample_run(root / "cpu", seed=1, failed=(SD3_ORT,))
-    gpu = write_sample_run(root / "gpu", env=H100_ENV, seed=2, run_id="gpu-run")
+    cpu = write_synthetic_run(root / "cpu", seed=1, failed=(SD3_ORT,))
+    gpu = write_synthetic_run(root / "gpu", env=H100_ENV, seed=2, run_id="gpu-run")
     records = load_many([cpu, gpu])
-    slow = write_sample_run(root / "slow", seed=1, scale=1.3, failed=(SD3_ORT,))
-    result = gate.compare(load_many([cpu]), load_many([slow]), gate.DEFAULT_THRESHOLDS)
+    slow = write_synthetic_run(root / "slow", seed=1, scale=1.3, failed=(SD3_ORT,))
+    result = gate.compare(load_many([cpu]), load_many([slow]), DEFAULT_THRESHOLDS)
     html = reports.build_report(records, root / "out", gate_result=result, title="nightly")
     return {"records": records, "html": html, "page": parse(html), "gate": result}
 
@@ -68,6 +69,25 @@ def test_every_section_and_every_image_is_there(full):
         with Image.open(out / src) as im:
             assert im.width > 0
     assert page.scripts == 0
+
+
+def test_synthetic_records_get_a_banner_that_counts_them(full, tmp_path):
+    """Every record of the synthetic fixture says so, and a report holding any says how many, before anything else."""
+    assert full["records"] and all(r["synthetic"] is True for r in full["records"])
+    n = len(full["records"])
+    html = full["html"].read_text(encoding="utf-8")
+    assert html.index('id="synthetic"') < html.index("<h1>")
+    text = " ".join(" ".join(full["page"].text).split())
+    assert f"Synthetic data, not measurements: {n} of the {n} records in this report are made up" in text
+    assert "runs gpu-run, synthetic-run" in text
+    assert pd.read_csv(full["html"].parent / "records.csv")["synthetic"].all()
+    # one made-up record among real ones: counted as one; records of schema 1 (no flag) are real
+    real = load_many([Path(__file__).parent / "fixtures" / "records-v1.jsonl"])
+    one = load_many([write_synthetic_run(tmp_path / "one", images=False, models=("tiny-sd",),
+                                         backends=("diffusers",), run_id="demo")])[:1]
+    text = " ".join(" ".join(parse(reports.build_report(real + one, tmp_path / "mixed")).text).split())
+    assert f"1 of the {len(real) + 1} records in this report is made up" in text and "run demo." in text
+    assert 'id="synthetic"' not in reports.build_report(real, tmp_path / "real").read_text(encoding="utf-8")
 
 
 def test_records_csv_is_the_merged_table(full):
@@ -131,7 +151,8 @@ def test_difference_maps_are_computed_from_the_pngs(full):
 
 def test_record_text_is_escaped(tmp_path):
     evil = "<script>alert(1)</script>"
-    path = write_sample_run(tmp_path / "run", prompt=evil, models=("tiny-sd",), backends=("diffusers", "onnxruntime"))
+    path = write_synthetic_run(tmp_path / "run", prompt=evil, models=("tiny-sd",),
+                               backends=("diffusers", "onnxruntime"))
     records = load_many([path])
     records[-1]["reason"] = 'tensorrt "missing" <img src=x onerror=alert(2)>'
     html = reports.build_report(records, tmp_path / "out", title=f"t {evil}").read_text()
@@ -154,6 +175,7 @@ def test_only_unsupported_rows(tmp_path):
     assert page.sections == ["summary", "compat"]
     assert page.imgs == []
     assert "2 unsupported" in " ".join(page.text)
+    assert "Synthetic data" not in " ".join(page.text)
     assert len(pd.read_csv(tmp_path / "out" / "records.csv")) == 2
 
 
@@ -183,8 +205,8 @@ def test_sparse_and_odd_records_do_not_crash(tmp_path):
 
 
 def test_rerun_records_supersede_older_ones(tmp_path):
-    first = write_sample_run(tmp_path / "a", seed=1, images=False, models=("tiny-sd",), backends=("diffusers",))
-    second = write_sample_run(tmp_path / "b", seed=2, images=False, models=("tiny-sd",), backends=("diffusers",))
+    first = write_synthetic_run(tmp_path / "a", seed=1, images=False, models=("tiny-sd",), backends=("diffusers",))
+    second = write_synthetic_run(tmp_path / "b", seed=2, images=False, models=("tiny-sd",), backends=("diffusers",))
     records = load_many([first, second])
     for r in records:
         if r["_source"].startswith(str(tmp_path / "b")):

@@ -19,7 +19,8 @@ import pytest
 import reports
 from harness import gate
 from harness.records import load_many
-from reports.samples import H100_ENV, write_sample_run
+from harness.thresholds import DEFAULT_THRESHOLDS
+from tests.synthetic_runs import H100_ENV, write_synthetic_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -27,6 +28,11 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--hide-scrollbars", "--window-size=1280,900"]
 IMAGES_JS = """JSON.stringify(Array.from(document.images).map(i => ({src: i.getAttribute('src'),
     complete: i.complete, width: i.naturalWidth})))"""
+# the synthetic-data banner as the reader sees it: its rendered text and where it sits in the first screen
+BANNER_JS = """JSON.stringify((() => { const b = document.getElementById('synthetic'); if (!b) return null;
+    const r = b.getBoundingClientRect(), s = getComputedStyle(b);
+    return {text: b.innerText, top: r.top, height: r.height, width: r.width, viewport: window.innerHeight,
+            shown: s.display !== 'none' && s.visibility === 'visible' && parseFloat(s.opacity) > 0}; })())"""
 
 
 def _above_nine(fd: int) -> int:
@@ -127,6 +133,8 @@ def load_page(page: Path, profile: Path, screenshot: Path | None = None) -> dict
         sections = tools.send("Runtime.evaluate", session, returnByValue=True,
                               expression="Array.from(document.querySelectorAll('section')).map(s => s.id)"
                               )["result"]["value"]
+        banner = json.loads(tools.send("Runtime.evaluate", session, expression=BANNER_JS,
+                                       returnByValue=True)["result"]["value"])
         if screenshot:
             size = tools.send("Page.getLayoutMetrics", session)["cssContentSize"]
             shot = tools.send("Page.captureScreenshot", session, format="png", captureBeyondViewport=True,
@@ -142,7 +150,7 @@ def load_page(page: Path, profile: Path, screenshot: Path | None = None) -> dict
                 errors.append("exception: " + params["exceptionDetails"].get("text", ""))
             elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
                 errors.append(f"log: {params['entry'].get('text')} {params['entry'].get('url', '')}")
-        return {"images": images, "errors": errors, "sections": sections}
+        return {"images": images, "errors": errors, "sections": sections, "banner": banner}
     finally:
         tools.close()
 
@@ -156,11 +164,11 @@ def chromium():
 
 
 def test_report_renders_in_chromium(chromium, tmp_path, request):
-    cpu = write_sample_run(tmp_path / "cpu", seed=1, failed=("tiny-sd3/onnxruntime/fp32/b1/64x64/s4",),
+    cpu = write_synthetic_run(tmp_path / "cpu", seed=1, failed=("tiny-sd3/onnxruntime/fp32/b1/64x64/s4",),
                            prompt="a red fox <script>console.error('injected')</script>")
-    gpu = write_sample_run(tmp_path / "gpu", env=H100_ENV, seed=2, run_id="gpu-run")
+    gpu = write_synthetic_run(tmp_path / "gpu", env=H100_ENV, seed=2, run_id="gpu-run")
     records = load_many([cpu, gpu])
-    result = gate.compare(load_many([cpu]), records, gate.DEFAULT_THRESHOLDS)
+    result = gate.compare(load_many([cpu]), records, DEFAULT_THRESHOLDS)
     page = reports.build_report(records, tmp_path / "report", gate_result=result, title="browser <b>test</b>")
 
     results_dir = Path(request.config.getoption("--results-dir", default="results") or "results")
@@ -174,6 +182,12 @@ def test_report_renders_in_chromium(chromium, tmp_path, request):
     assert {"summary", "gate", "latency", "cold", "memory", "compat", "correctness", "images",
             "serving"} <= set(seen["sections"])
     assert shot.stat().st_size > 10_000
+    # the fixture's records are made up: the banner says so, visible at the top of the first screen
+    banner = seen["banner"]
+    assert banner and banner["shown"] and banner["height"] > 20 and banner["width"] > 300, banner
+    assert 0 <= banner["top"] and banner["top"] + banner["height"] <= banner["viewport"], banner
+    text = " ".join(banner["text"].split())
+    assert f"{len(records)} of the {len(records)} records in this report are made up" in text, text
 
 
 def test_the_check_catches_broken_images_and_console_errors(chromium, tmp_path):
@@ -185,3 +199,4 @@ def test_the_check_catches_broken_images_and_console_errors(chromium, tmp_path):
     assert [i["width"] for i in seen["images"]] == [0]
     assert any("boom" in e for e in seen["errors"])
     assert any("missing.png" in e or "ERR_FILE_NOT_FOUND" in e for e in seen["errors"])
+    assert seen["banner"] is None

@@ -1,7 +1,8 @@
-"""Synthetic but realistic runs (records.jsonl + PNG images) for the report and gate tests and for demos.
+"""Test fixture: synthetic but realistic runs (records.jsonl + PNG images) for the report and gate tests.
 
 The records go through the real Record / RecordWriter / timing.stats / compare.check_image code, so they have the
-shape a real run writes; only the numbers are made up (seeded).
+shape a real run writes; only the numbers are made up (seeded), and every record says so (`synthetic: true`), which
+the report shows as a banner. The H100 environment below is made up too: no GPU measured these.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def _stage_stats(rng, base_s: float, steps: int, repeats: int, jitter: float) ->
     return {k: stats(v) for k, v in samples.items()}, stats(e2e)
 
 
-def write_sample_run(run_dir: str | Path, *, env: dict | None = None, run_id: str = "sample-run", seed: int = 0,
+def write_synthetic_run(run_dir: str | Path, *, env: dict | None = None, run_id: str = "synthetic-run", seed: int = 0,
                      scale: float = 1.0, jitter: float = 0.02, repeats: int = 10, images: bool = True,
                      models=("tiny-sd", "tiny-sd3"), backends=tuple(_BACKENDS), prompt: str = "a red fox",
                      failed: tuple[str, ...] = ()) -> Path:
@@ -79,7 +80,7 @@ def write_sample_run(run_dir: str | Path, *, env: dict | None = None, run_id: st
                 case = Case(model, backend, variant, "fp32", 1, 64, 64, 4)
                 speed, noise, build = _BACKENDS[spec]
                 rec = Record.for_case(case, run_id, device=env.get("device", "cpu"), env=env, prompt=[prompt],
-                                      seed=42, timing={"warmup": 2, "repeats": repeats,
+                                      seed=42, synthetic=True, timing={"warmup": 2, "repeats": repeats,
                                                        "clock": "cuda-events" if on_gpu else "perf_counter"})
                 base = (0.2 if model == "tiny-sd" else 0.35) * speed * scale * (0.05 if on_gpu else 1.0)
                 rec.stages, rec.e2e = _stage_stats(rng, base, case.steps, repeats, jitter)
@@ -108,11 +109,11 @@ def write_sample_run(run_dir: str | Path, *, env: dict | None = None, run_id: st
                 writer.write(rec)
             # rows that never ran on this runner
             trt = Case(model, "tensorrt", "", "fp16", 1, 64, 64, 4)
-            writer.write(Record.for_case(trt, run_id, status="unsupported", env=env,
+            writer.write(Record.for_case(trt, run_id, status="unsupported", env=env, synthetic=True,
                                          reason="tensorrt not installed (pip install tensorrt on a GPU runner)"))
             if not on_gpu:
                 fp16 = Case(model, "diffusers", "", "fp16", 1, 64, 64, 4)
-                writer.write(Record.for_case(fp16, run_id, status="unsupported", env=env,
+                writer.write(Record.for_case(fp16, run_id, status="unsupported", env=env, synthetic=True,
                                              reason="fp16 needs a CUDA device"))
     return path
 
