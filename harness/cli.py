@@ -283,11 +283,16 @@ def _check_triton_url(url: str) -> None:
 
 def cmd_backends(_args) -> int:
     from backends import base as registry
+    from harness import device as devinfo, preflight
+    # the stack-vs-GPU verdict of each backend on this machine, per device (harness/preflight.py)
+    stack = preflight.Stack.from_env(devinfo.fingerprint("cuda" if devinfo.cuda_available() else "cpu"))
     for name in registry.names():
         support = registry.get(name).available()
         variants = ", ".join(v for v in registry.get(name).variants if v) or "-"
         status = "available" if support else f"unavailable: {support.reason}"
         print(f"{name:<14} {status}  [variants: {variants}]")
+        for line in preflight.backend_listing(stack, name):
+            print(f"{'':<14} {line}")
     return 0
 
 
