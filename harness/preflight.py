@@ -310,7 +310,7 @@ def rule_driver_cuda(s: Stack, t: Target) -> Misfit | None:
 
 
 def rule_torch_arch(s: Stack, t: Target) -> Misfit | None:
-    if s.capability is None or not s.torch_cuda or not s.cuda_arch_list:
+    if not t.needs_cuda or s.capability is None or not s.torch_cuda or not s.cuda_arch_list:
         return None
     cap = s.capability
     entries = [e for e in map(_arch_entry, s.cuda_arch_list) if e]
