@@ -155,6 +155,26 @@ class Stack:
             diffusers=stack.get("diffusers") or versions.get("diffusers"),
         )
 
+    def summary(self) -> str:
+        """One line naming the stack the verdicts were judged against (for a report's device-class header)."""
+        parts = []
+        if self.capability:
+            parts.append(f"{self.gpu_name or 'GPU'} ({sm(self.capability)})")
+        if self.driver:
+            parts.append(f"driver {self.driver}" + (f" (CUDA {self.cuda_driver})" if self.cuda_driver else ""))
+        if self.torch:
+            archs = f", {self.cuda_arch_list[0]}..{self.cuda_arch_list[-1]}" if self.cuda_arch_list else ""
+            parts.append(f"torch {self.torch}" + (f" (CUDA {self.torch_cuda}{archs})" if self.torch_cuda else ""))
+        if self.cudnn:
+            parts.append(f"cuDNN {self.cudnn}")
+        if self.ort_version:
+            parts.append(f"{self.ort_package or 'onnxruntime'} {self.ort_version}"
+                         + (f" (CUDA {self.ort_cuda})" if self.ort_cuda else ""))
+        for name, version in (("TensorRT", self.trt), ("triton", self.triton), ("diffusers", self.diffusers)):
+            if version:
+                parts.append(f"{name} {version}")
+        return "; ".join(parts)
+
 
 @dataclass(frozen=True)
 class Target:

@@ -121,7 +121,7 @@ def test_cpu_build_on_a_machine_whose_driver_sees_a_blackwell_gpu():
     assert "install a cu128 or newer build of torch" in verdict.reason
 
 
-# -- PTX: forward JIT, arch-specific variants, the driver ---------------------------------------------------------------
+# -- PTX: forward JIT, arch-specific variants, the driver --------------------------------------------------------------
 def test_binary_and_ptx_compatibility_follow_nvidias_rules():
     # the examples of the Blackwell compatibility guide, section 1.2
     assert preflight.sass_runs_on((8, 0), "", (8, 6))
@@ -204,7 +204,7 @@ def test_fp16_on_cpu_keeps_its_reason():
     assert verdict.reason.startswith("fp16 on CPU: PyTorch's CPU kernels for half precision are incomplete/slow")
 
 
-# -- TensorRT against the arch ------------------------------------------------------------------------------------------
+# -- TensorRT against the arch -----------------------------------------------------------------------------------------
 def test_tensorrt_107_refuses_blackwell_108_builds_for_it():
     verdict = check(stack(CU128_211, RTX_PRO_6000, DRIVER_575, trt="10.7.0"), Target("tensorrt", dtype="fp16"))
     assert verdict.rules == ("tensorrt-arch",)
@@ -254,7 +254,7 @@ def test_onnxruntime_gpu_cuda_major_against_driver_and_torch():
     assert "no TensorrtExecutionProvider" in no_trt.reason
 
 
-# -- torch.compile's triton ---------------------------------------------------------------------------------------------
+# -- torch.compile's triton --------------------------------------------------------------------------------------------
 def test_triton_must_know_blackwell():
     # torch 2.6 shipped triton 3.2, torch 2.7 triton 3.3 (the first with Blackwell, pytorch.org/blog/pytorch-2-7)
     old = check(stack(CU128_211, RTX_PRO_6000, DRIVER_575, triton="3.2.0"), Target("torch_compile"))
@@ -288,7 +288,7 @@ def test_official_arch_table_matches_the_installed_torch():
         assert set(preflight.OFFICIAL_TORCH_ARCHS[tag]) == releases[cuda]["x86_64"], tag
 
 
-# -- facts from env -----------------------------------------------------------------------------------------------------
+# -- facts from env ----------------------------------------------------------------------------------------------------
 def test_facts_from_this_machine_and_from_an_older_record():
     env = devinfo.fingerprint("cpu")
     facts = env["stack"]
@@ -306,6 +306,14 @@ def test_facts_from_this_machine_and_from_an_older_record():
                                                                            "0.30.0")
 
 
+def test_stack_summary_names_what_the_verdicts_were_judged_against():
+    line = stack(CU124, RTX_PRO_6000, DRIVER_575, ORT_GPU_CU12, trt="10.7.0", triton="3.1.0").summary()
+    assert line == ("NVIDIA RTX PRO 6000 Blackwell Workstation Edition (sm_120); driver 575.57.08 (CUDA 12.9); "
+                    "torch 2.5.1+cu124 (CUDA 12.4, sm_50..sm_90); cuDNN 9.1.0; onnxruntime-gpu 1.20.1 (CUDA 12.4); "
+                    "TensorRT 10.7.0; triton 3.1.0; diffusers 0.42.1")
+    assert Stack.from_env(devinfo.fingerprint("cpu")).summary().startswith(f"torch {torch.__version__}")
+
+
 def test_cudnn_version_text():
     assert devinfo.cudnn_version_text(90100) == "9.1.0"
     assert devinfo.cudnn_version_text(91002) == "9.10.2"
@@ -313,10 +321,10 @@ def test_cudnn_version_text():
     assert devinfo.cudnn_version_text(None) is None
 
 
-# -- run-time failures, with the texts torch / onnxruntime / TensorRT / triton print ------------------------------------
+# -- run-time failures, with the texts torch / onnxruntime / TensorRT / triton print -----------------------------------
 TORCH_NO_KERNEL = ("CUDA error: no kernel image is available for execution on the device\n"
-                   "CUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace below "
-                   "might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\n"
+                   "CUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace "
+                   "below might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\n"
                    "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n")
 # RVC-Boss/GPT-SoVITS#2625 (RTX 5090, torch 2.8.0+cu128)
 ORT_NO_KERNEL = ("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Slice node. "
@@ -405,7 +413,8 @@ def test_ptxas_error_wrapped_by_inductor():
 
 
 def test_cublas_and_cudnn_not_supported():
-    cublas = classify_failure(RuntimeError(CUBLAS_BF16), stack(CU124, T4, DRIVER_550), Target("diffusers", dtype="bf16"))
+    cublas = classify_failure(RuntimeError(CUBLAS_BF16), stack(CU124, T4, DRIVER_550),
+                              Target("diffusers", dtype="bf16"))
     assert cublas.error_class == "CuBLASNotSupported"
     assert cublas.reason.startswith("bf16 needs compute capability 8.0+, this GPU is 7.5")
     cudnn = classify_failure(RuntimeError(CUDNN_NOT_SUPPORTED), stack(CU128_211, RTX_PRO_6000, DRIVER_575),
@@ -417,7 +426,7 @@ def test_other_failures_are_not_classified():
     assert classify_failure(RuntimeError("injected executor failure"), stack(CU128_211, H100), Target("x")) is None
 
 
-# -- wiring -------------------------------------------------------------------------------------------------------------
+# -- wiring ------------------------------------------------------------------------------------------------------------
 def _gpu_env(**facts) -> dict:
     env = dict(devinfo.fingerprint("cpu"))
     env["device"] = "cuda"
