@@ -1,7 +1,6 @@
 """The compatibility preflight: the rules against the real arch lists and versions of well-known builds and GPUs
 (on CPU: the rules are pure functions of recorded facts), the run-time classification of real error texts, and the
 wiring into support_of / run_case / `diffbench backends`."""
-import dataclasses
 import io
 from contextlib import redirect_stdout
 
