@@ -254,6 +254,9 @@ def fit_table_text(table: list[dict]) -> str:
 
 def cmd_backends(_args) -> int:
     from backends import base as registry
+    from harness import device as devinfo, preflight
+    # the stack-vs-GPU verdict of each backend on this machine, per device (harness/preflight.py)
+    stack = preflight.Stack.from_env(devinfo.fingerprint("cuda" if devinfo.cuda_available() else "cpu"))
     for name in registry.names():
         support = registry.get(name).available()
         backend = registry.get(name)
@@ -261,6 +264,8 @@ def cmd_backends(_args) -> int:
         variants = ", ".join(backend.options) or "-"
         status = "available" if support else f"unavailable: {support.reason}"
         print(f"{name:<14} {status}  [options: {variants}{'; ' + combine if combine else ''}]")
+        for line in preflight.backend_listing(stack, name):
+            print(f"{'':<14} {line}")
     return 0
 
 

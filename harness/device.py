@@ -1,4 +1,8 @@
-"""Environment fingerprint: GPU, compute capability and arch family, driver, CUDA, CPU, library versions."""
+"""Environment fingerprint: GPU, compute capability and arch family, driver, CUDA, CPU, library versions, and the
+software stack the compatibility preflight (harness.preflight) judges against the GPU: torch's CUDA build and arch
+list, cuDNN, the driver's CUDA version (NVML), onnxruntime's build and providers, TensorRT, triton, diffusers.
+
+Everything here works without a GPU and without nvidia-ml-py: facts that cannot be read are None or empty."""
 from __future__ import annotations
 
 import functools
@@ -36,14 +40,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def library_versions() -> dict[str, str | None]:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return {name: _version(name) for name in LIBRARIES}
 
 
 def cuda_available() -> bool:
@@ -51,31 +56,120 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def gpu_info(index: int = 0) -> dict | None:
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def nvml_facts() -> dict:
+    """Driver version, the CUDA version the driver supports, and the GPUs the driver sees -- read through NVML
+    (nvidia-ml-py), independently of torch, so a driver too old for torch's CUDA runtime is still visible."""
+    facts: dict = {"nvml": "not installed", "driver": None, "cuda_driver": None, "gpus": []}
+    try:
+        import pynvml
+    except ImportError:  # nvidia-ml-py not installed: the driver facts stay unknown
+        return facts
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # no NVIDIA driver on this machine
+        facts["nvml"] = "no driver"
+        return facts
+    facts["nvml"] = "ok"
+    try:
+        facts["driver"] = _text(pynvml.nvmlSystemGetDriverVersion())
+        version = pynvml.nvmlSystemGetCudaDriverVersion()  # 1000 * major + 10 * minor, e.g. 12080
+        facts["cuda_driver"] = f"{version // 1000}.{version % 1000 // 10}"
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            facts["gpus"].append({"name": _text(pynvml.nvmlDeviceGetName(handle)), "capability": f"{major}.{minor}"})
+    except Exception:  # a partial answer is still worth recording
+        pass
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    return facts
+
+
+def cudnn_version_text(version: int | None) -> str | None:
+    """torch.backends.cudnn.version() as text: 90100 -> "9.1.0" (cuDNN 9+), 8902 -> "8.9.2" (cuDNN 8)."""
+    if not version:
+        return None
+    if version >= 90000:
+        return f"{version // 10000}.{version % 10000 // 100}.{version % 100}"
+    return f"{version // 1000}.{version % 1000 // 100}.{version % 100}"
+
+
+def torch_facts() -> dict:
+    import torch
+    cuda = torch.version.cuda
+    cudnn = None
+    if cuda:
+        try:
+            cudnn = cudnn_version_text(torch.backends.cudnn.version())
+        except Exception:  # cuDNN library missing or broken: reported as absent
+            cudnn = None
+    return {"torch": torch.__version__, "torch_cuda": cuda,
+            # empty on a CPU build; "sm_XY" entries are SASS, "compute_XY" entries PTX
+            "cuda_arch_list": list(torch.cuda.get_arch_list()) if cuda else [],
+            "cudnn": cudnn}
+
+
+def onnxruntime_facts() -> dict | None:
+    try:
+        import onnxruntime as ort
+        from onnxruntime.capi import build_and_package_info as build
+    except Exception:
+        return None
+    return {"package": getattr(build, "package_name", "onnxruntime"), "version": ort.__version__,
+            # the CUDA version the wheel was built with ("" / absent on a CPU build)
+            "cuda": getattr(build, "cuda_version", "") or None,
+            "providers": list(ort.get_available_providers())}
+
+
+def tensorrt_facts() -> dict | None:
+    try:
+        import tensorrt
+        version = tensorrt.__version__
+    except Exception:  # not installed (or a stub that cannot import): absent
+        return None
+    cuda_major = next((major for major in ("13", "12", "11")
+                       if _version(f"tensorrt-cu{major}") or _version(f"tensorrt-cu{major}-libs")), None)
+    return {"version": version, "cuda_major": cuda_major}
+
+
+def stack_facts() -> dict:
+    """The software stack around the GPU, for the compatibility preflight."""
+    nvml = nvml_facts()
+    return {**torch_facts(),
+            "nvml": nvml["nvml"], "driver": nvml["driver"], "cuda_driver": nvml["cuda_driver"],
+            "nvml_gpus": nvml["gpus"],
+            "onnxruntime": onnxruntime_facts(), "tensorrt": tensorrt_facts(),
+            "triton": _version("triton") or _version("pytorch-triton"),   # torch.compile's GPU code generator
+            "diffusers": _version("diffusers")}
+
+
+def gpu_info(index: int = 0, stack: dict | None = None) -> dict | None:
     import torch
     if not torch.cuda.is_available():
         return None
+    stack = stack if stack is not None else stack_facts()
     major, minor = torch.cuda.get_device_capability(index)
-    info = {"name": torch.cuda.get_device_name(index), "capability": f"{major}.{minor}",
+    return {"name": torch.cuda.get_device_name(index), "capability": f"{major}.{minor}",
             "sm": sm_name(major, minor), "arch": arch_family(major, minor),
             "memory_mb": torch.cuda.get_device_properties(index).total_memory // (1024 * 1024),
-            "cuda": torch.version.cuda, "driver": None}
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        info["driver"] = driver.decode() if isinstance(driver, bytes) else driver
-    except Exception:  # nvidia-ml-py not installed: driver stays unknown
-        pass
-    return info
+            "cuda": torch.version.cuda, "driver": stack["driver"], "cuda_driver": stack["cuda_driver"]}
 
 
 @functools.lru_cache(maxsize=None)
 def _fingerprint(device: str) -> dict:
     import torch
+    stack = stack_facts()
     return {
         "device": device,
-        "gpu": gpu_info() if device == "cuda" else None,
+        "gpu": gpu_info(stack=stack) if device == "cuda" else None,
+        "stack": stack,
         "cpu": {"model": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "platform": platform.platform(),
         "python": platform.python_version(),

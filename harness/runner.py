@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from backends import base as registry
-from harness import compare, device as devinfo, models
+from harness import compare, device as devinfo, models, preflight
 from harness.cases import Case
 from harness.errors import UserError
 from harness.memory import Telemetry, cuda_memory_snapshot, energy_record
@@ -174,16 +174,15 @@ def _one_line(exc: BaseException) -> str:
 
 
 def support_of(case: Case, env: dict) -> registry.Support:
-    """Model-level rules first (cheap), then the backend's own answer."""
+    """Model-level rules first (cheap), then the stack-vs-GPU preflight (harness.preflight: why this stack does not
+    fit this device, and what would), then the backend's own answer."""
     model_spec = models.spec(case.model)
     device = env["device"]
     if model_spec.gpu_only and device != "cuda":
         return registry.Support.no(f"{case.model} is a full-size architecture: GPU only (run with --gpu)")
-    if device == "cpu" and case.dtype == "fp16":
-        return registry.Support.no("fp16 on CPU: PyTorch's CPU kernels for half precision are incomplete/slow; "
-                                   "use fp32 or bf16")
-    if device == "cuda" and case.dtype == "bf16" and env.get("gpu") and float(env["gpu"]["capability"]) < 8.0:
-        return registry.Support.no(f"bf16 needs compute capability 8.0+, this GPU is {env['gpu']['capability']}")
+    verdict = preflight.check(preflight.Stack.from_env(env), preflight.target_for(case, device, model_spec.kind))
+    if not verdict:
+        return registry.Support.no(verdict.reason)
     return registry.get(case.backend).support(case, env)
 
 
@@ -449,7 +448,14 @@ def run_case(case: Case, session: Session, loop: Callable | None = None) -> Reco
     except registry.Unsupported as exc:
         record.status, record.reason = "unsupported", str(exc)
     except Exception as exc:
-        record.status, record.error_class, record.reason = "error", type(exc).__name__, _one_line(exc)
+        # a known incompatibility (no kernel image, unsupported PTX, TensorRT refusing the GPU...) gets the
+        # preflight's wording; anything else stays an error with its own message
+        failure = preflight.classify_failure(exc, preflight.Stack.from_env(session.env),
+                                             preflight.target_for(case, options.device))
+        if failure is not None:
+            record.status, record.error_class, record.reason = failure.status, failure.error_class, failure.reason
+        else:
+            record.status, record.error_class, record.reason = "error", type(exc).__name__, _one_line(exc)
         record.info["traceback"] = traceback.format_exc(limit=8)[-4000:]
     finally:
         _free_memory()
