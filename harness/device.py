@@ -150,16 +150,59 @@ def stack_facts() -> dict:
             "diffusers": _version("diffusers")}
 
 
-def gpu_info(index: int = 0, stack: dict | None = None) -> dict | None:
+def gpu_info(index: int | None = None, stack: dict | None = None) -> dict | None:
+    """The GPU this process measures on (torch's current device, not always GPU 0) and its state."""
     import torch
     if not torch.cuda.is_available():
         return None
+    index = torch.cuda.current_device() if index is None else index
     stack = stack if stack is not None else stack_facts()
     major, minor = torch.cuda.get_device_capability(index)
+    props = torch.cuda.get_device_properties(index)
     return {"name": torch.cuda.get_device_name(index), "capability": f"{major}.{minor}",
             "sm": sm_name(major, minor), "arch": arch_family(major, minor),
-            "memory_mb": torch.cuda.get_device_properties(index).total_memory // (1024 * 1024),
-            "cuda": torch.version.cuda, "driver": stack["driver"], "cuda_driver": stack["cuda_driver"]}
+            "memory_mb": props.total_memory // (1024 * 1024), "torch_index": index,
+            "cuda": torch.version.cuda, "driver": stack["driver"], "cuda_driver": stack["cuda_driver"],
+            "cudnn": stack.get("cudnn"), "state": gpu_state(props)}
+
+
+def gpu_state(props) -> dict:
+    """What changes a GPU's speed from one run to the next: clocks (current and max), power limit, persistence,
+    MIG and ECC modes -- read through NVML for the device torch uses, found by its PCI bus id."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+    except Exception:   # nvidia-ml-py missing or no driver: the state is unknown, not guessed
+        return {"nvml": "unavailable"}
+    state: dict = {}
+    try:
+        bus = getattr(props, "pci_bus_id", None)
+        domain = getattr(props, "pci_domain_id", 0)
+        device = getattr(props, "pci_device_id", 0)
+        handle = (pynvml.nvmlDeviceGetHandleByPciBusId(f"{domain:08x}:{bus:02x}:{device:02x}.0")
+                  if bus is not None else pynvml.nvmlDeviceGetHandleByIndex(0))
+        state["uuid"] = _text(pynvml.nvmlDeviceGetUUID(handle))
+        for name, query in (
+                ("sm_clock_mhz", lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)),
+                ("sm_clock_max_mhz", lambda: pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM)),
+                ("memory_clock_mhz", lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM)),
+                ("memory_clock_max_mhz", lambda: pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)),
+                ("power_limit_w", lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0),
+                ("persistence_mode", lambda: bool(pynvml.nvmlDeviceGetPersistenceMode(handle))),
+                ("mig_mode", lambda: bool(pynvml.nvmlDeviceGetMigMode(handle)[0])),
+                ("ecc_mode", lambda: bool(pynvml.nvmlDeviceGetEccMode(handle)[0]))):
+            try:
+                state[name] = query()
+            except Exception:   # not supported on this GPU (e.g. MIG or ECC on consumer cards)
+                state[name] = None
+    except Exception as exc:
+        state["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    return state
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,7 +213,9 @@ def _fingerprint(device: str) -> dict:
         "device": device,
         "gpu": gpu_info(stack=stack) if device == "cuda" else None,
         "stack": stack,
-        "cpu": {"model": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        # threads against the cores this process may use: oversubscription shows here
+        "cpu": {"model": cpu_model(), "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+                "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads()},
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": library_versions(),
