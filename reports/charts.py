@@ -16,7 +16,7 @@ STACK_COLORS = {"text_encode": "#4e79a7", "denoise": "#f28e2b", "vae_decode": "#
 SERVER_PARTS = ("queue_ms", "compute_input_ms", "compute_infer_ms", "compute_output_ms")
 # the numbered files one report writes; a rebuild into the same folder removes the earlier ones first
 OUTPUTS = ("latency_[0-9]*.png", "latency_box_[0-9]*.png", "cold_build_[0-9]*.png", "memory_[0-9]*.png",
-           "serving_[0-9]*.png", f"{IMAGE_DIR}/img_[0-9]*.png", f"{IMAGE_DIR}/diff_[0-9]*.png")
+           "serving_[0-9]*.png", "fit_[0-9]*.png", f"{IMAGE_DIR}/img_[0-9]*.png", f"{IMAGE_DIR}/diff_[0-9]*.png")
 
 
 class PngWriter:
@@ -125,6 +125,23 @@ def peak_memory(rows: list[dict], title: str, pngs: PngWriter) -> str:
     ax.set_xlabel("peak memory (MB)")
     ax.set_title(title, fontsize=9)
     return pngs.save(fig, "memory")
+
+
+def fit_pareto(points: list[dict], front: list[int], title: str, pngs: PngWriter) -> str:
+    """Batch-1 latency against peak memory for every configuration that passed; the Pareto front (nothing else is
+    both smaller and faster) joined and marked."""
+    fig = Figure(figsize=(8, 4.2))
+    ax = fig.add_subplot()
+    ax.scatter([p["peak_mb"] for p in points], [p["p50_ms"] for p in points], color="#bab0ac", zorder=2)
+    for p in points:
+        ax.annotate(p["label"], (p["peak_mb"], p["p50_ms"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    on_front = sorted((points[i] for i in front), key=lambda p: p["peak_mb"])
+    ax.plot([p["peak_mb"] for p in on_front], [p["p50_ms"] for p in on_front], color="#e15759", marker="o",
+            zorder=3, label="Pareto front")
+    ax.set(xlabel="peak memory at batch 1 (MB)", ylabel="e2e p50 at batch 1 (ms)", title=title)
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    return pngs.save(fig, "fit")
 
 
 def serving_sweep(sweep: list[dict], title: str, pngs: PngWriter) -> str:

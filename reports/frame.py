@@ -10,7 +10,7 @@ from harness.gate import device_class
 
 REFERENCE = "diffusers"
 STACK = ("text_encode", "denoise", "vae_decode")     # + other = e2e - these
-STATUS_ORDER = ("passed", "failed", "error", "unsupported", "interrupted")
+STATUS_ORDER = ("passed", "failed", "error", "over_budget", "unsupported", "interrupted")
 
 
 def get(d, *keys, default=None):

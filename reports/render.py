@@ -15,11 +15,13 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from reports import charts
-from reports.frame import (REFERENCE, STACK, STATUS_ORDER, fmt, get, is_reference, latest, ms, num, records_frame,
-                           shape_key, shape_label, table)
+from reports.frame import (REFERENCE, STACK, STATUS_ORDER, backend_spec, fmt, get, is_reference, latest, ms, num,
+                           records_frame, shape_key, shape_label, table)
 
 # worst first: the colour of a heatmap cell that aggregates several shapes
-_SEVERITY = {"error": 4, "failed": 3, "interrupted": 2, "unsupported": 1, "passed": 0}
+_SEVERITY = {"error": 4, "failed": 3, "interrupted": 2, "over_budget": 1.5, "unsupported": 1, "passed": 0}
+# stages a component timed alone maps to (harness.runner.stages_alone)
+_ALONE_STAGES = ("text_encode", "denoise_step", "vae_decode", "encode")
 
 
 def _summary(records: list[dict], dropped: int, gate_result) -> dict:
@@ -82,8 +84,26 @@ def _latency(records: list[dict], pngs: charts.PngWriter) -> list[dict]:
                              "parity": get(r, "parity", "verdict", default="–")})
         out.append({"title": title, "bars": charts.latency_stages(rows, ref, title, pngs),
                     "box": charts.latency_box(rows, title, pngs), "table": table(pd.DataFrame(rows_out)),
+                    "integration": _integration(rows), "findings": [f"{r['_backend']}: {f}" for r in rows
+                                                                    for f in r.get("findings") or []],
                     "no_reference": ref is None, "hidden": hidden.get(key, [])})
     return out
+
+
+def _integration(rows: list[dict]) -> dict | None:
+    """Per stage: the in-pipeline p50, the component alone on the reference's inputs, and their ratio."""
+    out = []
+    for r in rows:
+        for stage in _ALONE_STAGES:
+            stats = get(r, "stages", stage) or {}
+            if not stats.get("alone"):
+                continue
+            ratio = num(stats.get("integration"))
+            out.append({"backend": r["_backend"], "stage": stage, "in pipeline p50 ms": ms(stats.get("p50")),
+                        "alone p50 ms": ms(get(stats, "alone", "p50")),
+                        "pipeline / alone": f"×{ratio:.2f}" + (" ⚠" if ratio and ratio > 1.5 else "")
+                        if ratio else "–"})
+    return table(pd.DataFrame(out)) if out else None
 
 
 def _cold_build(records: list[dict], pngs: charts.PngWriter) -> list[dict]:
@@ -108,11 +128,34 @@ def _memory(records: list[dict], pngs: charts.PngWriter) -> list[dict]:
         if num(get(r, "memory", "peak_mb")) is not None:
             by_dev[r["_device"]].append(r)
     for dev, rows in by_dev.items():
-        detail_keys = sorted({k for r in rows for k, v in r["memory"].items() if k != "peak_mb" and num(v) is not None})
-        df = pd.DataFrame([{"case": r["case_id"], "status": r["status"], "peak MB": fmt(r["memory"]["peak_mb"], 5),
-                            **{k: fmt(r["memory"].get(k), 5) for k in detail_keys}} for r in rows])
+        df = pd.DataFrame([_memory_row(r) for r in rows]).dropna(axis=1, how="all")
         out.append({"device": dev, "png": charts.peak_memory(rows, dev, pngs), "table": table(df)})
     return out
+
+
+_PHASE_FIELDS = (("rss_mb", "this process"), ("children_mb", "children"), ("gpu_process_mb", "GPU process tree"),
+                 ("gpu_device_mb", "GPU device"), ("torch_reserved_mb", "torch reserved"))
+
+
+def _memory_row(r: dict) -> dict:
+    """Peak of the process tree per phase, the inference phase's parts, energy per call (GPU)."""
+    memory = r["memory"]
+    row = {"case": r["case_id"], "status": r["status"], "peak MB (inference)": fmt(memory["peak_mb"], 5)}
+    for phase in ("load", "build"):
+        row[f"{phase} peak MB"] = fmt(get(memory, phase, "peak_mb"), 5) if memory.get(phase) else None
+    inference = memory.get("inference") or {}
+    for key, label in _PHASE_FIELDS:
+        if num(inference.get(key)) is not None:
+            row[f"{label} MB"] = fmt(inference[key], 5)
+    if inference.get("peak_source"):
+        row["peak from"] = inference["peak_source"]
+    if num(get(r, "budget", "limit_mb")) is not None:
+        row["budget MB"] = fmt(r["budget"]["limit_mb"], 5)
+    energy = r.get("energy") or {}
+    if num(energy.get("joules_per_call")) is not None:
+        row["J / call"] = fmt(energy["joules_per_call"], 4)
+        row["W mean"] = fmt(energy.get("watts_mean"), 4)
+    return row
 
 
 def _compat(records: list[dict]) -> dict:
@@ -129,22 +172,44 @@ def _compat(records: list[dict]) -> dict:
         for col in columns:
             rs = cells.get((b, *col), [])
             if not rs:
-                row.append({"cls": "none", "text": "", "title": "not run"})
+                row.append({"cls": "none", "text": "", "title": "not run", "why": ""})
                 continue
-            worst = max(rs, key=lambda r: _SEVERITY.get(r["status"], 5))["status"]
+            worst_record = max(rs, key=lambda r: _SEVERITY.get(r["status"], 5))
+            worst = worst_record["status"]
             passed = sum(r["status"] == "passed" for r in rs)
             text = worst if len(rs) == 1 else f"{passed}/{len(rs)} passed"
             title = "\n".join(f"{r['case_id']}: {r['status']}" + (f" — {r.get('reason')}" if r.get("reason") else "")
                               for r in rs)
-            row.append({"cls": worst if worst in _SEVERITY else "error", "text": text, "title": title})
+            row.append({"cls": worst if worst in _SEVERITY else "error", "text": text, "title": title,
+                        "why": _short_reason(worst_record) if worst != "passed" else ""})
         rows.append({"backend": b, "cells": row})
     # header rows: device class spans, then model/dtype
     dev_spans = [(d, sum(c[0] == d for c in columns)) for d in devices]
     reasons = pd.DataFrame([{"device": r["_device"], "case": r["case_id"], "status": r["status"],
                              "error class": r.get("error_class") or "", "reason": r.get("reason") or ""}
                             for r in records if r["status"] != "passed"])
+    stacks = {d: _stack_summary(next(r for r in records if r["_device"] == d)) for d in devices}
     return {"dev_spans": dev_spans, "columns": [{"model": c[1], "dtype": c[2]} for c in columns], "rows": rows,
-            "multi_device": len(devices) > 1, "reasons": table(reasons) if len(reasons) else None}
+            "multi_device": len(devices) > 1, "reasons": table(reasons) if len(reasons) else None,
+            "stacks": stacks}
+
+
+def _short_reason(r: dict) -> str:
+    """What does not fit, without the fix (the tooltip and the reasons table hold the whole reason)."""
+    reason = (r.get("reason") or "").split("; ")[0]
+    if r["status"] in ("failed", "error") and r.get("error_class"):
+        reason = f"{r['error_class']}: {reason}"
+    reason = reason.split(": install")[0].split(": pip ")[0].split(": run with")[0]
+    return reason if len(reason) <= 70 else reason[:69] + "…"
+
+
+def _stack_summary(r: dict) -> str:
+    """The stack behind a device class's verdicts, as one line (torch build and arch list, driver, ORT...)."""
+    from harness import preflight
+    try:
+        return preflight.Stack.from_env(r.get("env") or {}).summary()
+    except Exception:   # records older than the stack facts (schema 1): nothing to summarise
+        return ""
 
 
 def _correctness(records: list[dict]) -> dict | None:
@@ -163,12 +228,51 @@ def _correctness(records: list[dict]) -> dict | None:
         rows.append({"case": r["case_id"], "device": r["_device"], "verdict": parity.get("verdict", "–"),
                      "PSNR dB": ("∞ (identical)" if psnr is None and "psnr" in image and not image.get("error")
                                  else fmt(psnr, 4)),
-                     "SSIM": fmt(image.get("ssim"), 4), "max abs": fmt(image.get("max_abs")),
+                     "SSIM": fmt(image.get("ssim"), 4),
+                     "last call": _last_call(parity), "max abs": fmt(image.get("max_abs")),
                      "rel L2": fmt(image.get("rel_l2")), "cosine": fmt(image.get("cosine"), 6),
                      "components": "; ".join(comps) or "–",
                      "error": image.get("error") or next((c.get("error") for c in (parity.get("components") or {})
                                                           .values() if isinstance(c, dict) and c.get("error")), "")})
     return table(pd.DataFrame(rows)) if rows else None
+
+
+def _last_call(parity: dict) -> str:
+    """The last measured call's image check (a backend right only on its first call fails here)."""
+    last = parity.get("image_last")
+    if not last:
+        return "–"
+    if not last.get("passed"):
+        return f"✗ {last.get('error') or ''}".strip()
+    psnr = last.get("psnr")
+    return "✓ identical" if psnr is None else f"✓ {fmt(psnr, 4)} dB"
+
+
+def _fit(fit: dict | None, records: list[dict], pngs: charts.PngWriter) -> dict | None:
+    """What fits in N GB: the fit's table (fastest configuration per budget first) and latency against peak memory
+    at batch 1 for every configuration that passed, with the Pareto front."""
+    if not fit:
+        return None
+    from harness import fit as fitting
+    rows = [{"budget": f"{row['budget_mb']:g} MB", "configuration": ("★ " if row.get("fastest") else "")
+             + row["configuration"], "e2e p50 ms (batch 1)": fmt(row["e2e_p50_ms"], 4),
+             "largest batch": row["largest_batch"], "peak MB at largest": fmt(row["peak_mb_at_largest"], 5),
+             "success rate": f"{row['success_rate']:.0%}" if row["success_rate"] is not None else "–",
+             "images/s at largest": fmt(row.get("images_per_s_at_largest"), 4)} for row in fit["table"]]
+    points = []
+    for r in records:
+        if r["batch"] == 1 and r["status"] == "passed" and num(get(r, "memory", "peak_mb")) is not None \
+                and num(get(r, "e2e", "p50")) is not None and not any(p["label"] == r["_backend"] for p in points):
+            points.append({"label": r["_backend"], "peak_mb": num(r["memory"]["peak_mb"]),
+                           "p50_ms": num(r["e2e"]["p50"]) * 1000})
+    plan = fit.get("plan") or {}
+    title = f"{plan.get('model', '')} {plan.get('height')}x{plan.get('width')} {plan.get('dtype')} s{plan.get('steps')}"
+    png = charts.fit_pareto(points, fitting.pareto_front([(p["peak_mb"], p["p50_ms"]) for p in points]), title,
+                            pngs) if points else None
+    stopped = [f"{s['configuration']} under {s['budget_mb']:g} MB: {s['stopped']}" for s in fit.get("searches", [])
+               if s.get("stopped")]
+    return {"title": title, "table": table(pd.DataFrame(rows)), "png": png, "stopped": stopped,
+            "max_batch": plan.get("max_batch"), "time_cap_s": plan.get("time_cap_s")}
 
 
 def _images(records: list[dict], out_dir: Path) -> list[dict]:
@@ -247,8 +351,11 @@ _ENV = Environment(loader=PackageLoader("reports", "templates"), autoescape=sele
                    default_for_string=True), undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
-def build_report(records: list[dict], out_dir: Path, gate_result=None, title: str = "diffbench report") -> Path:
-    """Write out_dir/report.html, its PNGs and records.csv; return the HTML path."""
+def build_report(records: list[dict], out_dir: Path, gate_result=None, title: str = "diffbench report",
+                 fit: dict | None = None) -> Path:
+    """Write out_dir/report.html, its PNGs and records.csv; return the HTML path. `fit`: a `diffbench fit`
+    document (harness/fit.py), shown as its own section."""
+    fit_records = list(records)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     charts.remove_outputs(out_dir)
@@ -262,6 +369,7 @@ def build_report(records: list[dict], out_dir: Path, gate_result=None, title: st
         latency=_latency(records, pngs), cold_build=_cold_build(records, pngs), memory=_memory(records, pngs),
         compat=_compat(records) if records else None, correctness=_correctness(records),
         images=_images(records, out_dir), serving=_serving(records, pngs), gate=_gate(gate_result),
+        fit=_fit(fit, [{**r, "_backend": r.get("_backend") or backend_spec(r)} for r in fit_records], pngs),
         reference=REFERENCE)
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")

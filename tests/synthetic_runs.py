@@ -7,6 +7,7 @@ the report shows as a banner. The H100 environment below is made up too: no GPU 
 from __future__ import annotations
 
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -87,8 +88,20 @@ def write_synthetic_run(run_dir: str | Path, *, env: dict | None = None, run_id:
                 rec.build = dict(build)
                 rec.cold_s = sum(build.values()) + 3 * base
                 rec.first_call_s = 3 * base
-                rec.memory = {"peak_mb": round((900 if model == "tiny-sd" else 1400) * (1 + noise * 20), 1),
-                              "rss_peak_mb": 1200.0}
+                peak = round((900 if model == "tiny-sd" else 1400) * (1 + noise * 20), 1)
+                children = 350.0 if backend == "triton" else 0.0
+                rec.memory = {"load": {"peak_mb": peak * 0.8, "rss_mb": peak * 0.8, "children_mb": children},
+                              "build": {"peak_mb": peak * 1.1, "rss_mb": peak * 1.1 - children,
+                                        "children_mb": children},
+                              "inference": {"peak_mb": peak, "rss_mb": peak - children, "children_mb": children,
+                                            "peak_source": "process tree RSS", "samples": 40},
+                              "peak_mb": peak, "sampler_interval_ms": 10.0}
+                # the component alone: onnxruntime's step is made to look slowed down by the pipeline around it
+                step = rec.stages["denoise_step"]
+                slowed = 1.8 if backend == "onnxruntime" else 1.05
+                step["alone"], step["integration"] = {**step, "p50": step["p50"] / slowed}, slowed
+                if slowed > 1.5:
+                    rec.findings = [f"denoise_step: in-pipeline p50 is {slowed:.2f}x the component alone"]
                 if case.id in failed:
                     noise = 0.25
                 out = np.clip(ref + rng.normal(0, noise, ref.shape), 0, 1).astype(np.float32) if noise else ref
@@ -115,7 +128,34 @@ def write_synthetic_run(run_dir: str | Path, *, env: dict | None = None, run_id:
                 fp16 = Case(model, "diffusers", "", "fp16", 1, 64, 64, 4)
                 writer.write(Record.for_case(fp16, run_id, status="unsupported", env=env, synthetic=True,
                                              reason="fp16 needs a CUDA device"))
+            big = Case(model, "diffusers", "vae-slicing", "fp32", 8, 64, 64, 4)
+            writer.write(Record.for_case(big, run_id, status="over_budget", env=env, synthetic=True,
+                                         error_class="OverBudget", budget={"limit_mb": 1000.0, "peak_mb": 1800.0},
+                                         memory={"peak_mb": 1800.0, "inference": {"peak_mb": 1800.0}},
+                                         reason="inference peak 1800 MB is over the 1000 MB budget"))
     return path
+
+
+def write_synthetic_fit(run_dir: str | Path, budgets_mb=(520.0, 2000.0), max_batch: int = 8) -> tuple[list[dict], dict]:
+    """Made-up `diffbench fit` trials of three configurations (records) and the fit document they give."""
+    from harness import fit
+    costs = {"diffusers": (100.0, 0.20), "diffusers+vae-slicing": (60.0, 0.24), "diffusers+layerwise-fp8": (40.0, 0.30)}
+    run_dir = Path(run_dir)
+    records = []
+    with RecordWriter(run_dir / "records.jsonl") as writer:
+        for spec, (per_image, latency) in costs.items():
+            backend, _, variant = spec.partition("+")
+            for batch in (1, 2, 4, 8):
+                case = Case("tiny-sd", backend, variant, "fp32", batch, 64, 64, 4)
+                rec = Record.for_case(case, "synthetic-fit", env=CPU_ENV, synthetic=True)
+                rec.memory = {"peak_mb": 500.0 + batch * per_image}
+                rec.e2e = stats([latency * batch * f for f in (0.98, 1.0, 1.02)])
+                writer.write(rec)
+                records.append(sanitize(rec.to_dict()))
+    plan = fit.FitPlan("tiny-sd", list(costs), list(budgets_mb), max_batch=max_batch, confirm=0)
+    document = {"plan": asdict(plan), "table": fit.table_from_records(records, plan.budgets_mb, max_batch),
+                "searches": [], "elapsed_s": 1.0, "trials": len(records)}
+    return records, document
 
 
 def _serving(rng, base: float) -> dict:

@@ -228,3 +228,31 @@ def test_rebuilding_into_the_same_folder_leaves_no_stale_charts(tmp_path, full):
     assert left < many
     assert left == {Path(src).name for src in parse(html).imgs if "/" not in src}
     json.loads(json.dumps(full["gate"].to_dict()))
+
+
+def test_integration_memory_phases_budget_and_compat_reasons(full):
+    text = " ".join(" ".join(full["page"].text).split())
+    # alone vs in pipeline, with the 1.5x warning and the finding
+    assert "pipeline / alone" in text and "×1.80 ⚠" in text and "×1.05" in text
+    assert "denoise_step: in-pipeline p50 is 1.80x the component alone" in text
+    # memory per phase, the children of the process (the Triton server) counted
+    assert "load peak MB" in text and "children MB" in text and "peak from" in text
+    # over_budget is its own status, neither passed nor failed, with its budget
+    assert "over_budget" in text and "budget MB" in text
+    # the heatmap says why in the cell, and the stack per device class heads its column
+    html = full["html"].read_text(encoding="utf-8")
+    assert '<span class="why">tensorrt not installed (pip install tensorrt on a GPU runner)</span>' in html
+    assert 'class="stack"' in html
+
+
+def test_fit_section_shows_the_table_and_the_pareto_chart(tmp_path):
+    from tests.synthetic_runs import write_synthetic_fit
+    records, document = write_synthetic_fit(tmp_path / "fit")
+    html = reports.build_report(load_many([tmp_path / "fit" / "records.jsonl"]), tmp_path / "out", fit=document)
+    page = parse(html)
+    assert "fit" in page.sections
+    text = " ".join(" ".join(page.text).split())
+    assert "520 MB nothing fits" in text                            # 500 MB before any image: one image is too much
+    assert "2000 MB ★ diffusers 200" in text                        # the fastest at batch 1 heads its budget
+    assert "★ diffusers+layerwise-fp8" not in text                  # smallest, but not the fastest
+    assert any(src.startswith("fit_") for src in page.imgs)

@@ -20,7 +20,7 @@ import reports
 from harness import gate
 from harness.records import load_many
 from harness.thresholds import DEFAULT_THRESHOLDS
-from tests.synthetic_runs import H100_ENV, write_synthetic_run
+from tests.synthetic_runs import H100_ENV, write_synthetic_fit, write_synthetic_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -167,9 +167,11 @@ def test_report_renders_in_chromium(chromium, tmp_path, request):
     cpu = write_synthetic_run(tmp_path / "cpu", seed=1, failed=("tiny-sd3/onnxruntime/fp32/b1/64x64/s4",),
                            prompt="a red fox <script>console.error('injected')</script>")
     gpu = write_synthetic_run(tmp_path / "gpu", env=H100_ENV, seed=2, run_id="gpu-run")
-    records = load_many([cpu, gpu])
+    fit_records, fit_document = write_synthetic_fit(tmp_path / "fit")
+    records = load_many([cpu, gpu, tmp_path / "fit" / "records.jsonl"])
     result = gate.compare(load_many([cpu]), records, DEFAULT_THRESHOLDS)
-    page = reports.build_report(records, tmp_path / "report", gate_result=result, title="browser <b>test</b>")
+    page = reports.build_report(records, tmp_path / "report", gate_result=result, title="browser <b>test</b>",
+                                fit=fit_document)
 
     results_dir = Path(request.config.getoption("--results-dir", default="results") or "results")
     shot = results_dir / "report-browser" / "report.png"
@@ -180,14 +182,16 @@ def test_report_renders_in_chromium(chromium, tmp_path, request):
     broken = [i["src"] for i in seen["images"] if not (i["complete"] and i["width"] > 0)]
     assert broken == []
     assert {"summary", "gate", "latency", "cold", "memory", "compat", "correctness", "images",
-            "serving"} <= set(seen["sections"])
+            "serving", "fit"} <= set(seen["sections"])
     assert shot.stat().st_size > 10_000
     # the fixture's records are made up: the banner says so, visible at the top of the first screen
     banner = seen["banner"]
     assert banner and banner["shown"] and banner["height"] > 20 and banner["width"] > 300, banner
     assert 0 <= banner["top"] and banner["top"] + banner["height"] <= banner["viewport"], banner
     text = " ".join(banner["text"].split())
-    assert f"{len(records)} of the {len(records)} records in this report are made up" in text, text
+    import re
+    shown = re.search(r"(\d+) of the (\d+) records in this report are made up", text)
+    assert shown and shown.group(1) == shown.group(2) and int(shown.group(1)) > 20, text
 
 
 def test_the_check_catches_broken_images_and_console_errors(chromium, tmp_path):
