@@ -69,8 +69,9 @@ class Prepared:
     info: extra facts for the record (session options, graph breaks, provider, exporter...).
     after_measure: called once after the measured calls; returns facts to merge into `info` (counters such as
         recompiles are read there, never inside the timed region).
-    image_tolerance / tolerance_overrides: parity bounds for a variant whose output differs from the reference by
-        design (VAE tiling, fp8 storage), set from the error measured on correct runs; None = the dtype's defaults.
+    output_tolerance / tolerance_overrides: parity bounds for a variant whose output differs from the reference by
+        design (VAE tiling, fp8 storage, int8 weights), set from the error measured on correct runs; None = the
+        dtype's defaults (an ImageTolerance or EmbeddingTolerance, by workload).
     """
     pipeline: Any
     executors: dict[str, Any]
@@ -78,7 +79,7 @@ class Prepared:
     info: dict[str, Any] = field(default_factory=dict)
     on_close: list[Callable[[], None]] = field(default_factory=list)
     after_measure: Callable[[], dict] | None = None
-    image_tolerance: Any = None
+    output_tolerance: Any = None
     tolerance_overrides: dict | None = None
 
     def close(self) -> None:
@@ -98,6 +99,7 @@ class Backend:
     `options`, so `torch_compile+fused-qkv+max-autotune` and `torch_compile+max-autotune+fused-qkv` are one case
     id everywhere (gate, merge, resume). Options in one `exclusive` group do not combine."""
     name: str = ""
+    workloads: tuple[str, ...] = ("text-to-image",)    # what it can run (harness/workloads.py)
     options: tuple[str, ...] = ()                      # named options, in canonical order
     exclusive: tuple[tuple[str, ...], ...] = ()        # groups of options of which a case may choose one
     description: str = ""
@@ -140,6 +142,8 @@ class Backend:
         problem = self.variant_problem(case.variant)
         if problem:
             return Support.no(problem)
+        if case.workload not in self.workloads:
+            return Support.no(f"{self.name} runs {' and '.join(self.workloads)} cases, not {case.workload}")
         return self.available()
 
     def prepare(self, model, case, cache) -> Prepared:
@@ -172,6 +176,7 @@ def module_available(name: str) -> Support:
 # never breaks the others. Tests may register extra (fault-injecting) backends at run time.
 _REGISTRY: dict[str, str] = {
     "diffusers": "backends.diffusers:DiffusersBackend",
+    "torch": "backends.torch_eager:TorchEagerBackend",
     "torch_compile": "backends.torch_compile:TorchCompileBackend",
     "onnxruntime": "backends.onnxruntime:OnnxRuntimeBackend",
     "tensorrt": "backends.tensorrt:TensorRTBackend",

@@ -90,7 +90,7 @@ class DiffusersBackend(Backend):
             image_tol = tol if image_tol is None else ImageTolerance(min(image_tol.min_psnr_db, tol.min_psnr_db),
                                                                      min(image_tol.min_ssim, tol.min_ssim))
             overrides.update(components)
-        return Prepared(pipeline=pipeline, executors=executors, info=info, image_tolerance=image_tol,
+        return Prepared(pipeline=pipeline, executors=executors, info=info, output_tolerance=image_tol,
                         tolerance_overrides=overrides or None)
 
 

@@ -189,7 +189,9 @@ def cmd_fit(args) -> int:
     from harness.cases import DTYPES, parse_size, validate_shape
 
     device = options.resolve_device(args.gpu)
-    models.spec(args.model)
+    if models.spec(args.model).workload != "text-to-image":
+        raise UserError(f"fit searches text-to-image configurations; {args.model} is a text-embedding model "
+                        "(measure its batches with diffbench run --batch ... --memory-budget SIZE)")
     if args.dtype not in DTYPES:
         raise UserError(f"unknown dtype {args.dtype!r}; choose from {', '.join(DTYPES)}")
     height, width = parse_size(args.size)
@@ -197,8 +199,9 @@ def cmd_fit(args) -> int:
     if args.max_batch < 1 or args.confirm < 0 or args.time_cap <= 0:
         raise UserError("--max-batch must be >= 1, --confirm >= 0 and --time-cap > 0")
     budgets = [options.parse_memory_size(b, "--budget") for b in args.budget]
-    reference = registry.get(registry.REFERENCE)
-    specs = args.variants or [registry.REFERENCE] + [f"{registry.REFERENCE}+{o}" for o in reference.options]
+    from harness import workloads
+    name = workloads.reference_backend(models.spec(args.model).workload)
+    specs = args.variants or [name] + [f"{name}+{o}" for o in registry.get(name).options]
     variants = options.select_cases([args.model], specs)   # validated, canonical
     variants = list(dict.fromkeys(c.backend_spec for c in variants))
     plan = fit.FitPlan(args.model, variants, budgets, args.dtype, height, width, args.steps, args.max_batch,

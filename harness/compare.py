@@ -45,11 +45,27 @@ COMPONENT_TOLERANCES: dict[str, dict[str, Tolerance]] = {
 }
 IMAGE_TOLERANCES = {"fp32": ImageTolerance(40.0, 0.98), "fp16": ImageTolerance(30.0, 0.90),
                     "bf16": ImageTolerance(25.0, 0.85)}
+
+
+@dataclass(frozen=True)
+class EmbeddingTolerance:
+    min_cosine: float          # every sentence's embedding against the reference's
+
+
+# fp32 must agree to float rounding (ORT vs eager MiniLM: cosine 1 - 1e-7); reduced precision gets the bounds its
+# mantissa allows; int8 (dynamic quantisation) sets its own, measured bound in the backend
+EMBEDDING_TOLERANCES = {"fp32": EmbeddingTolerance(0.9999), "fp16": EmbeddingTolerance(0.999),
+                        "bf16": EmbeddingTolerance(0.995)}
+
+
+def default_tolerance(workload: str, dtype: str):
+    from harness.workloads import TEXT_EMBEDDING
+    return EMBEDDING_TOLERANCES[dtype] if workload == TEXT_EMBEDDING else IMAGE_TOLERANCES[dtype]
 CONSTANT_STD = 1e-4  # an image with less spread than this is blank (DESIGN §7: timings printed for a blank image)
 
 
 def component_role(name: str) -> str:
-    if name.startswith("text_encoder"):
+    if name.startswith("text_encoder") or name == "encoder":   # an embedding model's encoder is a text encoder
         return "text_encoder"
     if name in ("unet", "transformer"):
         return "denoiser"
@@ -164,6 +180,50 @@ def check_image(ref, out, tol: ImageTolerance) -> dict:
         result["error"] = (f"PSNR {metrics['psnr']:.2f} dB / SSIM {metrics['ssim']:.4f} below "
                            f"{tol.min_psnr_db} dB / {tol.min_ssim}; would pass with min_psnr<={metrics['psnr']:.2f} "
                            f"and min_ssim<={metrics['ssim']:.4f}")
+    return result
+
+
+def check_embeddings(ref, out, tol: EmbeddingTolerance) -> dict:
+    """End-to-end embedding parity: (N, D) arrays of the same sentences; each row's cosine with the reference's."""
+    r, o = _to_numpy(ref), _to_numpy(out)
+    problem = finite_problem(o)
+    if problem:
+        return {"passed": False, "error": f"embeddings have {problem}", "tolerance": asdict(tol)}
+    if r.shape != o.shape:
+        return {"passed": False, "error": f"embedding shape {o.shape} != reference {r.shape}",
+                "tolerance": asdict(tol)}
+    norms = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)
+    cosines = np.sum(r * o, axis=1) / np.maximum(norms, 1e-12)
+    worst = int(np.argmin(cosines))
+    result = {"min_cosine": float(cosines.min()), "mean_cosine": float(cosines.mean()), "worst_sentence": worst,
+              "max_abs": float(np.abs(r - o).max()), "tolerance": asdict(tol),
+              "passed": bool(cosines.min() >= tol.min_cosine)}
+    if not result["passed"]:
+        result["error"] = (f"sentence {worst}: cosine {cosines.min():.6f} below {tol.min_cosine}; would pass with "
+                           f"min_cosine<={cosines.min():.6f}")
+    return result
+
+
+def nearest_neighbours(embeddings) -> list[int]:
+    """For each row, the index of its most similar other row (cosine; the embeddings are L2-normalised)."""
+    e = _to_numpy(embeddings)
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    similarity = e @ e.T
+    np.fill_diagonal(similarity, -np.inf)
+    return [int(i) for i in similarity.argmax(axis=1)]
+
+
+def check_ranking(ref_set, out_set) -> dict:
+    """The search a sentence-embedding service exists for: every sentence of the fixed set finds the same nearest
+    neighbour with the backend's embeddings as with the reference's."""
+    want, got = nearest_neighbours(ref_set), nearest_neighbours(out_set)
+    moved = [i for i, (a, b) in enumerate(zip(want, got)) if a != b]
+    result = {"sentences": len(want), "same_nearest": len(want) - len(moved), "passed": not moved,
+              "reference_nearest": want}
+    if moved:
+        i = moved[0]
+        result["error"] = (f"{len(moved)} of {len(want)} sentences changed nearest neighbour (sentence {i}: "
+                           f"{want[i]} -> {got[i]})")
     return result
 
 

@@ -55,6 +55,8 @@ SELECTION = (
     Option("--batch", "batch size (repeatable)", type=int, action="append"),
     Option("--size", "HxW (repeatable), e.g. 64x64 or 1024x1024", action="append"),
     Option("--steps", "denoising steps (repeatable)", type=int, action="append"),
+    Option("--seq", "sequence length in tokens of a text-embedding model's cases (repeatable), e.g. 16 or 128",
+           type=int, action="append"),
     Option("--matrix", "TOML matrix file (default: the embedded tiny matrix)", metavar="FILE"),
     Option("--gpu", "run on CUDA; stops at once when there is no CUDA device", action="store_true"),
 )
@@ -126,7 +128,7 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
             raise UserError("conflicting options: a --memory-budget on GPU caps the case's own worker process; "
                             "drop --no-isolate")
     cases = select_cases(get("model"), get("backend"), get("dtype"), get("batch"), get("size"), get("steps"),
-                         get("matrix"))
+                         get("matrix"), get("seq"))
     thresholds = list(get("threshold") or [])
     baseline = get("baseline")
     if thresholds and not baseline:
@@ -166,33 +168,39 @@ def export_backend_settings(settings: Settings) -> None:
         os.environ["DIFFBENCH_TRITON_URL"] = settings.triton_url
 
 
-def select_cases(models=None, backends=None, dtypes=None, batches=None, sizes=None, steps=None, matrix=None):
-    """The matrix (file or embedded default) with any explicit selection overriding its lists; validated."""
+def select_cases(models=None, backends=None, dtypes=None, batches=None, sizes=None, steps=None, matrix=None,
+                 seqs=None):
+    """The matrix (file or embedded default) with any explicit selection overriding its lists (for every
+    workload: an explicit --backend, --dtype or --batch replaces the text-embedding table's too); validated."""
     from backends import base as registry
-    from harness import models as zoo
+    from harness import models as zoo, workloads
     from harness.cases import load_matrix, parse_backend_spec, parse_size
 
     m = load_matrix(matrix)
     if models:
         m.models = list(models)
-    if backends:
-        m.backends = list(backends)
-    if dtypes:
-        m.dtypes = list(dtypes)
-    if batches:
-        m.batches = list(batches)
+    for key, chosen in (("backends", backends), ("dtypes", dtypes), ("batches", batches)):
+        if chosen:
+            setattr(m, key, list(chosen))
+            m.embedding.pop(key, None)
+    if seqs:
+        m.seqs = list(seqs)
     if sizes:
         m.sizes = [parse_size(s) for s in sizes]
     if steps:
         m.steps = list(steps)
     for name in m.models:
         zoo.spec(name)
-    canonical = []
-    for spec in m.backends:
-        backend, variant = parse_backend_spec(spec)
-        variant = registry.get(backend).canonical_variant(variant)
-        canonical.append(f"{backend}+{variant}" if variant else backend)
-    m.backends = canonical
+    def canonical(specs: list[str]) -> list[str]:
+        out = []
+        for spec in specs:
+            backend, variant = parse_backend_spec(spec)
+            variant = registry.get(backend).canonical_variant(variant)
+            out.append(f"{backend}+{variant}" if variant else backend)
+        return out
+    m.backends = canonical(m.backends)
+    if m.embedding.get("backends") and any(workloads.of_model(name) == workloads.TEXT_EMBEDDING for name in m.models):
+        m.embedding["backends"] = canonical(m.embedding["backends"])
     return m.expand()
 
 

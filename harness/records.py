@@ -52,6 +52,8 @@ class Record:
     memory: dict[str, Any] = field(default_factory=dict)    # {load, build, inference: {...}, peak_mb (headline)}
     energy: dict[str, Any] = field(default_factory=dict)    # GPU: joules_per_call, watts_mean, idle_watts
     budget: dict[str, Any] = field(default_factory=dict)    # --memory-budget: limit_mb, peak_mb, enforced (how)
+    throughput: dict[str, Any] = field(default_factory=dict)  # text-embedding: per_s (embeddings/s), batch
+    seq: int = 0                      # text-embedding: sequence length (height, width, steps are 0)
     parity: dict[str, Any] = field(default_factory=dict)    # {verdict, image: {...}, components: {...}}
     info: dict[str, Any] = field(default_factory=dict)      # backend facts (providers, exporter, graph breaks...)
     serving: dict[str, Any] = field(default_factory=dict)   # triton: sweep, server stats, metrics
@@ -71,7 +73,8 @@ class Record:
     @classmethod
     def for_case(cls, case, run_id: str, **kw) -> "Record":
         return cls(run_id=run_id, case_id=case.id, model=case.model, backend=case.backend, variant=case.variant,
-                   dtype=case.dtype, batch=case.batch, height=case.height, width=case.width, steps=case.steps, **kw)
+                   dtype=case.dtype, batch=case.batch, height=case.height, width=case.width, steps=case.steps,
+                   seq=case.seq, **kw)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,6 +149,8 @@ def upgrade(record: dict) -> dict:
         upgraded.setdefault("energy", {})
         upgraded.setdefault("findings", [])
         upgraded.setdefault("budget", {})
+        upgraded.setdefault("throughput", {})
+        upgraded.setdefault("seq", 0)
     upgraded["schema_written"], upgraded["schema"] = version, SCHEMA_VERSION
     return upgraded
 

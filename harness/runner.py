@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from backends import base as registry
-from harness import compare, device as devinfo, models, preflight
+from harness import compare, device as devinfo, models, preflight, workloads
+from harness.models import embedding
+from harness.models.sentences import texts_for
 from harness.cases import Case
 from harness.errors import UserError
 from harness.memory import Telemetry, cuda_memory_snapshot, energy_record
@@ -56,9 +58,12 @@ class RunOptions:
 
 @dataclass
 class Reference:
-    """The reference backend's outputs for one model x dtype x shape: the image and each component's first call."""
-    image: np.ndarray
+    """The reference backend's outputs for one model x dtype x shape: the pipeline's output (images, or one
+    embedding per sentence), each component's first call, and for text-embedding the whole fixed sentence set's
+    embeddings (the ranking check's yardstick)."""
+    output: np.ndarray
     components: dict[str, tuple[tuple, dict, Any]]   # name -> (args, kwargs, output), on CPU
+    sentence_set: np.ndarray | None = None
 
 
 @dataclass
@@ -180,6 +185,9 @@ def support_of(case: Case, env: dict) -> registry.Support:
     device = env["device"]
     if model_spec.gpu_only and device != "cuda":
         return registry.Support.no(f"{case.model} is a full-size architecture: GPU only (run with --gpu)")
+    missing = model_spec.missing()
+    if missing:
+        return registry.Support.no(missing)
     verdict = preflight.check(preflight.Stack.from_env(env), preflight.target_for(case, device, model_spec.kind))
     if not verdict:
         return registry.Support.no(verdict.reason)
@@ -207,21 +215,23 @@ def capture_first_calls(model: models.LoadedModel):
     captured: dict[str, tuple] = {}
     undo = []
     pipeline = model.pipeline
-    for name in [*model.text_encoders, model.denoiser]:
+    for name in model.stages:
         module = getattr(pipeline, name)
+        if name in model.methods:
+            method = model.methods[name]
+            original = getattr(module, method)
+
+            def wrapped(*args, _original=original, _name=name, **kwargs):
+                output = _original(*args, **kwargs)
+                captured.setdefault(_name, (_detach(args), _detach(kwargs), _detach(output)))
+                return output
+            setattr(module, method, wrapped)
+            undo.append(lambda module=module, method=method: delattr(module, method))
+            continue
 
         def hook(_m, args, kwargs, output, name=name):
             captured.setdefault(name, (_detach(args), _detach(kwargs), _detach(output)))
         undo.append(module.register_forward_hook(hook, with_kwargs=True).remove)
-    vae = getattr(pipeline, model.vae)
-    original = vae.decode
-
-    def decode(*args, **kwargs):
-        output = original(*args, **kwargs)
-        captured.setdefault(model.vae, (_detach(args), _detach(kwargs), _detach(output)))
-        return output
-    vae.decode = decode
-    undo.append(lambda: delattr(vae, "decode"))
     try:
         yield captured
     finally:
@@ -230,13 +240,18 @@ def capture_first_calls(model: models.LoadedModel):
 
 
 def _compute_reference(case: Case, options: RunOptions) -> Reference:
-    ref_case = case.with_backend(registry.REFERENCE)
+    ref_case = case.with_backend(workloads.reference_backend(case.workload))
     model = models.load(case.model, case.dtype, options.device)
-    prepared = registry.get(registry.REFERENCE).prepare(model, ref_case, models.cache_root())
+    prepared = registry.get(ref_case.backend).prepare(model, ref_case, models.cache_root())
     try:
-        with torch.inference_mode(), capture_first_calls(model) as captured:
-            image = model.pipeline(**models.pipeline_inputs(model, ref_case)).images
-        return Reference(image=np.asarray(image, dtype=np.float32), components=dict(captured))
+        call = PipelineCall(prepared.pipeline, model, ref_case, cuda=False, timed=False)
+        call.setup()
+        with capture_first_calls(model) as captured:
+            output = call()
+        sentence_set = None
+        if case.workload == workloads.TEXT_EMBEDDING:   # the ranking check's yardstick, not timed
+            sentence_set = embedding.embed(prepared.pipeline, texts_for(case.seq), case.seq)
+        return Reference(np.asarray(output, dtype=np.float32), dict(captured), sentence_set)
     finally:
         prepared.close()
         del model
@@ -259,7 +274,7 @@ def component_parity(prepared: registry.Prepared, model: models.LoadedModel, ref
     results = {}
     for name, (args, kwargs, ref_out) in reference.components.items():
         executor = getattr(prepared.pipeline, name)
-        call = executor.decode if name == model.vae else executor
+        call = getattr(executor, model.methods[name]) if name in model.methods else executor
         tol = compare.tolerance_for(name, dtype, overrides)
         try:
             with torch.inference_mode():
@@ -282,15 +297,17 @@ def component_parity(prepared: registry.Prepared, model: models.LoadedModel, ref
     return results
 
 
-def parity_verdict(image_results: dict[str, dict], components: dict[str, dict]) -> tuple[str, str, str]:
-    """(verdict, error class, reason) from the image checks (first and last measured call) and component checks."""
+def parity_verdict(output_results: dict[str, dict], components: dict[str, dict],
+                   what: str = "image") -> tuple[str, str, str]:
+    """(verdict, error class, reason) from the output checks (first and last measured call, the ranking) and the
+    component checks; `what` names the output (image, embedding)."""
     failures = [(name, r) for name, r in components.items() if not r["passed"]]
-    for which, image_result in image_results.items():
-        if not image_result.get("passed"):
-            error = image_result.get("error", "")
+    for which, result in output_results.items():
+        if not result.get("passed"):
+            error = result.get("error", "")
             cls = "NaNError" if "NaN" in error or "Inf" in error else (
                 "ConstantImageError" if "constant" in error else "ParityError")
-            return "fail", cls, f"image parity ({which}): {error}"
+            return "fail", cls, f"{what} parity ({which}): {error}"
     if failures:
         name, r = failures[0]
         error = r.get("error") or next((o.get("error") for o in r.get("outputs", {}).values()
@@ -320,19 +337,32 @@ def precision_facts() -> dict:
 
 # -- one pipeline call as every case makes it -------------------------------------------------------------------
 class PipelineCall:
-    """The user's call: the pipeline with the fixed inputs. Fresh latents are prepared by `setup` before the clock
-    starts (some schedulers modify them in place); the stage timer's hooks mark the stages inside the call."""
+    """The user's call: the pipeline with the fixed inputs of the case's workload (prompts, seed and latents; or
+    the sentences). `setup` prepares a call before the clock starts (fresh latents: some schedulers modify them in
+    place); the stage timer's hooks mark the stages inside the call. The result is a numpy array: images, or one
+    embedding per sentence."""
 
-    def __init__(self, pipeline, model: models.LoadedModel, case: Case, cuda: bool):
+    def __init__(self, pipeline, model: models.LoadedModel, case: Case, cuda: bool, timed: bool = True):
         self.pipeline, self.model, self.case = pipeline, model, case
-        self.inputs = models.pipeline_inputs(model, case)
-        self.timer = StageTimer(cuda=cuda).attach(pipeline, model.text_encoders, model.denoiser, model.vae)
+        self.embedding = case.workload == workloads.TEXT_EMBEDDING
+        self.inputs = {"texts": embedding.batch_texts(case)} if self.embedding else models.pipeline_inputs(model,
+                                                                                                             case)
+        self.timer = StageTimer(cuda=cuda)
+        if timed:
+            self.timer.attach(pipeline, model.stages, model.methods)
+
+    @property
+    def prompts(self) -> list[str]:
+        return list(self.inputs["texts"] if self.embedding else self.inputs["prompt"])
 
     def setup(self) -> None:
-        self.inputs["latents"] = models.initial_latents(self.model, self.case)
+        if not self.embedding:
+            self.inputs["latents"] = models.initial_latents(self.model, self.case)
 
     def __call__(self):
         with torch.inference_mode():
+            if self.embedding:
+                return self.pipeline(self.inputs["texts"], self.case.seq).cpu().numpy()
             return self.pipeline(**self.inputs).images
 
     def detach(self) -> None:
@@ -347,7 +377,7 @@ def time_components_alone(prepared: registry.Prepared, model: models.LoadedModel
     out = {}
     for name, (args, kwargs, _) in reference.components.items():
         executor = getattr(prepared.pipeline, name)
-        call = executor.decode if name == model.vae else executor
+        call = getattr(executor, model.methods[name]) if name in model.methods else executor
         args, kwargs = _to_device(args, device), _to_device(kwargs, device)
         seconds = []
         with torch.inference_mode():
@@ -369,12 +399,16 @@ def stages_alone(stages: dict, alone: dict[str, dict], model: models.LoadedModel
                  calls_per_run: dict[str, int]) -> list[str]:
     """Put each component's alone figure beside its in-pipeline stage (stages[stage]["alone"], ["integration"] =
     in-pipeline p50 / alone p50) and return the findings: stages whose integration exceeds INTEGRATION_WARNING."""
-    mapping = {"denoise_step": [model.denoiser], "vae_decode": [model.vae], "text_encode": model.text_encoders}
+    mapping: dict[str, list[str]] = {}
+    for component, stage in model.stages.items():
+        # a denoiser call is one step: its alone time stands beside denoise_step, not the whole denoise stage
+        mapping.setdefault("denoise_step" if stage == "denoise" else stage, []).append(component)
     findings = []
     for stage, components in mapping.items():
         if stage not in stages or not all(c in alone and alone[c].get("n") for c in components):
             continue
-        if stage == "text_encode":   # the stage sums every encoder call of a pipeline call (prompt and negative)
+        if len(components) > 1 or calls_per_run.get(components[0], 1) > 1 and stage != "denoise_step":
+            # the stage sums every call of a pipeline call (e.g. prompt and negative prompt, several encoders)
             p50 = sum(alone[c]["p50"] * calls_per_run.get(c, 1) for c in components)
             stages[stage]["alone"] = {"p50": p50, "components": {c: alone[c] for c in components},
                                       "calls_per_pipeline_call": {c: calls_per_run.get(c, 1) for c in components}}
@@ -486,7 +520,7 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
         record.env = {**session.env, "precision": precision_facts(), "pid": os.getpid()}
         call = PipelineCall(prepared.pipeline, model, case, cuda)
         stack.callback(call.detach)
-        record.prompt, record.seed = list(call.inputs["prompt"]), models.seed_for(case)
+        record.prompt, record.seed = call.prompts, models.seed_for(case)
 
         first_start = time.perf_counter()
         first_image, _ = call.timer.run(call, keep=False, setup=call.setup)
@@ -525,19 +559,25 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
         if "serving" in prepared.info:
             record.serving = record.info.pop("serving")
 
-        images = {"first call": np.asarray(first_image, dtype=np.float32),
-                  "last measured call": np.asarray(last_image, dtype=np.float32)}
-        tolerance = prepared.image_tolerance or compare.IMAGE_TOLERANCES[case.dtype]
-        image_results = {which: compare.check_image(reference.image, image, tolerance)
-                         for which, image in images.items()}
+        outputs = {"first call": np.asarray(first_image, dtype=np.float32),
+                   "last measured call": np.asarray(last_image, dtype=np.float32)}
+        tolerance = prepared.output_tolerance or compare.default_tolerance(case.workload, case.dtype)
+        embeddings = case.workload == workloads.TEXT_EMBEDDING
+        check = compare.check_embeddings if embeddings else compare.check_image
+        results = {which: check(reference.output, output, tolerance) for which, output in outputs.items()}
         overrides = {**(prepared.tolerance_overrides or {}), **(options.tolerance_overrides or {})}
         components = component_parity(prepared, model, reference, case.dtype, options.device, overrides or None)
-        verdict, error_class, reason = parity_verdict(image_results, components)
-        record.parity = {"verdict": verdict, "reference": registry.REFERENCE,
-                         "image": image_results["first call"], "image_last": image_results["last measured call"],
-                         "components": components}
-        if options.save_images:
-            record.image = _save_image(images["last measured call"], session.run_dir, case)
+        what = "embedding" if embeddings else "image"
+        record.parity = {"reference": workloads.reference_backend(case.workload), what: results["first call"],
+                         f"{what}_last": results["last measured call"], "components": components}
+        if embeddings:   # the search the embeddings exist for: every sentence's nearest neighbour in the set
+            record.parity["ranking"] = results["ranking"] = compare.check_ranking(
+                reference.sentence_set, embedding.embed(prepared.pipeline, texts_for(case.seq), case.seq))
+            record.throughput = {"per_s": case.batch / record.e2e["p50"], "batch": case.batch}
+        verdict, error_class, reason = parity_verdict(results, components, what)
+        record.parity["verdict"] = verdict
+        if options.save_images and not embeddings:
+            record.image = _save_image(outputs["last measured call"], session.run_dir, case)
         if verdict != "pass":
             record.status, record.error_class, record.reason = "failed", error_class, reason
         elif options.memory_budget_mb:

@@ -1,7 +1,8 @@
 """Per-stage timers around a real pipeline call.
 
 Stages: text_encode (all text-encoder calls of one pipeline call), denoise (all denoiser calls), denoise_step
-(each denoiser call), vae_decode, other (scheduler, guidance, pre/post-processing = e2e minus the stages) and e2e.
+(each denoiser call), vae_decode -- or, for a text-embedding pipeline, encode (the encoder call) -- then other
+(scheduler, guidance, tokenising, pooling, pre/post-processing = e2e minus the stages) and e2e.
 GPU: CUDA events on the current stream and ONE synchronise at the end of each pipeline call. CPU: perf_counter.
 Warm-up calls are run and discarded; the cold first call is measured by the runner separately. Whatever prepares
 a call (fresh inputs) runs before the clock starts: the timed region holds the user's call and the hooks' clock
@@ -15,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-STAGES = ("text_encode", "denoise", "denoise_step", "vae_decode", "other")
+STAGES = ("text_encode", "denoise", "denoise_step", "vae_decode", "encode", "other")
 
 
 def stats(samples) -> dict[str, float]:
@@ -75,11 +76,15 @@ class StageTimer:
         self.clock = _Clock(self.cuda)
 
     # -- instrumentation -------------------------------------------------------------------------------------
-    def attach(self, pipeline, text_encoders: list[str], denoiser: str, vae: str) -> "StageTimer":
-        for name in text_encoders:
-            self._hook_module(getattr(pipeline, name), "text_encode", name)
-        self._hook_module(getattr(pipeline, denoiser), "denoise", denoiser)
-        self._wrap_method(getattr(pipeline, vae), "decode", "vae_decode", vae)
+    def attach(self, pipeline, stages: dict[str, str], methods: dict[str, str] | None = None) -> "StageTimer":
+        """stages: component -> stage; methods: component -> the method the pipeline calls instead of forward
+        (vae -> decode). A LoadedModel gives both (`model.stages`, `model.methods`)."""
+        methods = methods or {}
+        for component, stage in stages.items():
+            if component in methods:
+                self._wrap_method(getattr(pipeline, component), methods[component], stage, component)
+            else:
+                self._hook_module(getattr(pipeline, component), stage, component)
         return self
 
     def detach(self) -> None:
@@ -133,7 +138,7 @@ class StageTimer:
         end = self.clock.mark()
         self.clock.sync()
         e2e = self.clock.seconds(start, end)
-        per_call = {"text_encode": 0.0, "denoise": 0.0, "vae_decode": 0.0}
+        per_call = {stage: 0.0 for stage in {call.stage for call in self._calls}}
         steps = []
         self.calls_per_run = {}
         for call in self._calls:

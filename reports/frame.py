@@ -48,15 +48,18 @@ def backend_spec(r: dict) -> str:
 
 
 def shape_label(r: dict) -> str:
+    if r.get("seq"):
+        return f"{r['model']} {r['dtype']} b{r['batch']} seq{r['seq']}"
     return f"{r['model']} {r['dtype']} b{r['batch']} {r['height']}x{r['width']} s{r['steps']}"
 
 
 def shape_key(r: dict) -> tuple:
-    return (r["_device"], r["model"], r["dtype"], r["batch"], r["height"], r["width"], r["steps"])
+    return (r["_device"], r["model"], r["dtype"], r["batch"], r["height"], r["width"], r["steps"], r.get("seq") or 0)
 
 
 def is_reference(r: dict) -> bool:
-    return r["backend"] == REFERENCE and not r.get("variant")
+    from harness.workloads import is_reference as eager_reference
+    return eager_reference(r["backend"], r.get("variant", ""))
 
 
 def latest(records: list[dict]) -> tuple[list[dict], int]:

@@ -5,6 +5,9 @@ import torch
 
 from harness.timing import StageTimer, measure, stats
 
+# what a LoadedModel of a diffusers pipeline gives the timer: component -> stage, and the method the pipeline calls
+STAGES_OF_PIPE = ({"text_encoder": "text_encode", "unet": "denoise", "vae": "vae_decode"}, {"vae": "decode"})
+
 
 def test_stats_known_answers():
     s = stats([1.0, 2.0, 3.0, 4.0, 5.0])
@@ -52,7 +55,7 @@ class _Pipe:
 
 def test_stage_timer_splits_stages_and_discards_warmup():
     pipe = _Pipe()
-    timer = StageTimer(cuda=False).attach(pipe, ["text_encoder"], "unet", "vae")
+    timer = StageTimer(cuda=False).attach(pipe, *STAGES_OF_PIPE)
     measure(timer, pipe, warmup=2, repeats=3)
     stages, e2e = timer.summary()
     assert e2e["n"] == 3 and stages["denoise_step"]["n"] == 9
@@ -69,7 +72,7 @@ def test_stage_timer_splits_stages_and_discards_warmup():
 def test_measure_with_external_loop():
     """pytest-benchmark style: the loop calls us warmup+repeats times; warm-up is still discarded."""
     pipe = _Pipe()
-    timer = StageTimer().attach(pipe, ["text_encoder"], "unet", "vae")
+    timer = StageTimer().attach(pipe, *STAGES_OF_PIPE)
     measure(timer, pipe, 1, 2, loop=lambda call, w, r, setup: [call() for _ in range(w + r)])
     assert timer.summary()[1]["n"] == 2
 

@@ -58,6 +58,17 @@ class DenoiserWrapper(torch.nn.Module):
         return self.module(**kwargs, return_dict=False)[0]
 
 
+class EncoderWrapper(torch.nn.Module):
+    """A transformers encoder (BERT-style) behind positional tensors: its token inputs in, last_hidden_state out."""
+
+    def __init__(self, module, names: list[str]):
+        super().__init__()
+        self.module, self.names = module, names
+
+    def forward(self, *tensors):
+        return self.module(**dict(zip(self.names, tensors)), return_dict=True).last_hidden_state
+
+
 class VaeDecodeWrapper(torch.nn.Module):
     def __init__(self, vae):
         super().__init__()
@@ -183,7 +194,24 @@ def vae_spec(model, case) -> ComponentSpec:
                          {"image": [2, vae.config.out_channels, case.height // f * f, case.width // f * f]}, meta={"scale_factor": f, "out_channels": vae.config.out_channels})
 
 
+def encoder_spec(model, case) -> ComponentSpec:
+    """A text-embedding model's encoder: the tokenizer's tensors of two sentences at the case's length in, the last
+    hidden state out; batch and sequence dynamic."""
+    from harness.models.sentences import texts_for
+    module = getattr(model.pipeline, model.encoder)
+    tokens = model.pipeline.tokenize(texts_for(case.seq)[:2], case.seq)
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokens]
+    inputs = {n: tokens[n].to(model.device) for n in names}
+    with torch.no_grad():
+        hidden = module(**inputs, return_dict=True).last_hidden_state
+    axes = {n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]}
+    return ComponentSpec(model.encoder, "encoder", EncoderWrapper(module, names), inputs, ["last_hidden_state"],
+                         axes, {"last_hidden_state": list(hidden.shape)}, meta={"inputs": names})
+
+
 def component_specs(model, case, components: list[str] | None = None) -> list[ComponentSpec]:
+    if model.encoder:
+        return [encoder_spec(model, case)]
     wanted = components or model.components
     specs = [text_encoder_spec(model, c) for c in model.text_encoders if c in wanted]
     if model.denoiser in wanted:

