@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from backends import base as registry
-from harness import compare, device as devinfo, models
+from harness import compare, device as devinfo, models, progress
 from harness.cases import Case
 from harness.errors import UserError
 from harness.memory import MemoryMeter, cuda_memory_snapshot
@@ -102,7 +102,9 @@ class Session:
     def result(self, case: Case, loop=None) -> Record:
         """The case's record for this run: measured once, then shared by every suite that asks."""
         if case.id not in self.records:
+            progress.case_started(case.id)
             self.write(run_case(case, self, loop=loop))
+            progress.case_done()
         return self.records[case.id]
 
     def close(self) -> None:
@@ -207,6 +209,7 @@ def capture_first_calls(model: models.LoadedModel):
 
 def _compute_reference(case: Case, options: RunOptions) -> Reference:
     ref_case = case.with_backend(registry.REFERENCE)
+    progress.phase("reference")
     model = models.load(case.model, case.dtype, options.device)
     prepared = registry.get(registry.REFERENCE).prepare(model, ref_case, models.cache_root())
     try:
@@ -354,12 +357,14 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
                 inputs["latents"] = models.initial_latents(model, case)
                 return prepared.pipeline(**inputs).images
 
+        progress.phase("first call")
         first_start = time.perf_counter()
         image, _ = timer.run(call, keep=False)
         record.first_call_s = time.perf_counter() - first_start
         record.cold_s = time.perf_counter() - cold_start
         meter.sample()
-        measure(timer, lambda: (call(), meter.sample()), options.warmup, options.repeats, loop)
+        progress.calls(options.warmup, options.repeats)
+        measure(timer, lambda: (call(), meter.sample(), progress.tick()), options.warmup, options.repeats, loop)
         record.stages, record.e2e = timer.summary()
         record.samples = {"e2e": list(timer.samples["e2e"])}
         timer.detach()
@@ -369,6 +374,7 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
         if "serving" in prepared.info:
             record.serving = record.info.pop("serving")
 
+        progress.phase("parity")
         image = np.asarray(image, dtype=np.float32)
         image_result = compare.check_image(reference.image, image, compare.IMAGE_TOLERANCES[case.dtype])
         components = component_parity(prepared, model, reference, case.dtype, options.device,
