@@ -66,10 +66,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def diffbench_session(request):
+    from harness import options, progress
     from harness.runner import Session
     config = request.config
-    settings = config._diffbench_settings
-    from harness import options, progress
     settings = config._diffbench_settings
     session = Session(settings.results_dir, settings.run_options)
     session.env.update(options.session_env(settings))

@@ -128,9 +128,9 @@ def cmd_run(args) -> int:
         raise runner.Interrupted()
     previous = signal.signal(signal.SIGTERM, on_term)
     done, case = [], None
-    live = progress.Progress([c.id for c in cases if c.id not in session.done], settings.expected_s)
+    reporter = progress.Progress([c.id for c in cases if c.id not in session.done], settings.expected_s)
     try:
-        with progress.reporting(live):
+        with progress.reporting(reporter):
             for case in cases:
                 if case.id in session.done:
                     print(f"  skip {case.id} (already recorded)", flush=True)
@@ -328,8 +328,8 @@ def cmd_baseline(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "merge": cmd_merge, "ab": cmd_ab, "backends": cmd_backends, "models": cmd_models, "report": cmd_report,
-            "gate": cmd_gate, "baseline": cmd_baseline}
+COMMANDS = {"run": cmd_run, "list": cmd_list, "merge": cmd_merge, "ab": cmd_ab, "backends": cmd_backends,
+            "models": cmd_models, "report": cmd_report, "gate": cmd_gate, "baseline": cmd_baseline}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,7 +82,8 @@ def records_files(paths, exclude: Path | None = None) -> list[Path]:
     return found
 
 
-def _is_empty(path: Path) -> bool:
+def is_empty(path: Path) -> bool:
+    """A records file without records: the run folder of an empty shard."""
     try:
         return not path.read_text(encoding="utf-8").strip()
     except OSError as exc:
@@ -115,7 +116,7 @@ def merge(paths, out_dir: str | Path) -> MergeResult:
     kept: dict[tuple, dict] = {}
     order: list[tuple] = []
     for path in records_files(paths, exclude=out_dir):
-        if _is_empty(path):
+        if is_empty(path):
             result.empty.append(path)
             continue
         result.files.append(path)

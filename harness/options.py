@@ -154,10 +154,10 @@ def expected_from(paths, cases, run_options) -> dict[str, float]:
     given = [p for group in (paths or []) for p in ([group] if isinstance(group, str) else group)]
     if not given:
         return {}
-    from harness.merge import records_files
+    from harness.merge import is_empty, records_files
     from harness.records import read_records
     from harness.shard import expected_durations
-    records = [r for path in records_files(given) if path.stat().st_size for r in read_records(path)]
+    records = [r for path in records_files(given) if not is_empty(path) for r in read_records(path)]
     return expected_durations(records, [c.id for c in cases], run_options.warmup, run_options.repeats)
 
 

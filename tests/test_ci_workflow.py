@@ -74,7 +74,8 @@ class Runner:
         step = next(s for s in self.workflow["jobs"][job]["steps"] if s.get("id") == step_id)
         script = self.workdir / f"{job}-{step_id}.sh"
         script.write_text(step["run"])
-        return subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], cwd=self.workdir,
+        # in the checkout, as on GitHub; everything the steps write goes under $OUT (a temp folder here)
+        return subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], cwd=ROOT,
                               env=self.env(job, step), capture_output=True, text=True, timeout=600)
 
 
@@ -98,7 +99,7 @@ def test_the_workflow_shell_steps_shard_merge_and_gate_for_real_on_cpu(tmp_path)
 
     device = gh.step("benchmark", "device")
     assert device.returncode == 0, device.stderr
-    assert re.fullmatch(r"class=\S+\n", gh.files["GITHUB_OUTPUT"].read_text())
+    assert re.fullmatch(r"key=diffbench-\S+-[0-9a-f]{16}\n", gh.files["GITHUB_OUTPUT"].read_text())
 
     bench = gh.step("benchmark", "benchmark")
     assert bench.returncode == 0, bench.stdout[-3000:] + bench.stderr[-3000:]
@@ -125,7 +126,8 @@ def test_the_workflow_shell_steps_shard_merge_and_gate_for_real_on_cpu(tmp_path)
     shutil.copy(out / "merged" / "records.jsonl", out / "baseline" / "records.jsonl")
     passed = gh.step("gate", "gate")
     assert passed.returncode == 0, passed.stdout + passed.stderr
-    assert "gate: PASS" in passed.stdout and "### diffbench gate against main" in gh.files["GITHUB_STEP_SUMMARY"].read_text()
+    assert "gate: PASS" in passed.stdout
+    assert "### diffbench gate against main" in gh.files["GITHUB_STEP_SUMMARY"].read_text()
     halved = [{**r, "memory": {**r["memory"], "peak_mb": r["memory"]["peak_mb"] / 2}} for r in records]
     (out / "baseline" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in halved))
     regressed = gh.step("gate", "gate")
