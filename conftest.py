@@ -3,9 +3,12 @@
     pytest suites/                     CPU, embedded tiny matrix
     pytest suites/ --gpu               CUDA (stops at once when there is no CUDA device)
     pytest suites/ --baseline B        fail the session when the gate finds a regression
+    pytest suites/ --shard 2/3         one CI job's share of the cases
+    pytest suites/ --junitxml J -o junit_family=legacy   each case's figures as <property> elements
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -32,6 +35,20 @@ def pytest_configure(config):
     config._diffbench_cases = settings.cases
 
 
+def pytest_report_header(config):
+    settings = getattr(config, "_diffbench_settings", None)
+    if settings is not None and settings.shard is not None:
+        return _shard_line(settings)
+
+
+def _shard_line(settings) -> str:
+    label, selected = settings.shard.label, settings.selected
+    if not settings.cases:
+        return (f"diffbench: shard {label} is empty: {selected} selected case(s) over {settings.shard.count} shards "
+                f"leave it nothing to run")
+    return f"diffbench: shard {label}: {len(settings.cases)} of {selected} selected case(s)"
+
+
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         cases = metafunc.config._diffbench_cases
@@ -49,14 +66,44 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def diffbench_session(request):
+    from harness import options, progress
     from harness.runner import Session
     config = request.config
     settings = config._diffbench_settings
     session = Session(settings.results_dir, settings.run_options)
+    session.env.update(options.session_env(settings))
     session.configure(settings.cases)
     config._diffbench_session = session
-    yield session
+    # pytest draws its own progress; ours (the phase of the case in flight) only with -v, as plain lines
+    lines = progress.Progress([c.id for c in settings.cases], settings.expected_s, write_line=_terminal_writer(config))
+    with progress.reporting(lines) if config.option.verbose > 0 else contextlib.nullcontext():
+        yield session
     session.close()
+
+
+def _terminal_writer(config):
+    """Lines to the terminal while a test runs: output capture suspended, as pytest's own live logging does."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    terminal = config.pluginmanager.getplugin("terminalreporter")
+
+    def write(line: str) -> None:
+        if terminal is None:
+            return
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            terminal.write_line(line)
+    return write
+
+
+@pytest.fixture
+def case_properties(record_property):
+    """`case_properties(record)`: the case's figures as junit XML <property> elements (status, e2e p50/p99 ms,
+    PSNR, peak memory...), for CI systems that read them."""
+    from harness.run_end import junit_properties
+
+    def add(record) -> None:
+        for name, value in junit_properties(record):
+            record_property(name, value)
+    return add
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -77,6 +124,10 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    settings = getattr(config, "_diffbench_settings", None)
+    if settings is not None and settings.shard is not None and not settings.cases:
+        terminalreporter.section("diffbench")
+        terminalreporter.write_line(_shard_line(settings))
     run = getattr(config, "_diffbench_session", None)
     if run is None or not run.records:
         return

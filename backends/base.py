@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from harness import progress
 from harness.errors import UserError
 
 
@@ -156,7 +157,8 @@ class Backend:
 
 @contextmanager
 def timed(build: dict[str, float], step: str) -> Iterator[None]:
-    """Add the wall time of a build step to `build[step]`."""
+    """Add the wall time of a build step to `build[step]`; the step is the run's progress phase meanwhile."""
+    progress.phase(step)
     start = time.perf_counter()
     try:
         yield

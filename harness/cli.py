@@ -1,15 +1,17 @@
-"""`diffbench run | ab | backends | models | report | gate | baseline save` -- thin; calls what the suites call."""
+"""`diffbench run | list | merge | ab | backends | models | report | gate | baseline save` -- thin; calls what the
+suites call."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import signal
 import sys
 import time
 from pathlib import Path
 
 from harness import fit as fit_defaults
-from harness import options
+from harness import options, progress
 from harness.errors import UserError
 from harness.run_end import gate_and_report, summary_table
 
@@ -39,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run: skip the cases already recorded there")
     run.add_argument("--allow-failures", action="store_true",
                      help="exit 0 even when a case failed or errored (default: exit 1, like pytest)")
+
+    listing = sub.add_parser("list", help="the selected cases (a dry run): support here, expected time, shard")
+    options.add_to_argparse(listing, [o.flag for o in (*options.SELECTION, *options.SPLITTING)]
+                            + ["--quick", "--warmup", "--repeats"])
+    listing.add_argument("--json", action="store_true", help="one JSON document: a list of objects, one per case")
+
+    merge = sub.add_parser("merge", help="merge runs (shards, runners) into one records file and one report")
+    merge.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                       help="run folders, records files, or folders holding run folders (CI artifacts)")
+    merge.add_argument("-o", "--out", required=True, help="folder for records.jsonl, report.html, summary.md")
+    merge.add_argument("--no-report", action="store_true", help="write the merged records only")
 
     ab = sub.add_parser("ab", help="measure two builds call by call in alternation and gate current vs baseline")
     options.add_to_argparse(ab, [o.flag for o in options.SELECTION] + ["--warmup", "--case-timeout", "--no-report"])
@@ -124,6 +137,8 @@ def cmd_run(args) -> int:
     settings = options.settings_from(lambda dest: getattr(args, dest))
     options.export_backend_settings(settings)
     cases = settings.cases
+    if settings.shard is not None and not cases:
+        return _empty_shard(settings)
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "records.jsonl").is_file():
@@ -132,22 +147,27 @@ def cmd_run(args) -> int:
     else:
         _check_writable(settings.results_dir)
         session = runner.Session(settings.results_dir, settings.run_options)
+    session.env.update(options.session_env(settings))
     session.configure(cases)
-    print(f"diffbench: {len(cases)} case(s) on {settings.device}; writing {session.records_path}", flush=True)
+    sharded = f" (shard {settings.shard.label} of {settings.selected} selected)" if settings.shard else ""
+    print(f"diffbench: {len(cases)} case(s){sharded} on {settings.device}; writing {session.records_path}",
+          flush=True)
 
     def on_term(_sig, _frame):
         raise runner.Interrupted()
     previous = signal.signal(signal.SIGTERM, on_term)
     done, case = [], None
+    reporter = progress.Progress([c.id for c in cases if c.id not in session.done], settings.expected_s)
     try:
-        for case in cases:
-            if case.id in session.done:
-                print(f"  skip {case.id} (already recorded)", flush=True)
-                continue
-            record = session.result(case)
-            done.append(record)
-            print(f"  {record.status:<11} {case.id}" + (f"  ({record.reason[:90]})" if record.reason else ""),
-                  flush=True)
+        with progress.reporting(reporter):
+            for case in cases:
+                if case.id in session.done:
+                    print(f"  skip {case.id} (already recorded)", flush=True)
+                    continue
+                record = session.result(case)
+                done.append(record)
+                print(f"  {record.status:<11} {case.id}" + (f"  ({record.reason[:90]})" if record.reason else ""),
+                      flush=True)
     except (runner.Interrupted, KeyboardInterrupt):
         if case is not None and case.id not in session.records and case.id not in session.done:
             # the signal landed outside the case's own handler (loading, cleanup, between calls)
@@ -253,6 +273,70 @@ def fit_table_text(table: list[dict]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines + ["* the fastest configuration that fits the budget"])
+
+
+def _empty_shard(settings) -> int:
+    """More shards than cases: this one runs nothing, says so, and leaves an empty run folder (records.jsonl with
+    no records) so that every shard of a CI matrix uploads the same shape of artifact."""
+    from harness.runner import Session
+    _check_writable(settings.results_dir)
+    session = Session(settings.results_dir, settings.run_options)
+    session.close()
+    print(f"diffbench: shard {settings.shard.label} is empty: {settings.selected} selected case(s) over "
+          f"{settings.shard.count} shards leave it nothing to run; wrote the empty run folder {session.run_dir}",
+          flush=True)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from backends.base import Support
+    from harness.device import fingerprint
+    from harness.runner import support_of
+    settings = options.settings_from(lambda dest: getattr(args, dest, options.default_of(dest)))
+    env = fingerprint(settings.device)
+    rows = []
+    for case in settings.cases:
+        try:
+            support = support_of(case, env)
+        except UserError as exc:
+            support = Support.no(str(exc))
+        rows.append({"case_id": case.id, **case.as_dict(), "supported": support.supported, "reason": support.reason,
+                     "expected_s": settings.expected_s.get(case.id),
+                     "shard": settings.shard.label if settings.shard else None})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    table = [("case", "expected", "here")]
+    for row in rows:
+        seconds = row["expected_s"]
+        expected = "-" if seconds is None else f"{seconds:.1f} s" if seconds < 60 else progress.clock(seconds)
+        table.append((row["case_id"], expected,
+                       "supported" if row["supported"] else f"unsupported: {row['reason'][:100]}"))
+    widths = [max(len(r[i]) for r in table) for i in range(2)]
+    for r in table:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]}")
+    sharded = f" in shard {settings.shard.label} of {settings.selected} selected" if settings.shard else ""
+    known = [row["expected_s"] for row in rows if row["expected_s"] is not None]
+    expected = (f"; expected {progress.clock(sum(known))} for the {len(known)} with earlier records"
+                if known else "")
+    print(f"{len(rows)} case(s){sharded} on {settings.device}, "
+          f"{sum(row['supported'] for row in rows)} supported here{expected}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from harness.merge import merge
+    from harness.records import load_many
+    out = Path(args.out)
+    _check_writable(out)
+    result = merge(args.runs, out)
+    print(result.summary())
+    print(f"records: {result.path}")
+    if not args.no_report:
+        _, report = gate_and_report(load_many([result.path]), out)
+        print(f"report: {report}")
+        print(f"summary: {out / 'summary.md'}")
+    return 0
 
 
 def cmd_backends(_args) -> int:
@@ -366,8 +450,9 @@ def cmd_baseline(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "ab": cmd_ab, "fit": cmd_fit, "backends": cmd_backends, "models": cmd_models, "report": cmd_report,
-            "gate": cmd_gate, "baseline": cmd_baseline}
+COMMANDS = {"run": cmd_run, "list": cmd_list, "merge": cmd_merge, "ab": cmd_ab, "fit": cmd_fit,
+            "backends": cmd_backends, "models": cmd_models, "report": cmd_report, "gate": cmd_gate,
+            "baseline": cmd_baseline}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ class Option:
     default: Any = None
     action: str | None = None  # "append" | "store_true" | None (one value)
     metavar: str | None = None
+    nargs: str | None = None   # "+": several values after one flag
 
     @property
     def dest(self) -> str:
@@ -43,6 +44,8 @@ class Option:
             kw["default"] = self.default
         if self.metavar:
             kw["metavar"] = self.metavar
+        if self.nargs:
+            kw["nargs"] = self.nargs
         return kw
 
 
@@ -59,6 +62,12 @@ SELECTION = (
            type=int, action="append"),
     Option("--matrix", "TOML matrix file (default: the embedded tiny matrix)", metavar="FILE"),
     Option("--gpu", "run on CUDA; stops at once when there is no CUDA device", action="store_true"),
+)
+SPLITTING = (   # one CI job per shard; `diffbench list` shows the split
+    Option("--shard", "run only shard I of N of the selected cases (e.g. 2/3): deterministic, disjoint, complete",
+           metavar="I/N"),
+    Option("--durations-from", "earlier records (files or run folders) whose timings balance --shard and estimate "
+           "the time left", action="append", nargs="+", metavar="RECORDS"),
 )
 MEASURING = (
     Option("--quick", f"{QUICK_WARMUP} warm-up call, {QUICK_REPEATS} measured calls per case", action="store_true"),
@@ -81,7 +90,7 @@ OUTPUT = (
     Option("--baseline", "apply the regression gate against this baseline records file", metavar="FILE"),
     Option("--threshold", "gate threshold (repeatable), e.g. e2e.p50:+10%", action="append", default=()),
 )
-OPTIONS: tuple[Option, ...] = (*SELECTION, *MEASURING, *OUTPUT)
+OPTIONS: tuple[Option, ...] = (*SELECTION, *SPLITTING, *MEASURING, *OUTPUT)
 BY_FLAG = {o.flag: o for o in OPTIONS}
 
 
@@ -113,6 +122,9 @@ class Settings:
     baseline: str | None = None
     thresholds: list[str] = field(default_factory=list)
     triton_url: str | None = None
+    shard: Any = None                       # harness.shard.Shard, or None: every selected case
+    selected: int = 0                       # cases selected before sharding
+    expected_s: dict[str, float] = field(default_factory=dict)   # case id -> seconds, from --durations-from
 
 
 def settings_from(get: Callable[[str], Any]) -> Settings:
@@ -141,8 +153,47 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
     triton_url = get("triton_url")
     if triton_url:
         check_triton_url(triton_url)
+    selected = len(cases)
+    expected = expected_from(get("durations_from"), cases, run_options)
+    shard = None
+    if get("shard"):
+        from harness.shard import parse_shard, select
+        shard = parse_shard(get("shard"))
+        cases = select(cases, shard, expected)
     return Settings(device, cases, run_options, Path(get("results_dir")), not get("no_report"), baseline,
-                    thresholds, triton_url)
+                    thresholds, triton_url, shard, selected, expected)
+
+
+def expected_from(paths, cases, run_options) -> dict[str, float]:
+    """--durations-from (a list per flag: it is repeatable and takes several paths; records files, run folders or
+    folders of run folders): case id -> expected seconds of this run's cases, at this run's warm-up and repeat
+    counts. Empty records files (empty shards) are skipped."""
+    given = [p for group in (paths or []) for p in ([group] if isinstance(group, str) else group)]
+    if not given:
+        return {}
+    from harness.merge import is_empty, records_files
+    from harness.records import read_records
+    from harness.shard import expected_durations
+    records = [r for path in records_files(given) if not is_empty(path) for r in read_records(path)]
+    return expected_durations(records, [c.id for c in cases], run_options.warmup, run_options.repeats)
+
+
+def session_env(settings: Settings) -> dict:
+    """What a run adds to every record's `env`: which shard it was (I/N) and, when set, CUDA_VISIBLE_DEVICES
+    (one shard per GPU on a multi-GPU runner)."""
+    import os
+    extra = {}
+    if settings.shard is not None:
+        extra["shard"] = settings.shard.label
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        extra["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    return extra
+
+
+def default_of(dest: str):
+    """An option's default by its dest (for commands that offer only some of the options)."""
+    option = next(o for o in OPTIONS if o.dest == dest)
+    return False if option.action == "store_true" else option.default
 
 
 _UNITS_MB = {"MB": 1.0, "MIB": 1.0, "GB": 1024.0, "GIB": 1024.0, "TB": 1024.0 * 1024.0}

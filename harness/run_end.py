@@ -1,5 +1,5 @@
 """What every run does at its end, from the CLI and from pytest alike: the summary table, the gate against a
-baseline when one is given, and the report."""
+baseline when one is given, and the report (report.html, its PNGs, records.csv, and summary.md for CI)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,5 +45,39 @@ def gate_and_report(records: list[dict], out_dir: Path, baseline=None, threshold
     report = None
     if write_report:
         import reports
+        from reports.summary_markdown import write_summary_markdown
         report = reports.build_report(records, out_dir, gate_result=result)
+        write_summary_markdown(records, out_dir, gate_result=result)   # beside report.html, for CI job summaries
     return result, report
+
+
+def junit_properties(record) -> list[tuple[str, str]]:
+    """A case's figures as (name, value) pairs for pytest's junit XML (`record_property`): what a CI system shows
+    beside the test without opening the report."""
+    from harness.device import device_class
+    data = record.to_dict() if hasattr(record, "to_dict") else record
+    props = [("case_id", data["case_id"]), ("status", data["status"])]
+    if data.get("reason"):
+        props.append(("reason", data["reason"][:300]))
+    e2e = data.get("e2e") or {}
+    for stat in ("p50", "p99"):
+        if e2e.get(stat) is not None:
+            props.append((f"e2e_{stat}_ms", f"{e2e[stat] * 1000:.3f}"))
+    image = (data.get("parity") or {}).get("image") or {}
+    if (data.get("parity") or {}).get("verdict"):
+        props.append(("parity", data["parity"]["verdict"]))
+    if "psnr" in image:
+        # null PSNR without an error: identical images
+        props.append(("psnr_db", "inf" if image["psnr"] is None and not image.get("error") else
+                      "-" if image["psnr"] is None else f"{image['psnr']:.2f}"))
+    peak = (data.get("memory") or {}).get("peak_mb")
+    if peak is not None:
+        props.append(("peak_mb", f"{peak:.1f}"))
+    if data.get("cold_s") is not None:
+        props.append(("cold_s", f"{data['cold_s']:.3f}"))
+    env = data.get("env") or {}
+    if env:
+        props.append(("device_class", device_class(env)))
+    if env.get("shard"):
+        props.append(("shard", env["shard"]))
+    return props

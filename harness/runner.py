@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from backends import base as registry
-from harness import compare, device as devinfo, models, preflight, workloads
+from harness import compare, device as devinfo, models, preflight, progress, workloads
 from harness.models import embedding
 from harness.models.sentences import texts_for
 from harness.cases import Case
@@ -120,7 +120,9 @@ class Session:
         """The case's record for this run: measured once, then shared by every suite that asks. With isolation,
         measured in a fresh worker process (which times its own loop: pytest-benchmark's `loop` stays here)."""
         if case.id not in self.records:
+            progress.case_started(case.id)
             self.write(run_isolated(case, self) if self.options.isolate else run_case(case, self, loop=loop))
+            progress.case_done()
         return self.records[case.id]
 
     def close(self) -> None:
@@ -241,6 +243,7 @@ def capture_first_calls(model: models.LoadedModel):
 
 def _compute_reference(case: Case, options: RunOptions) -> Reference:
     ref_case = case.with_backend(workloads.reference_backend(case.workload))
+    progress.phase("reference")
     model = models.load(case.model, case.dtype, options.device)
     prepared = registry.get(ref_case.backend).prepare(model, ref_case, models.cache_root())
     try:
@@ -522,6 +525,7 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
         stack.callback(call.detach)
         record.prompt, record.seed = call.prompts, models.seed_for(case)
 
+        progress.phase("first call")
         first_start = time.perf_counter()
         first_image, _ = call.timer.run(call, keep=False, setup=call.setup)
         record.first_call_s = time.perf_counter() - first_start
@@ -536,7 +540,9 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
             calls["n"] += 1
             if calls["n"] == options.warmup + 1:
                 energy["start_j"], energy["start_s"] = telemetry.energy_j(), time.perf_counter()
+            progress.tick()   # counts calls only: outside the clock, like the rest of setup
             call.setup()
+        progress.calls(options.warmup, options.repeats)
         telemetry.begin_phase()
         last_image = measure(call.timer, call, options.warmup, options.repeats, loop, setup)
         seconds = time.perf_counter() - energy.get("start_s", time.perf_counter())
@@ -559,6 +565,7 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
         if "serving" in prepared.info:
             record.serving = record.info.pop("serving")
 
+        progress.phase("parity")
         outputs = {"first call": np.asarray(first_image, dtype=np.float32),
                    "last measured call": np.asarray(last_image, dtype=np.float32)}
         tolerance = prepared.output_tolerance or compare.default_tolerance(case.workload, case.dtype)
@@ -636,7 +643,9 @@ def run_isolated(case: Case, session: Session) -> Record:
         worker.send({"op": "run", "case": case.id})
         message = worker.read()
         worker.stop()
-        return Record.from_dict(message["record"])
+        record = Record.from_dict(message["record"])
+        record.env = {**session.env, **(record.env or {})}   # the run's own facts (its shard) + the worker's
+        return record
     except WorkerDied as exc:
         record = Record.for_case(case, session.run_id, device=session.options.device)
         record.status, record.error_class, record.reason = "error", "WorkerDied", str(exc)

@@ -19,7 +19,8 @@ def _measured(case, session):
     return record
 
 
-def test_image_parity(case, diffbench_session):
+def test_image_parity(case, diffbench_session, case_properties):
+    case_properties(diffbench_session.result(case))     # the figures as junit XML properties
     record = _measured(case, diffbench_session)
     image = record.parity["image"]
     assert image["passed"], f"{case.id}: {image.get('error')}"

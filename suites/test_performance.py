@@ -6,7 +6,7 @@ splits each call into stages and the record carries them with the case's parity 
 import pytest
 
 
-def test_latency(case, diffbench_session, benchmark):
+def test_latency(case, diffbench_session, benchmark, case_properties):
     options = diffbench_session.options
 
     def loop(call, warmup, repeats, setup):
@@ -14,6 +14,7 @@ def test_latency(case, diffbench_session, benchmark):
         benchmark.pedantic(call, setup=setup, rounds=repeats, warmup_rounds=warmup, iterations=1)
 
     record = diffbench_session.result(case, loop=loop)
+    case_properties(record)     # the figures as junit XML properties
     if record.status == "unsupported":
         pytest.skip(f"unsupported: {record.reason}")
     assert record.status in ("passed", "failed"), f"{record.status}: {record.error_class}: {record.reason}"
