@@ -12,7 +12,7 @@ from harness.cli import main
 from harness.errors import UserError
 from harness.merge import merge
 from harness.records import read_records
-from reports.samples import CPU_ENV, H100_ENV, write_sample_run
+from tests.synthetic_runs import CPU_ENV, H100_ENV, write_synthetic_run
 from reports.summary_markdown import summary_markdown
 
 A100_ENV = {**H100_ENV, "gpu": {**H100_ENV["gpu"], "name": "NVIDIA A100-SXM4-80GB", "capability": "8.0",
@@ -25,14 +25,14 @@ BACKENDS = ("diffusers", "onnxruntime")
 
 def shards(root: Path, *, gpu_scale: float = 1.0, gpu_env=H100_ENV) -> Path:
     """What CI downloads: per runner label, per shard, a run folder (one empty: more shards than cases)."""
-    write_sample_run(root / "cpu" / "shard-1" / "run-c1", env={**CPU_ENV, "shard": "1/3"}, run_id="c1",
+    write_synthetic_run(root / "cpu" / "shard-1" / "run-c1", env={**CPU_ENV, "shard": "1/3"}, run_id="c1",
                      models=("tiny-sd",), backends=BACKENDS, seed=1)
-    write_sample_run(root / "cpu" / "shard-2" / "run-c2", env={**CPU_ENV, "shard": "2/3"}, run_id="c2",
+    write_synthetic_run(root / "cpu" / "shard-2" / "run-c2", env={**CPU_ENV, "shard": "2/3"}, run_id="c2",
                      models=("tiny-sd3",), backends=BACKENDS, seed=2)
     empty = root / "cpu" / "shard-3" / "run-c3"
     empty.mkdir(parents=True)
     (empty / "records.jsonl").write_text("")
-    write_sample_run(root / "gpu" / "shard-1" / "run-g1", env={**gpu_env, "shard": "1/1"}, run_id="g1",
+    write_synthetic_run(root / "gpu" / "shard-1" / "run-g1", env={**gpu_env, "shard": "1/1"}, run_id="g1",
                      models=("tiny-sd",), backends=BACKENDS, seed=3, scale=gpu_scale)
     return root
 
@@ -90,7 +90,7 @@ def test_merge_counts_duplicates_empty_shards_and_later_versions(tmp_path, capsy
     kept = {r["case_id"]: r for r in read_records(result.path) if r["run_id"] == "c1"}
     assert kept[rows[0]["case_id"]]["status"] == rows[1]["status"]          # the later version won
     # the same case measured by two runs on one device class (overlapping shards): both kept, and said
-    write_sample_run(tmp_path / "in" / "cpu" / "rerun" / "run-c9", env=CPU_ENV, run_id="c9", models=("tiny-sd",),
+    write_synthetic_run(tmp_path / "in" / "cpu" / "rerun" / "run-c9", env=CPU_ENV, run_id="c9", models=("tiny-sd",),
                      backends=BACKENDS)
     result = merge([tmp_path / "in"], tmp_path / "out")
     assert result.remeasured > 0 and "more than one run on the same device class" in result.summary()
@@ -115,7 +115,7 @@ def test_gate_on_merged_records_compares_each_device_class_with_its_own_baseline
     """Baseline: the merged CPU + H100 run. Current: CPU unchanged, H100 30 % slower, plus an A100 runner that the
     baseline never saw. Only H100 rows regress; the A100 cases are NEW (never compared with the H100 ones)."""
     current = shards(tmp_path / "in", gpu_scale=1.3)
-    write_sample_run(current / "a100" / "shard-1" / "run-a1", env=A100_ENV, run_id="a1", seed=4,
+    write_synthetic_run(current / "a100" / "shard-1" / "run-a1", env=A100_ENV, run_id="a1", seed=4,
                      models=("tiny-sd",), backends=BACKENDS)
     assert main(["merge", str(current), "-o", str(tmp_path / "current"), "--no-report"]) == 0
     capsys.readouterr()

@@ -14,7 +14,7 @@ from harness.options import select_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 SELECTION = ["--model", "tiny-sd", "--backend", "diffusers", "--backend", "onnxruntime", "--quick"]
-TESTS = ["suites/test_performance.py", "suites/test_correctness.py", "-k", "test_latency or test_image_parity"]
+TESTS = ["suites/test_performance.py", "suites/test_correctness.py", "-k", "test_latency or test_image_parity and not last"]
 
 
 def _pytest(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[ET.Element]]:

@@ -152,8 +152,8 @@ def test_list_shards_of_the_default_matrix_are_disjoint_and_complete(capsys):
 
 
 def test_list_gives_expected_times_from_earlier_records(capsys, tmp_path):
-    from reports.samples import write_sample_run
-    records = write_sample_run(tmp_path / "run", models=("tiny-sd",), backends=("diffusers", "onnxruntime"))
+    from tests.synthetic_runs import write_synthetic_run
+    records = write_synthetic_run(tmp_path / "run", models=("tiny-sd",), backends=("diffusers", "onnxruntime"))
     rows = _list_json(capsys, "--model", "tiny-sd", "--backend", "diffusers", "--backend", "onnxruntime",
                       "--backend", "triton", "--quick", "--durations-from", str(records.parent))
     by_id = {row["case_id"]: row for row in rows}
