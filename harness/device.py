@@ -166,6 +166,15 @@ def gpu_info(index: int | None = None, stack: dict | None = None) -> dict | None
             "cudnn": stack.get("cudnn"), "state": gpu_state(props)}
 
 
+def pci_bus_id(props) -> str | None:
+    """NVML's name for the GPU torch sees as `props` (torch.cuda.get_device_properties): its PCI bus id. Indices
+    differ between CUDA and NVML (CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER); the bus id does not."""
+    bus = getattr(props, "pci_bus_id", None)
+    if bus is None:
+        return None
+    return f"{getattr(props, 'pci_domain_id', 0):08x}:{bus:02x}:{getattr(props, 'pci_device_id', 0):02x}.0"
+
+
 def gpu_state(props) -> dict:
     """What changes a GPU's speed from one run to the next: clocks (current and max), power limit, persistence,
     MIG and ECC modes -- read through NVML for the device torch uses, found by its PCI bus id."""
@@ -176,11 +185,8 @@ def gpu_state(props) -> dict:
         return {"nvml": "unavailable"}
     state: dict = {}
     try:
-        bus = getattr(props, "pci_bus_id", None)
-        domain = getattr(props, "pci_domain_id", 0)
-        device = getattr(props, "pci_device_id", 0)
-        handle = (pynvml.nvmlDeviceGetHandleByPciBusId(f"{domain:08x}:{bus:02x}:{device:02x}.0")
-                  if bus is not None else pynvml.nvmlDeviceGetHandleByIndex(0))
+        bus = pci_bus_id(props)
+        handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus) if bus else pynvml.nvmlDeviceGetHandleByIndex(0)
         state["uuid"] = _text(pynvml.nvmlDeviceGetUUID(handle))
         for name, query in (
                 ("sm_clock_mhz", lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)),

@@ -33,11 +33,12 @@ PHASES = ("load", "build", "inference")
 
 # -- the sampler process ----------------------------------------------------------------------------------------
 class _Nvml:
-    def __init__(self, index: int):
+    def __init__(self, gpu: str):
+        """gpu: the PCI bus id of the GPU (NVML's indices need not be torch's)."""
         import pynvml
         pynvml.nvmlInit()
         self.nvml = pynvml
-        self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        self.handle = pynvml.nvmlDeviceGetHandleByPciBusId(gpu)
 
     def device_used_mb(self) -> float:
         return self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used / MB
@@ -79,15 +80,15 @@ class _Nvml:
             return None
 
 
-def _sampler_main(pid: int, conn, gpu_index: int | None, interval_s: float) -> None:
+def _sampler_main(pid: int, conn, gpu: str | None, interval_s: float) -> None:
     """Sample the process tree of `pid` until told to stop. Commands: ("phase",) starts new peaks and answers the
     finished phase's peaks; ("idle_power", seconds) answers the mean power over that many idle seconds."""
     root = psutil.Process(pid)
     me = os.getpid()              # the sampler is a child of the harness too: never count it
     nvml = None
-    if gpu_index is not None:
+    if gpu is not None:
         try:
-            nvml = _Nvml(gpu_index)
+            nvml = _Nvml(gpu)
         except Exception:   # nvidia-ml-py missing or no NVML: the in-process torch figures still stand
             nvml = None
     tree, listed_at = [root], 0.0
@@ -173,9 +174,9 @@ def _peak_rss_mb() -> float | None:
 class Telemetry:
     """One sampler process per harness process (started on first use), phases marked by the runner."""
 
-    def __init__(self, cuda: bool, gpu_index: int | None = None, interval_s: float = SAMPLE_INTERVAL_S):
+    def __init__(self, cuda: bool, interval_s: float = SAMPLE_INTERVAL_S):
         self.cuda, self.interval_s = cuda, interval_s
-        self.gpu_index = gpu_index if cuda else None
+        self.gpu: str | None = None      # PCI bus id of the GPU in use
         self.conn = self.proc = None
         self.idle_watts: float | None = None
         self.idle_device_mb: float | None = None
@@ -187,17 +188,19 @@ class Telemetry:
             return self
         if self.cuda:
             import torch
-            if self.gpu_index is None:
-                self.gpu_index = _nvml_index(torch.cuda.current_device())
+
+            from harness.device import pci_bus_id
+            self.gpu = pci_bus_id(torch.cuda.get_device_properties(torch.cuda.current_device()))
             try:
-                self._nvml = _Nvml(self.gpu_index)
+                self._nvml = _Nvml(self.gpu)
                 self.idle_device_mb = self._nvml.device_used_mb()
-            except Exception:
+            except Exception:   # nvidia-ml-py missing, no NVML, or no bus id: torch's figures still stand
                 self._nvml = None
         context = multiprocessing.get_context("spawn")   # no fork of a process that holds CUDA or threads
         self.conn, child = context.Pipe()
-        self.proc = context.Process(target=_sampler_main, args=(os.getpid(), child, self.gpu_index,
-                                                                self.interval_s), daemon=True)
+        self.proc = context.Process(target=_sampler_main, args=(os.getpid(), child,
+                                                                self.gpu if self._nvml else None, self.interval_s),
+                                    daemon=True)
         self.proc.start()
         child.close()
         if self._nvml is not None:
@@ -274,17 +277,6 @@ class Telemetry:
 
     def energy_j(self) -> float | None:
         return self._nvml.energy_j() if self._nvml is not None else None
-
-
-def _nvml_index(torch_index: int) -> int:
-    """NVML numbers GPUs by PCI bus id; CUDA does too when CUDA_DEVICE_ORDER=PCI_BUS_ID (set before CUDA starts),
-    and CUDA_VISIBLE_DEVICES renumbers what torch sees."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        ids = [v.strip() for v in visible.split(",") if v.strip()]
-        if torch_index < len(ids) and ids[torch_index].isdigit():
-            return int(ids[torch_index])
-    return torch_index
 
 
 def energy_record(telemetry: Telemetry, joules: float | None, seconds: float, calls: int) -> dict:
