@@ -1,6 +1,7 @@
 """Memory and energy of a case, per phase (load, build, inference), over the whole process tree.
 
-A sampler runs in its own process (so it never holds the GIL of the timed code) and every ~10 ms reads:
+A sampler runs in its own process (so it never holds the GIL of the timed code) and every 10 ms (GPU) or 100 ms
+(CPU, see SAMPLE_INTERVAL_S) reads:
   - RSS of the harness process and of every child process (a Triton server is a child), via psutil;
   - on GPU, NVML per-process GPU memory of the same process tree, and the device's used memory.
 In this process, at each phase boundary (never inside the timed region), the meter also reads what only this
@@ -18,15 +19,20 @@ reserved memory without NVML). `memory.peak_mb` of a record is the inference pha
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
 
 MB = 1024 * 1024
-SAMPLE_INTERVAL_S = 0.01
+# GPU: 10 ms, NVML's own update rate for memory. CPU: 100 ms -- this process's peak RSS is exact anyway (VmHWM),
+# and on a 2-core machine a 10 ms sampler preempting torch's OpenMP threads slowed the measured pipeline by ~5 %
+# (tiny-sd, 50 interleaved calls: +5.2 % at 10 ms, +3.8 % at 50 ms, -0.5 % at 100 ms)
+SAMPLE_INTERVAL_S = {"cuda": 0.01, "cpu": 0.1}
 CHILDREN_REFRESH_S = 0.5      # listing the process tree costs far more than reading a few RSS values
 PHASES = ("load", "build", "inference")
 
@@ -60,19 +66,6 @@ class _Nvml:
         except self.nvml.NVMLError:
             return None
 
-    @contextlib.contextmanager
-    def paused(self):
-        """No sampling inside the block (the overhead benchmark's bare side runs without telemetry)."""
-        if self.proc is None:
-            yield
-            return
-        self.conn.send(("pause",))
-        self.conn.recv()
-        try:
-            yield
-        finally:
-            self.conn.send(("resume",))
-
     def energy_j(self) -> float | None:
         try:
             return self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1000.0
@@ -80,9 +73,39 @@ class _Nvml:
             return None
 
 
+class _Pipe:
+    """The sampler's end of its pipes: one JSON command per stdin line, one JSON answer per stdout line. Reads the
+    raw descriptor into its own buffer: a buffered readline could swallow a second command that select() would
+    then never report."""
+
+    def __init__(self):
+        import selectors
+        self.fd = sys.stdin.fileno()
+        self.pending = b""
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.fd, selectors.EVENT_READ)
+
+    def poll(self, timeout: float) -> bool:
+        return b"\n" in self.pending or bool(self.selector.select(timeout))
+
+    def recv(self):
+        while b"\n" not in self.pending:
+            chunk = os.read(self.fd, 4096)
+            if not chunk:
+                return ["stop"]                             # EOF: the harness process went away
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
+        return json.loads(line)
+
+    def send(self, message) -> None:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+
 def _sampler_main(pid: int, conn, gpu: str | None, interval_s: float) -> None:
-    """Sample the process tree of `pid` until told to stop. Commands: ("phase",) starts new peaks and answers the
-    finished phase's peaks; ("idle_power", seconds) answers the mean power over that many idle seconds."""
+    """Sample the process tree of `pid` until told to stop. Commands: ["phase"] starts new peaks and answers the
+    finished phase's peaks; ["idle_power", seconds] answers the mean power over that many idle seconds;
+    ["pause"] samples nothing until the next command."""
     root = psutil.Process(pid)
     me = os.getpid()              # the sampler is a child of the harness too: never count it
     nvml = None
@@ -174,8 +197,9 @@ def _peak_rss_mb() -> float | None:
 class Telemetry:
     """One sampler process per harness process (started on first use), phases marked by the runner."""
 
-    def __init__(self, cuda: bool, interval_s: float = SAMPLE_INTERVAL_S):
-        self.cuda, self.interval_s = cuda, interval_s
+    def __init__(self, cuda: bool, interval_s: float | None = None):
+        self.cuda = cuda
+        self.interval_s = interval_s or SAMPLE_INTERVAL_S["cuda" if cuda else "cpu"]
         self.gpu: str | None = None      # PCI bus id of the GPU in use
         self.conn = self.proc = None
         self.idle_watts: float | None = None
@@ -196,13 +220,13 @@ class Telemetry:
                 self.idle_device_mb = self._nvml.device_used_mb()
             except Exception:   # nvidia-ml-py missing, no NVML, or no bus id: torch's figures still stand
                 self._nvml = None
-        context = multiprocessing.get_context("spawn")   # no fork of a process that holds CUDA or threads
-        self.conn, child = context.Pipe()
-        self.proc = context.Process(target=_sampler_main, args=(os.getpid(), child,
-                                                                self.gpu if self._nvml else None, self.interval_s),
-                                    daemon=True)
-        self.proc.start()
-        child.close()
+        # a fresh interpreter running this module (not a fork of a process that holds CUDA or threads, and not
+        # multiprocessing's spawn, which would re-import the caller's __main__)
+        settings = json.dumps({"pid": os.getpid(), "gpu": self.gpu if self._nvml else None,
+                               "interval_s": self.interval_s})
+        self.proc = subprocess.Popen([sys.executable, "-m", "harness.memory", settings], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.conn = _Parent(self.proc)
         if self._nvml is not None:
             self.conn.send(("idle_power", 1.0))
             self.idle_watts = self.conn.recv()
@@ -214,11 +238,10 @@ class Telemetry:
         if self.proc is not None:
             try:
                 self.conn.send(("stop",))
-            except OSError:
-                pass
-            self.proc.join(timeout=5)
-            if self.proc.is_alive():
+                self.proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
+                self.proc.wait()
             self.proc = self.conn = None
 
     def begin_phase(self) -> None:
@@ -257,7 +280,7 @@ class Telemetry:
         return out
 
     def _end_sampler_phase(self) -> dict:
-        if self.proc is None or not self.proc.is_alive():
+        if self.proc is None or self.proc.poll() is not None:
             return {}
         self.conn.send(("phase",))
         return self.conn.recv()
@@ -279,6 +302,23 @@ class Telemetry:
         return self._nvml.energy_j() if self._nvml is not None else None
 
 
+class _Parent:
+    """The harness's end of the sampler's pipes."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+
+    def send(self, message) -> None:
+        self.proc.stdin.write(json.dumps(list(message)) + "\n")
+        self.proc.stdin.flush()
+
+    def recv(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise OSError("the memory sampler exited")
+        return json.loads(line)
+
+
 def energy_record(telemetry: Telemetry, joules: float | None, seconds: float, calls: int) -> dict:
     """joules_per_call (idle power subtracted), watts_mean over the measured calls, idle_watts; or the reason."""
     if not telemetry.cuda:
@@ -295,3 +335,8 @@ def cuda_memory_snapshot() -> dict:
     import torch
     return {"allocated_mb": torch.cuda.memory_allocated() / MB, "reserved_mb": torch.cuda.memory_reserved() / MB,
             "peak_allocated_mb": torch.cuda.max_memory_allocated() / MB}
+
+
+if __name__ == "__main__":
+    settings = json.loads(sys.argv[1])
+    _sampler_main(settings["pid"], _Pipe(), settings["gpu"], settings["interval_s"])
