@@ -231,7 +231,7 @@ def build_settings(precision: str, tf32: bool, trt_version: str) -> dict:
     """What the builder is told, by flag name. TensorRT 10+: a strongly typed network, so every tensor keeps the
     type the ONNX graph gives it -- the fp16/bf16 export of the case's model, with the fp32 islands (norms,
     softmax upcasts) the model itself asked for -- instead of the builder picking per-layer precisions from
-    FP16/BF16 hints (weak typing, deprecated in 10.x and gone in 11, where strong typing is always on). Older
+    FP16/BF16 hints (weak typing: deprecated since 10.12, gone in 11, where strong typing is always on). Older
     TensorRT: explicit batch and the precision flag. TF32 is on by default in TensorRT's builder: cleared unless
     the case opts in."""
     strongly_typed = _version_tuple(trt_version) >= (10, 0)
