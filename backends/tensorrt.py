@@ -394,6 +394,8 @@ def ensure_engine(job: BuildJob, command: list[str] | None = None, poll_s: float
         return plan
     process = launch_build(job, command) if plan == "build" else None
     pid = process.pid if process is not None else live_builder(job)
+    if pid is None:                    # the builder we meant to join has just ended: look again
+        return ensure_engine(job, command, poll_s)
     try:
         while not job.engine_path.is_file():
             running = process.poll() is None if process is not None else live_builder(job) == pid
