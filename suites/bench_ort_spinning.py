@@ -11,7 +11,7 @@ alike. Only session.run is inside the clock. Prints p50 per model x spinning x s
 on and off, one instance with every core, as backends/triton configures it), called over gRPC by this process,
 which does the torch work between requests: only the infer call is inside the clock.
 
-    python -m suites.bench_ort_spinning [--model tiny-sd3] [--calls 200] [--triton]
+    python -m suites.bench_ort_spinning [--model tiny-sd3] [--calls 200] [--triton [--threads N]]
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def spinning_cost(model_name: str, calls: int = 200, blocks: int = 10) -> dict:
             "torch_threads": torch.get_num_threads(), "p50_ms": p50}
 
 
-def triton_spinning_cost(model_name: str, calls: int = 200, blocks: int = 10) -> dict:
+def triton_spinning_cost(model_name: str, calls: int = 200, blocks: int = 10, threads: int | None = None) -> dict:
     from backends.triton import repository as repo
     from backends.triton.backend import load_model
     from backends.triton.client import Client
@@ -98,7 +98,8 @@ def triton_spinning_cost(model_name: str, calls: int = 200, blocks: int = 10) ->
         repository = Path(tmp) / "repository"
         served = {}
         for spin in (True, False):
-            served[spin] = repo.onnx_model(f"denoiser_spin{int(spin)}", path, mode="python", spinning=spin)
+            served[spin] = repo.onnx_model(f"denoiser_spin{int(spin)}", path, mode="python", spinning=spin,
+                                           threads=threads)
             repo.write_model(repository, served[spin], path)
         server = TritonServer(repository, Path(tmp)).start()
         try:
@@ -126,7 +127,7 @@ def triton_spinning_cost(model_name: str, calls: int = 200, blocks: int = 10) ->
             server.stop()
     p50 = {key: statistics.median(v) * 1e3 for key, v in times.items()}
     return {"model": model_name, "calls": len(times[(True, "alone")]), "torch_work_ms": torch_work_ms(work),
-            "torch_threads": torch.get_num_threads(), "p50_ms": p50}
+            "torch_threads": torch.get_num_threads(), "server_threads": repo.model_threads(threads), "p50_ms": p50}
 
 
 def main() -> None:
@@ -134,11 +135,16 @@ def main() -> None:
     parser.add_argument("--model", action="append", help="tiny-sd and/or tiny-sd3 (default both)")
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--triton", action="store_true", help="served by tritonserver's python backend")
+    parser.add_argument("--threads", type=int, help="--triton: the served model's ORT threads (default: every core)")
     args = parser.parse_args()
     for name in args.model or ["tiny-sd", "tiny-sd3"]:
-        r = (triton_spinning_cost if args.triton else spinning_cost)(name, args.calls)
+        if args.triton:
+            r = triton_spinning_cost(name, args.calls, threads=args.threads)
+            where = f"triton (python backend, gRPC, {r['server_threads']} server threads)"
+        else:
+            r = spinning_cost(name, args.calls)
+            where = "bare session"
         p = r["p50_ms"]
-        where = "triton (python backend, gRPC)" if args.triton else "bare session"
         print(f"{name} denoiser, {where}, {r['calls']} calls per cell, torch threads {r['torch_threads']}, torch work "
               f"{r['torch_work_ms']:.2f} ms: p50 ms  spinning on: alone {p[(True, 'alone')]:.2f}, with torch "
               f"{p[(True, 'torch')]:.2f}  |  spinning off: alone {p[(False, 'alone')]:.2f}, with torch "
