@@ -155,6 +155,26 @@ class Backend:
         """Release what the backend holds across cases (servers, sessions)."""
 
 
+def enable_tf32() -> Callable[[], None]:
+    """TF32 for float32 matmuls (cuBLAS) and convolutions (cuDNN), for a `+tf32` option; returns the function that
+    restores the previous settings. Only set_float32_matmul_precision and cudnn.allow_tf32 are used: they read
+    back consistently whether strict fp32 was set through them or through torch's newer fp32_precision
+    attributes (after which reading allow_tf32 raises in torch 2.13)."""
+    cudnn = torch.backends.cudnn
+    precision = torch.get_float32_matmul_precision()
+    try:
+        cudnn_tf32 = cudnn.allow_tf32
+    except RuntimeError:          # strict fp32 was set through cudnn.conv.fp32_precision
+        cudnn_tf32 = cudnn.conv.fp32_precision == "tf32"
+    torch.set_float32_matmul_precision("high")
+    cudnn.allow_tf32 = True
+
+    def restore() -> None:
+        torch.set_float32_matmul_precision(precision)
+        cudnn.allow_tf32 = cudnn_tf32
+    return restore
+
+
 @contextmanager
 def timed(build: dict[str, float], step: str) -> Iterator[None]:
     """Add the wall time of a build step to `build[step]`; the step is the run's progress phase meanwhile."""

@@ -16,6 +16,9 @@ A variant that would do nothing for a case is unsupported for it, with the reaso
 worked: offloading without a GPU, VAE slicing at batch 1, VAE tiling where the latent fits in one tile, attention
 slicing where no component's attention processors take slices.
 
+  tf32                 TF32 matmuls and convolutions (GPU; the runner sets strict fp32 before every case, prepare
+                       turns TF32 on, close restores it)
+
 Parity: the plain reference is the yardstick. Offloading and slicing reorder no arithmetic and are held to the
 dtype's usual tolerances; tiling and fp8 storage change numbers by design and are held to the tolerances below,
 set from the error measured on correct runs (docs/variants.md).
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from backends.base import Backend, Prepared, Support, Unsupported, variant_options
+from backends.base import Backend, Prepared, Support, Unsupported, enable_tf32, variant_options
 from harness.compare import ImageTolerance
 
 OFFLOAD = ("model-offload", "sequential-offload", "group-offload", "group-offload-leaf")
@@ -44,7 +47,7 @@ VARIANT_TOLERANCES = {
 
 class DiffusersBackend(Backend):
     name = "diffusers"
-    options = (*OFFLOAD, "vae-tiling", "vae-slicing", "attention-slicing", "layerwise-fp8")
+    options = (*OFFLOAD, "vae-tiling", "vae-slicing", "attention-slicing", "layerwise-fp8", "tf32")
     exclusive = (OFFLOAD,)
     description = "eager PyTorch diffusers pipeline (the reference), and diffusers' memory-saving features"
 
@@ -54,6 +57,8 @@ class DiffusersBackend(Backend):
             return base
         chosen = variant_options(case.variant)
         device = env.get("device", "cpu") if isinstance(env, dict) else "cpu"
+        if "tf32" in chosen and device != "cuda":
+            return Support.no(f"tf32 is a CUDA math mode: on {device} this case would repeat the one without +tf32")
         offload = chosen & set(OFFLOAD)
         if offload and device != "cuda":
             return Support.no(f"{next(iter(offload))} moves weights between CPU and GPU: on CPU there is nothing "
@@ -81,7 +86,8 @@ class DiffusersBackend(Backend):
         if chosen:
             applied = _apply(pipeline, model, case, chosen)
         executors = {name: getattr(pipeline, name) for name in model.components}
-        info = {"attention": "SDPA (torch default)"}
+        tf32 = "tf32" in chosen
+        info = {"attention": "SDPA (torch default)", "tf32": tf32}
         if applied:
             info["memory_features"] = applied
         image_tol, overrides = None, {}
@@ -91,7 +97,7 @@ class DiffusersBackend(Backend):
                                                                      min(image_tol.min_ssim, tol.min_ssim))
             overrides.update(components)
         return Prepared(pipeline=pipeline, executors=executors, info=info, output_tolerance=image_tol,
-                        tolerance_overrides=overrides or None)
+                        tolerance_overrides=overrides or None, on_close=[enable_tf32()] if tf32 else [])
 
 
 def _apply(pipeline, model, case, chosen: frozenset) -> dict:

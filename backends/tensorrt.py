@@ -1,22 +1,40 @@
 """TensorRT backend: engines built from the same ONNX exports as onnxruntime (backends/onnx).
 
 One optimisation profile per component, min/opt/max derived from the case matrix (batch, latent height/width,
-image sequence); the "static" variant builds for exactly the case's shapes. Precision follows the case dtype
-(fp16/bf16; fp32 = TF32); fp8 (sm_89+) and fp4 (Blackwell) are variants gated by arch and TensorRT version. Engines
-are cached under `<cache>/tensorrt/` keyed by TensorRT version + compute capability + ONNX key + profile +
-precision, with a shared timing cache. Engines run on torch CUDA tensors on torch's current stream
-(set_tensor_address + execute_async_v3), no host round trips.
+image sequence) and, for text encoders, the token length the pipeline really sends (SD3's T5: 256, Flux's: 512);
+the "static" option builds for exactly the case's shapes. Networks are strongly typed (the precision is the ONNX
+graph's own, as exported from the case's dtype: TensorRT 11 knows no other mode); TF32 is cleared unless the case
+says +tf32 (fp32 means fp32). fp8 (sm_89+) and fp4 (Blackwell) are options gated by arch and TensorRT version.
+
+Engines are cached under `<cache>/tensorrt/` keyed by TensorRT version + compute capability + ONNX key + profile +
+precision + builder flags, with a shared timing cache. An engine is built by its own process (`python -m
+backends.tensorrt build JOB`) with its own build timeout (DIFFBENCH_TRT_BUILD_TIMEOUT, default 3600 s), apart from
+the case timeout: a case that times out while waiting leaves the build running to completion (or to its own limit),
+and the engine is in the cache for the next run. A builder crash is an EngineBuildError with the build log, never a
+crash of the harness.
+
+Engines run on a dedicated CUDA stream (TensorRT warns that the legacy default stream costs extra synchronisation),
+ordered after torch's current stream and torch's stream after it (stream waits, no host synchronisation); inputs
+are kept from reuse by the caching allocator until the engine's stream has read them (record_stream); outputs are
+bound and returned by tensor name; a rejected input shape is an error naming the profile.
 
 `tensorrt` is imported lazily: where it is missing (CPU machines, CI) support() says so. Everything that needs no
-TensorRT (profiles, keys, precision/arch rules, ONNX preparation) is plain functions with unit tests.
+TensorRT (profiles, sequence lengths, flags, keys, build orchestration, name-based binding) is unit-tested.
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
+import traceback
 from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -24,12 +42,15 @@ import torch
 
 from backends.base import Backend, Prepared, Support, timed, variant_options
 
-OPTIONS = ("static", "fp8", "fp4")
+OPTIONS = ("static", "fp8", "fp4", "tf32")
 # (min, opt, max) image side in pixels when no matrix is configured, per model kind (demoDiffusion-like ranges)
 DEFAULT_SIDES = {"tiny": (64, 64, 128), "sd": (256, 512, 1024), "sdxl": (512, 1024, 1536),
                  "sd3": (512, 1024, 1536), "flux": (512, 1024, 1536)}
 DEFAULT_BATCH = (1, 1, 4)
 VAE_FACTOR = 8
+BUILD_TIMEOUT_ENV = "DIFFBENCH_TRT_BUILD_TIMEOUT"
+DEFAULT_BUILD_TIMEOUT_S = 3600.0
+T5_MODEL_TYPES = ("t5", "umt5")
 
 
 class EngineBuildError(RuntimeError):
@@ -107,7 +128,8 @@ def _range(values: Iterable[int]) -> tuple[int, int, int]:
 def axis_ranges(cases: list, kind: str, role: str, static: bool = False) -> dict[str, tuple]:
     """(min, opt, max) per named dynamic axis of one component over the cases (the matrix).
 
-    Sequence axes are not here: their size is fixed by the tokenizer and read from the export's example inputs.
+    Sequence axes are not here: a text encoder's token length is what the pipeline sends (sent_sequence_length),
+    the denoiser's text sequence is read from the export's example inputs (captured from the pipeline's call).
     """
     if not cases:
         raise ValueError("no cases to derive a profile from")
@@ -122,6 +144,36 @@ def axis_ranges(cases: list, kind: str, role: str, static: bool = False) -> dict
     return ranges
 
 
+def sent_sequence_length(model_type: str, tokenizer_max_length: int, pipeline_cls: type, call_kwargs: dict) -> int:
+    """The token length a pipeline feeds a text encoder. CLIP encoders get their tokenizer's model_max_length (77).
+    T5 encoders get the call's max_sequence_length, whose default is the pipeline's own (SD3: 256, Flux: 512),
+    not the tokenizer's model_max_length (512 in SD3.5's tokenizer_3 config)."""
+    if model_type not in T5_MODEL_TYPES:
+        return int(tokenizer_max_length)
+    if call_kwargs.get("max_sequence_length") is not None:
+        return int(call_kwargs["max_sequence_length"])
+    parameter = inspect.signature(pipeline_cls.__call__).parameters.get("max_sequence_length")
+    if parameter is None or parameter.default in (None, inspect.Parameter.empty):
+        return int(tokenizer_max_length)
+    return int(parameter.default)
+
+
+def text_sequence_lengths(model, case) -> dict[str, int]:
+    """Per text encoder of a loaded model: the token length this case's pipeline call sends it."""
+    from harness.models import pipeline_inputs
+
+    kwargs = pipeline_inputs(model, case)
+    tokenizers = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
+    lengths = {}
+    for name in model.text_encoders:
+        encoder = getattr(model.pipeline, name)
+        tokenizer = getattr(model.pipeline, tokenizers.get(name, "tokenizer"), None)
+        lengths[name] = sent_sequence_length(str(getattr(encoder.config, "model_type", "")),
+                                             int(getattr(tokenizer, "model_max_length", 77) or 77),
+                                             type(model.pipeline), kwargs)
+    return lengths
+
+
 def default_cases(case, kind: str):
     """Cases spanning the default profile for a model kind (used when no matrix was configured)."""
     sides = DEFAULT_SIDES["tiny" if case.model.startswith("tiny") else kind]
@@ -132,8 +184,8 @@ def default_cases(case, kind: str):
 
 
 def input_profile(shapes: dict[str, list], ranges: dict[str, tuple], example: dict[str, list[int]]) -> dict:
-    """Per input: (min, opt, max) shapes. A named dim takes its axis range; a named dim without a range (text
-    sequence) takes the export's example size; fixed dims stay."""
+    """Per input: (min, opt, max) shapes. A named dim takes its axis range; a named dim without a range (the
+    denoiser's text sequence) takes the export's example size; fixed dims stay."""
     profile = {}
     for name, dims in shapes.items():
         lo, opt, hi = [], [], []
@@ -164,19 +216,36 @@ def outside_profile(profile: dict, shapes: dict[str, tuple]) -> str | None:
     return None
 
 
-def case_shapes(case, kind: str, role: str, shapes: dict[str, list], example: dict[str, list[int]]) -> dict:
-    """The concrete input shapes a case will feed (for the profile check before running)."""
-    ranges = axis_ranges([case], kind, role, static=True)
+def case_shapes(case, kind: str, role: str, shapes: dict[str, list], example: dict[str, list[int]],
+                fixed: dict[str, tuple] | None = None) -> dict:
+    """The concrete input shapes a case will feed (for the profile check before running). `fixed` adds axis
+    ranges that do not come from the case (a text encoder's sequence)."""
+    ranges = {**axis_ranges([case], kind, role, static=True), **(fixed or {})}
     return {n: p[1] for n, p in input_profile(shapes, ranges, example).items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# cache keys and ONNX preparation
+# builder flags, cache keys and ONNX preparation
+
+def build_settings(precision: str, tf32: bool, trt_version: str) -> dict:
+    """What the builder is told, by flag name. TensorRT 10+: a strongly typed network, so every tensor keeps the
+    type the ONNX graph gives it -- the fp16/bf16 export of the case's model, with the fp32 islands (norms,
+    softmax upcasts) the model itself asked for -- instead of the builder picking per-layer precisions from
+    FP16/BF16 hints (weak typing: deprecated since 10.12, gone in 11, where strong typing is always on). Older
+    TensorRT: explicit batch and the precision flag. TF32 is on by default in TensorRT's builder: cleared unless
+    the case opts in."""
+    strongly_typed = _version_tuple(trt_version) >= (10, 0)
+    network = ["STRONGLY_TYPED"] if strongly_typed else ["EXPLICIT_BATCH"]
+    builder = [] if strongly_typed or precision == "fp32" else [precision.upper()]
+    return {"network_flags": network, "set_flags": builder + (["TF32"] if tf32 else []),
+            "clear_flags": [] if tf32 else ["TF32"]}
+
 
 def engine_key(trt_version: str, capability: tuple[int, int], onnx_key: str, profile: dict, precision: str,
-               static: bool) -> str:
+               static: bool, settings: dict | None = None) -> str:
     data = {"trt": trt_version, "sm": f"{capability[0]}{capability[1]}", "onnx": onnx_key, "precision": precision,
-            "static": static, "profile": {k: [list(s) for s in v] for k, v in sorted(profile.items())}}
+            "static": static, "profile": {k: [list(s) for s in v] for k, v in sorted(profile.items())},
+            "settings": settings or {}}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -217,6 +286,161 @@ def fix_input_dims(onnx_path: Path, shapes: dict[str, tuple], out_dir: Path) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# engine builds: one process per build, with its own timeout, cached even when the case that asked times out
+
+def build_timeout_s() -> float:
+    value = os.environ.get(BUILD_TIMEOUT_ENV)
+    try:
+        return float(value) if value else DEFAULT_BUILD_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{BUILD_TIMEOUT_ENV}={value!r} is not a number of seconds") from None
+
+
+@dataclass
+class BuildJob:
+    """Everything a builder process needs, written as JSON beside the engine it will produce."""
+    onnx: str
+    engine: str
+    profile: dict
+    precision: str
+    settings: dict
+    timing_cache: str
+    timeout_s: float
+    device: int = 0                        # CUDA device index: the engine is built for that GPU's arch
+
+    @property
+    def engine_path(self) -> Path:
+        return Path(self.engine)
+
+    @property
+    def job_path(self) -> Path:
+        return Path(self.engine + ".job.json")
+
+    @property
+    def lock_path(self) -> Path:          # the pid of the builder at work
+        return Path(self.engine + ".building")
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.engine + ".build.log")
+
+    def write(self) -> Path:
+        _atomic_write(self.job_path, json.dumps(asdict(self), indent=1).encode())
+        return self.job_path
+
+    @classmethod
+    def read(cls, path: str | Path) -> "BuildJob":
+        data = json.loads(Path(path).read_text())
+        data["profile"] = {k: tuple(tuple(s) for s in v) for k, v in data["profile"].items()}
+        return cls(**data)
+
+
+def builder_command(job_path: Path) -> list[str]:
+    return [sys.executable, "-m", "backends.tensorrt", "build", str(job_path)]
+
+
+def live_builder(job: BuildJob) -> int | None:
+    """The pid of a builder process still at work on this job's engine (an earlier case may have left one), or
+    None when there is none or the lock is stale (its process is gone, or the pid now belongs to another one)."""
+    import psutil
+
+    try:
+        pid = int(job.lock_path.read_text().strip())
+        process = psutil.Process(pid)
+        if process.status() != psutil.STATUS_ZOMBIE and str(job.job_path) in process.cmdline():
+            return pid
+    except (OSError, ValueError, psutil.Error):
+        pass
+    return None
+
+
+def build_plan(job: BuildJob) -> str:
+    """reuse: the engine is cached; join: a builder is already at work on it; build: start one."""
+    if job.engine_path.is_file():
+        return "reuse"
+    return "join" if live_builder(job) is not None else "build"
+
+
+def launch_build(job: BuildJob, command: list[str] | None = None) -> subprocess.Popen:
+    """Start the builder in its own session: the terminal's Ctrl-C and the case's process group do not reach it,
+    the harness decides when it stops (its own timeout, or a user interrupt of the run)."""
+    job.write()
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    with open(job.log_path, "wb") as log:
+        process = subprocess.Popen(command or builder_command(job.job_path), cwd=root, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    _atomic_write(job.lock_path, str(process.pid).encode())
+    return process
+
+
+def _last_line(path: Path) -> str:
+    """The builder's verdict: its log's last line (the traceback, if any, is above it in the log)."""
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no build log"
+    return lines[-1] if lines else "empty build log (the builder was killed?)"
+
+
+def ensure_engine(job: BuildJob, command: list[str] | None = None, poll_s: float = 0.2) -> str:
+    """The engine of `job` in the cache: reused, built by a new builder process, or by one already at work.
+    Returns the plan taken. While waiting, an Exception (the case's timeout) leaves the builder running -- the
+    engine lands in the cache for the next run -- and says so in its message; an interrupt of the run (a
+    BaseException such as KeyboardInterrupt) stops a builder this call started."""
+    plan = build_plan(job)
+    if plan == "reuse":
+        return plan
+    process = launch_build(job, command) if plan == "build" else None
+    pid = process.pid if process is not None else live_builder(job)
+    if pid is None:                    # the builder we meant to join has just ended: look again
+        return ensure_engine(job, command, poll_s)
+    try:
+        while not job.engine_path.is_file():
+            running = process.poll() is None if process is not None else live_builder(job) == pid
+            if not running:
+                if job.engine_path.is_file():
+                    break
+                raise EngineBuildError(f"TensorRT engine build failed for {Path(job.onnx).parent.name} "
+                                       f"({job.precision}): {_last_line(job.log_path)} (log: {job.log_path})")
+            time.sleep(poll_s)
+    except EngineBuildError:
+        raise
+    except Exception as exc:
+        note = (f"; the TensorRT engine build (pid {pid}, own limit {job.timeout_s:g} s) goes on and will be "
+                f"cached as {job.engine_path.name}")
+        exc.args = (f"{exc.args[0] if exc.args else type(exc).__name__}{note}", *exc.args[1:])
+        raise
+    except BaseException:
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+        raise
+    return plan
+
+
+def build_main(job_path: str) -> int:
+    """The builder process: build one engine and write it into the cache atomically. Its own timeout cancels the
+    build through TensorRT's progress monitor; an alarm a minute later ends the process if TensorRT does not
+    return (SIGALRM's default action, no Python handler)."""
+    job = BuildJob.read(job_path)
+    signal.alarm(int(job.timeout_s) + 60)
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(job.device)    # TensorRT builds on the calling thread's current device
+        engine = build_engine(Path(job.onnx), job.profile, job.precision, Path(job.timing_cache), job.settings,
+                              job.timeout_s)
+        _atomic_write(job.engine_path, engine)
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"{type(exc).__name__}: {exc}".replace("\n", " | "), flush=True)
+        return 1
+    finally:
+        job.lock_path.unlink(missing_ok=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # TensorRT (real API; needs the tensorrt package and a CUDA GPU)
 
 def _logger():
@@ -234,26 +458,50 @@ def _logger():
     return CapturingLogger()
 
 
-def build_engine(onnx_path: Path, profile: dict, precision: str, timing_cache: Path) -> bytes:
+def _deadline_monitor(timeout_s: float):
+    """A TensorRT progress monitor that cancels the build once `timeout_s` have passed (TensorRT 10+)."""
+    import tensorrt as trt
+
+    class DeadlineMonitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.deadline = time.monotonic() + timeout_s
+            self.cancelled = False
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            pass
+
+        def phase_finish(self, phase_name):
+            pass
+
+        def step_complete(self, phase_name, step):
+            self.cancelled = time.monotonic() > self.deadline
+            return not self.cancelled
+    return DeadlineMonitor()
+
+
+def build_engine(onnx_path: Path, profile: dict, precision: str, timing_cache: Path, settings: dict,
+                 timeout_s: float = DEFAULT_BUILD_TIMEOUT_S) -> bytes:
     import tensorrt as trt
 
     logger = _logger()
     builder = trt.Builder(logger)
-    flags = 0 if _version_tuple(trt.__version__) >= (10, 0) else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    flags = 0
+    for name in settings["network_flags"]:
+        flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineBuildError(f"ONNX parse failed for {onnx_path.parent.name}: {errors}")
     config = builder.create_builder_config()
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    elif precision == "fp8":
-        config.set_flag(trt.BuilderFlag.FP8)
-    elif precision == "fp4":
-        config.set_flag(trt.BuilderFlag.FP4)
+    for name in settings["set_flags"]:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    for name in settings["clear_flags"]:
+        config.clear_flag(getattr(trt.BuilderFlag, name))
+    monitor = _deadline_monitor(timeout_s) if hasattr(trt, "IProgressMonitor") else None
+    if monitor is not None:
+        config.progress_monitor = monitor
     opt_profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile.items():
         opt_profile.set_shape(name, lo, opt, hi)
@@ -262,6 +510,9 @@ def build_engine(onnx_path: Path, profile: dict, precision: str, timing_cache: P
     config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
+        if monitor is not None and monitor.cancelled:
+            raise EngineBuildError(f"TensorRT engine build for {onnx_path.parent.name} ({precision}) cancelled: "
+                                   f"it exceeded its {timeout_s:g} s build timeout ({BUILD_TIMEOUT_ENV})")
         log = " | ".join(logger.messages[-8:]) or "no log"
         raise EngineBuildError(f"TensorRT engine build failed for {onnx_path.parent.name} ({precision}): {log}")
     _atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
@@ -281,40 +532,87 @@ _TRT_TO_TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bf
 
 
 class TrtRunner:
-    """One engine + execution context; {name: CUDA tensor} -> [output tensors], on torch's current stream."""
+    """One engine + execution context; {name: tensor} -> [output tensors in `output_names` order].
 
-    def __init__(self, engine_bytes: bytes, device: str):
+    Runs on its own CUDA stream: it waits for torch's current stream (which wrote the inputs), enqueues the
+    engine, and makes torch's stream wait for it; no host synchronisation."""
+
+    def __init__(self, engine, device: str, output_names: list[str], logger=None):
+        self.engine, self.logger = engine, logger
+        self.context = engine.create_execution_context()
+        self.device = torch.device(device)
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        is_input = {n: engine.get_tensor_mode(n).name == "INPUT" for n in names}
+        self.inputs = [n for n in names if is_input[n]]
+        engine_outputs = [n for n in names if not is_input[n]]
+        missing = [n for n in output_names if n not in engine_outputs]
+        if missing:
+            raise EngineBuildError(f"engine has no output(s) {', '.join(missing)} (it has {', '.join(engine_outputs)})")
+        self.output_names = list(output_names)
+        self.dtypes = {n: _TRT_TO_TORCH[engine.get_tensor_dtype(n).name] for n in names}
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    @classmethod
+    def from_bytes(cls, engine_bytes: bytes, device: str, output_names: list[str]) -> "TrtRunner":
         import tensorrt as trt
 
-        self.logger = _logger()
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
-        if self.engine is None:
-            raise EngineBuildError("TensorRT could not deserialize the cached engine: " + " | ".join(self.logger.messages[-4:]))
-        self.context = self.engine.create_execution_context()
-        self.device = torch.device(device)
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
-        self.inputs = [n for n in names if is_input[n]]
-        self.outputs = [n for n in names if not is_input[n]]
-        self.dtypes = {n: _TRT_TO_TORCH[self.engine.get_tensor_dtype(n).name] for n in names}
+        logger = _logger()
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(engine_bytes)
+        if engine is None:
+            raise EngineBuildError("TensorRT could not deserialize the cached engine: " + " | ".join(logger.messages[-4:]))
+        runner = cls(engine, device, output_names, logger)
+        runner.runtime = runtime            # the engine must not outlive its runtime
+        return runner
 
-    def __call__(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        # every tensor is allocated on torch's current stream, which also runs the engine: the caching
-        # allocator's stream ordering keeps inputs valid until the engine has read them
+    def _log(self) -> str:
+        return " | ".join(self.logger.messages[-4:]) if self.logger is not None else ""
+
+    def bind(self, feeds: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """Set every input's shape and address and allocate every output by name. Returns the (converted)
+        input tensors, which must stay allocated until the engine has read them, and the outputs by name."""
+        missing = [n for n in self.inputs if n not in feeds]
+        if missing:
+            raise ValueError(f"engine input(s) {', '.join(missing)} not fed")
+        inputs = []
         for name in self.inputs:
             t = feeds[name].to(device=self.device, dtype=self.dtypes[name]).contiguous()
-            self.context.set_input_shape(name, tuple(t.shape))
+            inputs.append(t)
+            if not self.context.set_input_shape(name, tuple(t.shape)):
+                raise RuntimeError(f"TensorRT rejected shape {tuple(t.shape)} for input {name}: outside the engine's "
+                                   f"profile {self._profile(name)} {self._log()}".rstrip())
             self.context.set_tensor_address(name, t.data_ptr())
-        outputs = []
-        for name in self.outputs:
-            out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name], device=self.device)
-            self.context.set_tensor_address(name, out.data_ptr())
-            outputs.append(out)
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed: " + " | ".join(self.logger.messages[-4:]))
-        return outputs
+        unresolved = self.context.infer_shapes()
+        if unresolved:
+            raise RuntimeError(f"TensorRT cannot infer the shapes of {', '.join(unresolved)}")
+        outputs = {}
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise RuntimeError(f"TensorRT output {name} has unresolved shape {shape}")
+            outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+            self.context.set_tensor_address(name, outputs[name].data_ptr())
+        return inputs, outputs
+
+    def _profile(self, name: str) -> str:
+        try:
+            lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
+            return f"[{tuple(lo)} .. {tuple(hi)}]"
+        except Exception:   # older TensorRT, or a fake engine in tests
+            return "(unknown)"
+
+    def __call__(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        inputs, outputs = self.bind(feeds)
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)             # the inputs (and output buffers) are torch's stream's work
+        for t in inputs:
+            # freed by the caller any time after this returns: the caching allocator must not reuse the memory
+            # before the engine's stream has read it
+            t.record_stream(self.stream)
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execute_async_v3 failed {self._log()}".rstrip())
+        current.wait_stream(self.stream)             # torch reads the outputs only after the engine wrote them
+        return [outputs[name] for name in self.output_names]
 
 
 def _trt_version() -> str | None:
@@ -329,7 +627,8 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
     options = OPTIONS
     exclusive = (("fp8", "fp4"),)
-    description = "TensorRT engines from the ONNX exports: profiles from the case matrix, cached per TRT x GPU"
+    description = ("TensorRT engines from the ONNX exports: profiles from the case matrix, strongly typed, cached "
+                   "per TRT x GPU; options: static, fp8, fp4, tf32")
 
     def __init__(self):
         self.matrix: list | None = None
@@ -392,36 +691,49 @@ class TensorRTBackend(Backend):
         capability = torch.cuda.get_device_capability()
         version = _trt_version()
         precision = precision_for(case)
-        static = "static" in variant_options(case.variant)
+        chosen = variant_options(case.variant)
+        static = "static" in chosen
+        settings = build_settings(precision, "tf32" in chosen, version)
+        timeout_s = build_timeout_s()
         cases = [case] if static else self._cases_for(case)
+        sequences = text_sequence_lengths(model, case)
         pipeline = model.pipeline
-        executors, engines, reused = {}, {}, {}
+        executors, engines, plans = {}, {}, {}
         for name, export in exports.components.items():
             shapes = io_shapes(export.path)
-            ranges = axis_ranges(cases, model.kind, export.role, static=static)
+            fixed = {"sequence": (sequences[name],) * 3} if name in sequences else {}
+            ranges = {**axis_ranges(cases, model.kind, export.role, static=static), **fixed}
             profile = input_profile(shapes, ranges, export.example_shapes)
-            needed = case_shapes(case, model.kind, export.role, shapes, export.example_shapes)
+            needed = case_shapes(case, model.kind, export.role, shapes, export.example_shapes, fixed)
             problem = outside_profile(profile, needed)
             if problem:
                 raise EngineBuildError(f"{name}: case outside its engine profile: {problem}")
-            key = engine_key(version, capability, export.key, profile, precision, static)
+            key = engine_key(version, capability, export.key, profile, precision, static, settings)
             path = cache / "tensorrt" / f"{name}-{precision}-{key[:16]}.engine"
-            reused[name] = path.is_file()
-            if not path.is_file():
-                source = fix_input_dims(export.path, needed, cache / "tensorrt" / f"static-{key[:16]}") \
-                    if static else export.path
-                with timed(build, "engine"):
-                    engine = build_engine(source, profile, precision, cache / "tensorrt" / "timing.cache")
-                _atomic_write(path, engine)
+            source = fix_input_dims(export.path, needed, cache / "tensorrt" / f"static-{key[:16]}") \
+                if static and not path.is_file() else export.path
+            job = BuildJob(str(source), str(path), profile, precision, settings,
+                           str(cache / "tensorrt" / "timing.cache"), timeout_s, torch.cuda.current_device())
+            with timed(build, "engine"):
+                plans[name] = ensure_engine(job)
             with timed(build, "engine_load"):
-                runner = TrtRunner(path.read_bytes(), model.device)
+                runner = TrtRunner.from_bytes(path.read_bytes(), model.device, export.outputs)
             executor = make_executor(export, getattr(pipeline, name), runner)
             setattr(pipeline, name, executor)
             executors[name] = executor
             engines[name] = {"engine": path.name, "profile": {k: [list(s) for s in v] for k, v in profile.items()}}
         info = {"tensorrt": version, "precision": precision, "static": static, "engines": engines,
-                "engine_reused": reused, "compute_capability": f"{capability[0]}.{capability[1]}",
+                "engine_reused": {n: p == "reuse" for n, p in plans.items()}, "engine_build": plans,
+                "builder": settings, "tf32": "tf32" in chosen, "build_timeout_s": timeout_s,
+                "text_sequence": sequences, "stream": "dedicated per engine, ordered with torch's stream",
+                "compute_capability": f"{capability[0]}.{capability[1]}",
                 "exporter": exports.exporter, "opset": exports.opset}
         if exports.notes:
             info["notes"] = list(exports.notes)
         return Prepared(pipeline, executors, build, info)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "build":
+        sys.exit(build_main(sys.argv[2]))
+    sys.exit("usage: python -m backends.tensorrt build JOB.json")

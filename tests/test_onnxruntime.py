@@ -1,10 +1,17 @@
-"""onnxruntime backend: support rules, executor parity against eager (tiny-sd), export reuse, pipeline parity."""
+"""onnxruntime backend: support rules and options, session configuration (threads, spinning), IO binding (bf16),
+provider checks, executor parity against eager (tiny-sd), export reuse, pipeline parity."""
+import os
+from types import SimpleNamespace
+
 import numpy as np
+import onnxruntime
 import pytest
 import torch
 
+from backends import onnxruntime as ortb
 from backends.onnxruntime import OnnxRuntimeBackend
 from harness.cases import Case
+from harness.errors import UserError
 from harness.models import load, pipeline_inputs
 
 CPU = {"device": "cpu"}
@@ -19,6 +26,90 @@ def test_support_rules():
     trt = b.support(Case("tiny-sd", "onnxruntime", "trt-ep"), CPU)
     assert not trt and "CUDA GPU" in trt.reason
     assert "unknown variant" in b.support(Case("tiny-sd", "onnxruntime", "nope"), CPU).reason
+    assert b.support(Case("tiny-sd", "onnxruntime", "spin"), CPU)
+    tf32 = b.support(Case("tiny-sd", "onnxruntime", "tf32"), CPU)
+    assert not tf32 and "CUDA math mode" in tf32.reason
+
+
+def test_option_grammar():
+    b = OnnxRuntimeBackend()
+    assert b.canonical_variant("tf32+spin+dynamo") == "dynamo+spin+tf32"
+    with pytest.raises(UserError, match="unknown variant option 'spinning'"):
+        b.canonical_variant("spinning")
+
+
+def test_trt_ep_fp32_needs_tf32_opt_in(monkeypatch):
+    """ORT's TensorRT EP cannot clear TensorRT's TF32 flag: its fp32 is refused unless the case says +tf32."""
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    b, gpu = OnnxRuntimeBackend(), {"device": "cuda"}
+    plain = b.support(Case("tiny-sd", "onnxruntime", "trt-ep"), gpu)
+    assert not plain and "TF32" in plain.reason and "trt-ep+tf32" in plain.reason
+    assert b.support(Case("tiny-sd", "onnxruntime", "trt-ep+tf32"), gpu)
+    assert b.support(Case("tiny-sd", "onnxruntime", "trt-ep", dtype="fp16"), gpu)
+
+
+def test_cuda_provider_options_tf32_off_by_default_and_own_stream(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    stream = SimpleNamespace(cuda_stream=140245)       # a CUDA stream's handle, as torch.cuda.Stream has it
+    b = OnnxRuntimeBackend()
+    (name, opts), = b.providers(Case("tiny-sd", "onnxruntime"), "cuda", tmp_path, stream)
+    assert name == "CUDAExecutionProvider" and opts["use_tf32"] == 0 and opts["user_compute_stream"] == "140245"
+    (_, opts), = b.providers(Case("tiny-sd", "onnxruntime", "tf32"), "cuda", tmp_path, stream)
+    assert opts["use_tf32"] == 1
+    trt, cuda = b.providers(Case("tiny-sd", "onnxruntime", "trt-ep+tf32", dtype="bf16"), "cuda", tmp_path, stream)
+    assert trt[0] == "TensorrtExecutionProvider" and trt[1]["trt_bf16_enable"] and cuda[1]["use_tf32"] == 1
+    assert b.providers(Case("tiny-sd", "onnxruntime"), "cpu", tmp_path) == ["CPUExecutionProvider"]
+    assert OnnxRuntimeBackend.required_providers(Case("tiny-sd", "onnxruntime", "trt-ep"), "cuda") == \
+        ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+
+
+def test_spinning_off_by_default_and_kept_with_spin():
+    quiet, spinning = ortb.session_options(), ortb.session_options(spin=True)
+    for key in ortb.SPINNING_KEYS:
+        assert quiet.get_session_config_entry(key) == "0"
+        with pytest.raises(RuntimeError):            # not set: ORT's own default (spinning) applies
+            spinning.get_session_config_entry(key)
+    assert ortb.describe_options(quiet)["intra_op_allow_spinning"] is False
+    assert ortb.describe_options(spinning)["inter_op_allow_spinning"] is True
+    assert quiet.intra_op_num_threads == torch.get_num_threads() and quiet.inter_op_num_threads == 1
+
+
+def _bf16_graph(path):
+    """x (bf16) -> cast to float -> x + x -> cast to bf16: a graph whose IO is bfloat16 and runs on the CPU EP."""
+    import onnx
+    from onnx import TensorProto, helper
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["xf", "xf"], ["yf"]),
+             helper.make_node("Cast", ["yf"], ["y"], to=TensorProto.BFLOAT16)]
+    graph = helper.make_graph(nodes, "double", [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["n", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["n", 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_bf16_is_bound_as_bf16(tmp_path):
+    """The element type IO binding gets for bf16 is bfloat16 itself (numpy has none: ONNX's enum is accepted);
+    checked with a real session reading and writing torch's bf16 buffers in place."""
+    from onnx import TensorProto
+    assert ortb.element_type(torch.bfloat16) == TensorProto.BFLOAT16
+    assert ortb.element_type(torch.float16) is np.float16 and ortb.element_type(torch.int64) is np.int64
+    with pytest.raises(TypeError):
+        ortb.element_type(torch.complex64)
+    runner = ortb.OrtRunner(_bf16_graph(tmp_path / "double.onnx"), ["CPUExecutionProvider"],
+                            ortb.session_options(), "cpu", {}, io_binding=True)
+    x = torch.tensor([[1.5, -2.0, 3.25], [0.5, 8.0, -0.125]], dtype=torch.bfloat16)
+    y, = runner({"x": x})
+    assert y.dtype == torch.bfloat16 and torch.equal(y, x * 2)
+
+
+def test_a_session_without_the_cuda_provider_is_refused(tmp_path):
+    """A real CPU session stands in for a CUDA case whose CUDA EP failed to load: no silent CPU fallback."""
+    with pytest.raises(ortb.ExecutionProviderError,
+                       match="unet runs on CPUExecutionProvider although the case is on cuda: "
+                             "CUDAExecutionProvider did not load"):
+        ortb.OrtRunner(_bf16_graph(tmp_path / "double.onnx"), ["CPUExecutionProvider"], ortb.session_options(),
+                       "cuda", {}, component="unet", required=["CUDAExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +131,12 @@ def test_executors_replace_the_components(pair):
     info = prepared.info
     assert info["exporter"] == "legacy" and info["providers"]["unet"] == ["CPUExecutionProvider"]
     assert info["session_options"]["graph_optimization_level"] == "ORT_ENABLE_ALL"
+    assert info["session_options"]["intra_op_allow_spinning"] is False
+    threads = info["threads"]
+    assert threads["ort_intra_op_threads"] == threads["torch_threads"] == torch.get_num_threads()
+    assert threads["ort_inter_op_threads"] == 1 and threads["ort_spinning"] is False
+    assert threads["process_cores"] == len(os.sched_getaffinity(0))
+    assert threads["oversubscribed"] == (torch.get_num_threads() > len(os.sched_getaffinity(0)))
     assert {"export", "session"} <= set(prepared.build)
 
 

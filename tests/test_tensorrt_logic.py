@@ -1,4 +1,13 @@
-"""tensorrt backend logic that needs no TensorRT: precision/arch rules, profiles, cache keys, ONNX preparation."""
+"""tensorrt backend logic that needs no TensorRT: precision/arch rules, profiles (T5 lengths included), builder
+flags, cache keys, ONNX preparation, engine builds in their own process (with a stand-in builder: a real one needs
+a GPU), name-based binding (with an engine stand-in that has the real API's method names)."""
+import os
+import signal
+import sys
+import time
+from types import SimpleNamespace
+
+import psutil
 import pytest
 import torch
 
@@ -53,19 +62,81 @@ def test_input_profile_and_outside_check():
     assert "outside the engine profile [64, 128]" in trtb.outside_profile(profile, {"sample": (2, 4, 160, 96)})
     need = trtb.case_shapes(Case("sdxl", "tensorrt", "", "fp16", 1, 768, 512), "sdxl", "denoiser", shapes, example)
     assert need["sample"] == (2, 4, 96, 64) and need["encoder_hidden_states"] == (2, 77, 2048)
+    # a T5 encoder exported from a 512-token example gets the length the pipeline sends
+    t5 = {"input_ids": ["batch", "sequence"]}
+    fixed = {"sequence": (256, 256, 256)}
+    ranges = {**trtb.axis_ranges(_cases((1, 1024, 1024)), "sd3", "text_encoder"), **fixed}
+    assert trtb.input_profile(t5, ranges, {"input_ids": [2, 512]})["input_ids"] == ((1, 256), (1, 256), (1, 256))
+    assert trtb.case_shapes(_cases((1, 1024, 1024))[0], "sd3", "text_encoder", t5, {"input_ids": [2, 512]},
+                            fixed) == {"input_ids": (1, 256)}
 
 
 def test_engine_key_changes_with_every_ingredient():
     profile = {"x": ((1, 4), (1, 4), (2, 4))}
-    base = trtb.engine_key("10.3.0", (9, 0), "onnxkey", profile, "fp16", False)
-    assert base == trtb.engine_key("10.3.0", (9, 0), "onnxkey", profile, "fp16", False)
-    others = [trtb.engine_key("10.4.0", (9, 0), "onnxkey", profile, "fp16", False),
-              trtb.engine_key("10.3.0", (8, 9), "onnxkey", profile, "fp16", False),
-              trtb.engine_key("10.3.0", (9, 0), "other", profile, "fp16", False),
-              trtb.engine_key("10.3.0", (9, 0), "onnxkey", {"x": ((1, 4), (2, 4), (2, 4))}, "fp16", False),
-              trtb.engine_key("10.3.0", (9, 0), "onnxkey", profile, "bf16", False),
-              trtb.engine_key("10.3.0", (9, 0), "onnxkey", profile, "fp16", True)]
-    assert len({base, *others}) == 7
+    flags = trtb.build_settings("fp16", False, "10.3.0")
+    base = trtb.engine_key("10.3.0", (9, 0), "onnxkey", profile, "fp16", False, flags)
+    assert base == trtb.engine_key("10.3.0", (9, 0), "onnxkey", profile, "fp16", False, dict(flags))
+    others = [trtb.engine_key("10.4.0", (9, 0), "onnxkey", profile, "fp16", False, flags),
+              trtb.engine_key("10.3.0", (8, 9), "onnxkey", profile, "fp16", False, flags),
+              trtb.engine_key("10.3.0", (9, 0), "other", profile, "fp16", False, flags),
+              trtb.engine_key("10.3.0", (9, 0), "onnxkey", {"x": ((1, 4), (2, 4), (2, 4))}, "fp16", False, flags),
+              trtb.engine_key("10.3.0", (9, 0), "onnxkey", profile, "bf16", False, flags),
+              trtb.engine_key("10.3.0", (9, 0), "onnxkey", profile, "fp16", True, flags),
+              trtb.engine_key("10.3.0", (9, 0), "onnxkey", profile, "fp16", False,
+                              trtb.build_settings("fp16", True, "10.3.0")),           # +tf32
+              trtb.engine_key("10.3.0", (9, 0), "onnxkey", profile, "fp16", False,
+                              trtb.build_settings("fp16", False, "9.3.0"))]           # weakly typed
+    assert len({base, *others}) == 9
+
+
+def test_builder_flags_per_precision_version_and_tf32():
+    strongly = trtb.build_settings("fp16", False, "10.3.0")
+    assert strongly == {"network_flags": ["STRONGLY_TYPED"], "set_flags": [], "clear_flags": ["TF32"]}
+    assert trtb.build_settings("bf16", False, "11.1.0")["set_flags"] == []      # the graph's types rule
+    assert trtb.build_settings("fp32", False, "10.3.0")["clear_flags"] == ["TF32"]   # fp32 means fp32
+    tf32 = trtb.build_settings("fp32", True, "10.3.0")
+    assert tf32["set_flags"] == ["TF32"] and tf32["clear_flags"] == []
+    legacy = trtb.build_settings("fp16", False, "9.3.0")
+    assert legacy["network_flags"] == ["EXPLICIT_BATCH"] and legacy["set_flags"] == ["FP16"]
+    assert trtb.build_settings("fp32", True, "8.6.1")["set_flags"] == ["TF32"]
+
+
+def test_t5_sequence_length_is_what_each_pipeline_sends():
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from harness.models import LoadedModel, pipeline_inputs
+
+    # SD3.5-large's tokenizer_3 says model_max_length 512, but StableDiffusion3Pipeline sends 256 tokens
+    assert trtb.sent_sequence_length("t5", 512, StableDiffusion3Pipeline, {}) == 256
+    assert trtb.sent_sequence_length("t5", 512, StableDiffusion3Pipeline, {"max_sequence_length": 128}) == 128
+    assert trtb.sent_sequence_length("clip_text_model", 77, StableDiffusion3Pipeline, {}) == 77
+    flux = LoadedModel("flux-dev", "flux", SimpleNamespace(transformer=SimpleNamespace(
+        config=SimpleNamespace(in_channels=64)), vae_scale_factor=8), "bf16", "cpu", ["text_encoder", "text_encoder_2"],
+        "transformer")
+    kwargs = pipeline_inputs(flux, Case("flux-dev", "tensorrt", "", "bf16", 1, 64, 64, 1))
+    assert trtb.sent_sequence_length("t5", 512, FluxPipeline, kwargs) == 512
+    assert trtb.sent_sequence_length("t5", 256, FluxPipeline, {}) == 512         # FluxPipeline's own default
+
+
+def test_text_sequence_lengths_match_the_real_sd3_pipeline_call():
+    """tiny-sd3 with SD3.5-large's tokenizer_3 length: the profile length is what the real pipeline sends."""
+    from harness.models import load, pipeline_inputs
+
+    model = load("tiny-sd3", "fp32")
+    model.pipeline.tokenizer_3.model_max_length = 512
+    case = Case("tiny-sd3", "tensorrt", "", "fp32", 1, 64, 64, 1)
+    lengths = trtb.text_sequence_lengths(model, case)
+    sent = {}
+
+    def record(name):
+        def hook(_module, args):
+            sent.setdefault(name, args[0].shape[1])
+        return hook
+    hooks = [getattr(model.pipeline, n).register_forward_pre_hook(record(n)) for n in model.text_encoders]
+    with torch.no_grad():
+        model.pipeline(**pipeline_inputs(model, case))
+    for h in hooks:
+        h.remove()
+    assert lengths == sent == {"text_encoder": 77, "text_encoder_2": 77, "text_encoder_3": 256}
 
 
 def test_onnx_preparation_reads_axes_and_fixes_dims(tmp_path):
@@ -105,3 +176,164 @@ def test_unsupported_here_with_reasons(monkeypatch):
     b.configure([big, Case("tiny-sd", "tensorrt")])       # the matrix widens the profile
     assert b.support(big, gpu)
     assert "unknown variant" in b.support(Case("tiny-sd", "tensorrt", "int3"), gpu).reason
+    assert b.support(Case("tiny-sd", "tensorrt", "static+tf32"), gpu)
+    assert b.canonical_variant("tf32+static") == "static+tf32"
+    assert "conflicting options fp8 and fp4" in b.support(Case("tiny-sd", "tensorrt", "fp8+fp4"), gpu).reason
+
+
+# -- engine builds in their own process ---------------------------------------------------------------------------
+
+def _job(tmp_path, timeout_s=60.0):
+    return trtb.BuildJob(onnx=str(tmp_path / "unet" / "model.onnx"), engine=str(tmp_path / "unet-fp16-abc.engine"),
+                         profile={"sample": ((2, 4, 8, 8), (2, 4, 8, 8), (2, 4, 16, 16))}, precision="fp16",
+                         settings=trtb.build_settings("fp16", False, "10.8.0"), timing_cache=str(tmp_path / "t.cache"),
+                         timeout_s=timeout_s)
+
+
+def _stand_in_builder(job, seconds=0.0, fail=False):
+    """A builder process with the real one's contract (reads the job file named on its command line, writes the
+    engine, removes its lock), for the orchestration tests: the real builder needs TensorRT and a GPU."""
+    code = ("import json, pathlib, sys, time\n"
+            "job = json.loads(pathlib.Path(sys.argv[1]).read_text())\n"
+            f"time.sleep({seconds})\n"
+            + ("sys.exit('builder: out of workspace memory')\n" if fail else
+               "pathlib.Path(job['engine']).write_bytes(b'serialized engine')\n")
+            + "pathlib.Path(job['engine'] + '.building').unlink(missing_ok=True)\n")
+    return [sys.executable, "-c", code, str(job.job_path)]
+
+
+def test_job_round_trips_and_build_timeout_from_env(tmp_path, monkeypatch):
+    job = _job(tmp_path)
+    job.write()
+    assert trtb.BuildJob.read(job.job_path) == job
+    monkeypatch.delenv(trtb.BUILD_TIMEOUT_ENV, raising=False)
+    assert trtb.build_timeout_s() == trtb.DEFAULT_BUILD_TIMEOUT_S
+    monkeypatch.setenv(trtb.BUILD_TIMEOUT_ENV, "7200")
+    assert trtb.build_timeout_s() == 7200.0
+    monkeypatch.setenv(trtb.BUILD_TIMEOUT_ENV, "an hour")
+    with pytest.raises(ValueError, match="not a number of seconds"):
+        trtb.build_timeout_s()
+
+
+def test_build_then_reuse_and_a_stale_lock_is_ignored(tmp_path):
+    job = _job(tmp_path)
+    job.lock_path.write_text(str(os.getpid()))      # a live pid that is not a builder of this job
+    assert trtb.build_plan(job) == "build"
+    assert trtb.ensure_engine(job, _stand_in_builder(job)) == "build"
+    assert job.engine_path.read_bytes() == b"serialized engine"
+    assert trtb.ensure_engine(job, _stand_in_builder(job, fail=True)) == "reuse"
+
+
+def test_a_failed_build_says_why(tmp_path):
+    job = _job(tmp_path)
+    with pytest.raises(trtb.EngineBuildError, match="build failed for unet .fp16.: .*out of workspace memory"):
+        trtb.ensure_engine(job, _stand_in_builder(job, fail=True))
+    assert not job.engine_path.exists()
+
+
+def test_the_case_timeout_leaves_the_build_running_and_it_is_cached(tmp_path):
+    """The case's timeout (the runner's own SIGALRM limit) fires while the engine builds: the case fails with a
+    message saying so, the build goes on, a later prepare joins or reuses it. (~2 s: a builder that takes 1.5 s.)"""
+    from harness.runner import CaseTimeout, time_limit
+
+    job = _job(tmp_path)
+    with pytest.raises(CaseTimeout, match=r"case exceeded its 0.3 s timeout; the TensorRT engine build \(pid \d+, "
+                                          r"own limit 60 s\) goes on and will be cached as unet-fp16-abc.engine"):
+        with time_limit(0.3):
+            trtb.ensure_engine(job, _stand_in_builder(job, seconds=1.5))
+    assert not job.engine_path.exists() and trtb.build_plan(job) == "join"
+    assert trtb.ensure_engine(job) == "join"            # the next case waits for the same builder
+    assert job.engine_path.read_bytes() == b"serialized engine" and trtb.build_plan(job) == "reuse"
+
+
+def test_an_interrupted_run_stops_its_builder(tmp_path):
+    job = _job(tmp_path)
+
+    def interrupt(_sig, _frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trtb.ensure_engine(job, _stand_in_builder(job, seconds=30))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    builder = psutil.Process(int(job.lock_path.read_text()))
+    builder.wait(timeout=10)
+    assert not job.engine_path.exists()
+
+
+def test_the_real_builder_entry_point_reports_a_missing_tensorrt(tmp_path):
+    """python -m backends.tensorrt build JOB runs from any working directory (~3 s: it imports torch)."""
+    job = _job(tmp_path)
+    with pytest.raises(trtb.EngineBuildError, match="tensorrt"):
+        trtb.ensure_engine(job)
+
+
+# -- execution: bindings by name ------------------------------------------------------------------------------------
+
+class _Enum(SimpleNamespace):
+    pass
+
+
+class _Engine:
+    """Stands in for tensorrt.ICudaEngine (same method names) -- a real engine needs a GPU. A text encoder whose
+    engine lists its outputs in another order than the ONNX interface does."""
+    io = [("input_ids", "INPUT", "INT32"), ("pooler_output", "OUTPUT", "FLOAT"),
+          ("last_hidden_state", "OUTPUT", "FLOAT")]
+    num_io_tensors = len(io)
+
+    def get_tensor_name(self, i):
+        return self.io[i][0]
+
+    def get_tensor_mode(self, name):
+        return _Enum(name=next(m for n, m, _ in self.io if n == name))
+
+    def get_tensor_dtype(self, name):
+        return _Enum(name=next(t for n, _, t in self.io if n == name))
+
+    def get_tensor_profile_shape(self, name, profile):
+        return [(1, 77), (2, 77), (4, 77)]
+
+    def create_execution_context(self):
+        return _Context()
+
+
+class _Context:
+    def __init__(self):
+        self.shapes, self.addresses = {}, {}
+
+    def set_input_shape(self, name, shape):
+        if not 1 <= shape[0] <= 4 or shape[1] != 77:
+            return False
+        self.shapes[name] = shape
+        return True
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+
+    def infer_shapes(self):
+        return [] if "input_ids" in self.shapes else ["input_ids"]
+
+    def get_tensor_shape(self, name):
+        batch = self.shapes["input_ids"][0]
+        return (batch, 32) if name == "pooler_output" else (batch, 77, 32)
+
+
+def test_outputs_are_bound_and_returned_by_name():
+    runner = trtb.TrtRunner(_Engine(), "cpu", ["last_hidden_state", "pooler_output"])
+    ids = torch.ones(2, 77, dtype=torch.int64)
+    inputs, outputs = runner.bind({"input_ids": ids, "unused": torch.zeros(1)})
+    assert inputs[0].dtype == torch.int32                            # converted to the engine's input type
+    assert list(outputs) == ["last_hidden_state", "pooler_output"]
+    assert outputs["last_hidden_state"].shape == (2, 77, 32) and outputs["pooler_output"].shape == (2, 32)
+    for name, tensor in [("input_ids", inputs[0]), *outputs.items()]:
+        assert runner.context.addresses[name] == tensor.data_ptr()
+    with pytest.raises(RuntimeError, match=r"rejected shape \(8, 77\) for input input_ids: outside the engine's "
+                                           r"profile \[\(1, 77\) .. \(4, 77\)\]"):
+        runner.bind({"input_ids": torch.ones(8, 77, dtype=torch.int64)})
+    with pytest.raises(ValueError, match="input_ids not fed"):
+        runner.bind({})
+    with pytest.raises(trtb.EngineBuildError, match="no output.s. hidden_states.0"):
+        trtb.TrtRunner(_Engine(), "cpu", ["last_hidden_state", "hidden_states.0"])

@@ -34,6 +34,8 @@ def test_runner_case_passes_parity(session, variant):
     assert {"repository", "server_start", "model_load"} <= set(record.build)
     info = record.info["triton"]
     assert info["protocol"] == variant and info["served"] == {"unet": "tiny-sd_fp32_unet_denoiser"}
+    assert info["instances"] == {"unet": 1}
+    assert info["threads"]["model_threads"] == info["threads"]["process_cores"] == len(os.sched_getaffinity(0))
     assert record.stages["denoise_step"]["n"] > 0
     # the server and its python-backend stubs are child processes: the case's memory counts them
     inference = record.memory["inference"]
@@ -131,4 +133,7 @@ def test_onnx_variant_serves_every_component(session):
     assert set(components) == {"text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae"}
     assert all(c["passed"] for c in components.values())
     assert record.info["triton"]["backend"] == "python (onnxruntime CPU)"
+    assert record.info["triton"]["threads"]["ort_spinning"] is False
     assert "export" in record.build
+    config = (base.get("triton").repository / record.info["triton"]["served"]["transformer"] / "config.pbtxt")
+    assert 'key: "allow_spinning"\n  value: { string_value: "0" }' in config.read_text()

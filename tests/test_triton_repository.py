@@ -1,6 +1,7 @@
 """Model repository writer and support rules: text only, no server. Every config is parsed with Triton's own
 ModelConfig protobuf (from tritonclient), so a syntax slip fails here, not at server start."""
 import json
+import os
 
 import pytest
 
@@ -47,6 +48,31 @@ def test_python_denoiser_config(interfaces):
     interface = json.loads(params["interface"])
     assert interface["inputs"] == ["sample", "timestep", "encoder_hidden_states"]
     assert interface["scalars"] == ["timestep"]
+    # one instance with every core of the process: the client waits while the server computes
+    assert params["torch_threads"] == str(len(os.sched_getaffinity(0))) and cfg.instance_group[0].count == 1
+
+
+def test_thread_settings_of_served_models(interfaces, tmp_path):
+    cores = str(len(os.sched_getaffinity(0)))
+    assert repo.model_threads(None) == int(cores) and repo.model_threads(3) == 3
+    pipe = parse(repo.config_text(repo.pipeline_model("p", "/m", "fp32")))
+    assert pipe.parameters["torch_threads"].string_value == cores
+    explicit = repo.interface_model("u", interfaces["tiny-sd"]["unet"], "fp32", source="/m", threads=0)
+    assert explicit.parameters["torch_threads"] == "0"                 # 0: torch's own default
+    from backends.onnx import export as ox
+    from backends.onnx.components import ComponentSpec
+    import torch
+    spec = ComponentSpec("vae", "vae", torch.nn.Conv2d(4, 3, 1), {"latent": torch.randn(2, 4, 8, 8)}, ["image"],
+                         {"latent": {0: "batch", 2: "latent_height", 3: "latent_width"},
+                          "image": {0: "batch", 2: "height", 3: "width"}}, {"image": [2, 3, 8, 8]})
+    (tmp_path / "e").mkdir()
+    ox._export_to(spec, tmp_path / "e", "legacy", 17)
+    quiet = parse(repo.config_text(repo.onnx_model("o", tmp_path / "e" / ox.ONNX_FILE, mode="python")))
+    params = {k: v.string_value for k, v in quiet.parameters.items()}
+    assert params == {"threads": cores, "allow_spinning": "0"} and quiet.instance_group[0].count == 1
+    spinning = repo.onnx_model("o", tmp_path / "e" / ox.ONNX_FILE, mode="python", threads=1, spinning=True)
+    assert spinning.parameters == {"threads": "1", "allow_spinning": "1"}
+    assert repo.onnx_model("o", tmp_path / "e" / ox.ONNX_FILE).parameters == {}     # GPU server: its own config
 
 
 @pytest.mark.parametrize("mode,platform,backend,filename", [

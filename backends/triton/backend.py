@@ -19,6 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 from backends.base import Backend, Prepared, Support, module_available, timed
 from backends.triton import repository as repo
 from backends.onnx.components import component_specs
@@ -180,17 +182,22 @@ class TritonBackend(Backend):
             interfaces = component_specs(model, case, served_components(model, case.variant))
         with timed(build, "server_start"):
             server = self.ensure_server(cache)
+        # the client blocks while the server computes: each served model gets one instance and every core of
+        # this process (the local server inherits its affinity); nothing else computes meanwhile
+        threads = repo.model_threads(None)
         served = {}
         with timed(build, "repository"):
             for interface in interfaces:
                 component = interface.component
                 if onnx:
                     name = repo.safe_name(f"{model.name}_{model.dtype}_{component}_onnx_{interface.key[:12]}")
-                    spec, model_file = repo.onnx_model(name, interface.path, mode="python"), interface.path
+                    spec, model_file = repo.onnx_model(name, interface.path, mode="python",
+                                                       threads=threads), interface.path
                 else:
                     name = repo.safe_name(f"{model.name}_{model.dtype}_{component}_{interface.role}")
                     spec, model_file = repo.interface_model(name, interface, model.dtype, source=model.source,
-                                                            subfolder=component, device=str(model.device)), None
+                                                            subfolder=component, device=str(model.device),
+                                                            threads=threads), None
                 if self.repository is not None:
                     repo.write_model(self.repository, spec, model_file)
                 served[component] = (interface, spec)
@@ -214,6 +221,12 @@ class TritonBackend(Backend):
             "backend": "python (onnxruntime CPU)" if onnx else "python (torch)",
             "wire_dtype": specs[0].inputs[0].dtype,
             "max_batch_size": {c: spec.max_batch_size for c, (_, spec) in served.items()},
+            "instances": {c: spec.instances for c, (_, spec) in served.items()},
+            "threads": {"model_threads": threads, "process_cores": repo.process_cores(),
+                        "client_torch_threads": torch.get_num_threads(),
+                        "ort_spinning": False if onnx else None,
+                        "applies_to": "local server" if self.repository is not None else
+                                      "not applied: external server's own configuration"},
         }}
         if onnx:
             info["triton"]["exporter"] = exports.exporter

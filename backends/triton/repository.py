@@ -13,6 +13,7 @@ dtype reach model.py as config parameters (escaped pbtxt strings).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -50,6 +51,21 @@ class ServedModel:
     @property
     def model_file(self) -> str:
         return {"python": "model.py", "onnxruntime": "model.onnx", "tensorrt_plan": "model.plan"}[self.mode]
+
+
+def process_cores() -> int:
+    """Cores this process may run on; a local tritonserver (our child) inherits the same affinity."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:       # not Linux
+        return os.cpu_count() or 1
+
+
+def model_threads(threads: int | None) -> int:
+    """Threads of a python-backend model instance. None: every core of this process -- the client waits while the
+    server computes, and each model has one instance, so a model's threads never compete with another's or with
+    the client's. 0: the library's own default."""
+    return process_cores() if threads is None else threads
 
 
 def safe_name(text: str) -> str:
@@ -108,7 +124,7 @@ def _dtype_name(dtype) -> str:
 
 def interface_model(name: str, interface, dtype: str, mode: str = "python", source: str | Path = "",
                     subfolder: str = "", max_batch_size: int = 8, instances: int = 1, kind: str | None = None,
-                    max_queue_delay_us: int = 2000, threads: int = 0, device: str = "cpu") -> ServedModel:
+                    max_queue_delay_us: int = 2000, threads: int | None = None, device: str = "cpu") -> ServedModel:
     """A served pipeline component whose inputs and outputs are its interface (a backends.onnx ComponentSpec):
     the names, order and dynamic axes of its ONNX export, so the shared executors run it with Triton as their
     runner. Python mode runs the torch component itself (model_templates/component.py, from_pretrained of
@@ -136,7 +152,8 @@ def interface_model(name: str, interface, dtype: str, mode: str = "python", sour
 
     params = {"role": interface.role, "subfolder": subfolder, "dtype": dtype}
     if mode == "python":
-        params.update(source=str(source), torch_threads=str(threads), device=device, interface=json.dumps({
+        params.update(source=str(source), torch_threads=str(model_threads(threads)), device=device,
+                      interface=json.dumps({
             "inputs": list(interface.inputs), "input_dtypes": {n: dtypes[n] for n in interface.inputs},
             "scalars": scalars,
             "groups": interface.meta.get("groups", {}), "fields": interface.meta.get("fields", []),
@@ -149,7 +166,7 @@ def interface_model(name: str, interface, dtype: str, mode: str = "python", sour
 
 
 def pipeline_model(name: str, source: str | Path, dtype: str, max_batch_size: int = 8,
-                   max_queue_delay_us: int = 5000, threads: int = 0) -> ServedModel:
+                   max_queue_delay_us: int = 5000, threads: int | None = None) -> ServedModel:
     """The whole pipeline as one served model: requests with the same steps/size/guidance are batched into one
     pipeline call (one generator per request, so results do not depend on the batching)."""
     scalar = lambda n, t, opt=False: TensorSpec(n, t, [1], optional=opt)  # noqa: E731
@@ -159,7 +176,7 @@ def pipeline_model(name: str, source: str | Path, dtype: str, max_batch_size: in
                 scalar("STEPS", "INT32"), scalar("HEIGHT", "INT32"), scalar("WIDTH", "INT32"),
                 scalar("GUIDANCE", "FP32", True)],
         outputs=[TensorSpec("IMAGE", "FP32", [-1, -1, 3])],
-        parameters={"source": str(source), "dtype": dtype, "torch_threads": str(threads)})
+        parameters={"source": str(source), "dtype": dtype, "torch_threads": str(model_threads(threads))})
 
 
 def write_model(repository: str | Path, model: ServedModel, model_file: str | Path | None = None) -> Path:
@@ -198,14 +215,19 @@ _ONNX_TYPES = {1: "FP32", 10: "FP16", 16: "BF16", 7: "INT64", 6: "INT32", 9: "BO
 
 
 def onnx_model(name: str, onnx_path: str | Path, mode: str = "onnxruntime", max_batch_size: int = 8,
-               instances: int = 1) -> ServedModel:
-    """mode "python": the graph run by ONNX Runtime inside the python backend (model_templates/onnx.py) on CPU;
+               instances: int = 1, threads: int | None = None, spinning: bool = False) -> ServedModel:
+    """mode "python": the graph run by ONNX Runtime inside the python backend (model_templates/onnx.py) on CPU,
+    with `threads` intra-op threads (model_threads), one inter-op thread and, unless `spinning`, thread pools
+    that do not busy-wait after a run (the client's torch work runs on the same cores between requests);
     per-sample scalars are sent as [batch, 1] and flattened by model.py. Falls back to max_batch_size 0 when an
     input has no batch axis (flux's ids)."""
     try:
-        return _onnx_model(name, onnx_path, mode, max_batch_size, instances)
+        served = _onnx_model(name, onnx_path, mode, max_batch_size, instances)
     except _NoBatchAxis:
-        return _onnx_model(name, onnx_path, mode, 0, instances)
+        served = _onnx_model(name, onnx_path, mode, 0, instances)
+    if mode == "python":
+        served.parameters.update(threads=str(model_threads(threads)), allow_spinning="1" if spinning else "0")
+    return served
 
 
 class _NoBatchAxis(ValueError):

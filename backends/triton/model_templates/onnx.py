@@ -1,6 +1,9 @@
 """Triton python-backend model: an exported ONNX graph (1/model.onnx beside this file) run by ONNX Runtime on CPU
 -- what the onnxruntime backend of a full Triton build does, for the bundled server that has only the python
 backend. Copied verbatim by backends/triton/repository.py; the config's inputs/outputs come from the graph.
+Session: `threads` intra-op threads, one inter-op thread (sequential execution), and thread pools that do not
+busy-wait after a run unless `allow_spinning` is "1" (the client's own torch work shares the cores between
+requests: spinning threads would steal them).
 
 Dynamic batching: requests whose inputs have the same shapes beyond the batch axis run as one session call.
 Per-sample scalars travel as [batch, 1] (Triton needs a dim) and are flattened to the graph's (batch,).
@@ -21,9 +24,14 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         options = ort.SessionOptions()
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
         threads = int(params.get("threads") or 0)
         if threads > 0:
             options.intra_op_num_threads = threads
+        if params.get("allow_spinning", "0") != "1":
+            for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+                options.add_session_config_entry(key, "0")
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.rank = {i.name: len(i.shape) for i in self.session.get_inputs()}
