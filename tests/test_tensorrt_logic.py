@@ -4,7 +4,6 @@ a GPU), name-based binding (with an engine stand-in that has the real API's meth
 import os
 import signal
 import sys
-import time
 from types import SimpleNamespace
 
 import psutil

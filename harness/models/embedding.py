@@ -61,8 +61,12 @@ def load_encoder_pipeline(folder: Path, torch_dtype: torch.dtype, device: str) -
     from transformers.utils import logging as transformers_logging
     transformers_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    encoder = AutoModel.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True,
-                                        use_safetensors=True).eval().to(device)   # never unpickle weights
+    kwargs = dict(dtype=torch_dtype, local_files_only=True, use_safetensors=True)   # never unpickle weights
+    try:   # mean pooling never reads BERT's pooler: do not compute (or compare) it
+        encoder = AutoModel.from_pretrained(str(folder), add_pooling_layer=False, **kwargs)
+    except TypeError:   # an encoder class without a pooler option
+        encoder = AutoModel.from_pretrained(str(folder), **kwargs)
+    encoder = encoder.eval().to(device)
     return EmbeddingPipeline(tokenizer, encoder)
 
 
