@@ -115,6 +115,7 @@ def apply_inductor_config(values: dict) -> Callable[[], None]:
 
 class TorchCompileBackend(Backend):
     name = "torch_compile"
+    workloads = ("text-to-image", "text-embedding")
     options = tuple(OPTION_TABLE)
     # one mode; and the recipe already holds fullgraph, channels-last and fused QKV
     exclusive = (("max-autotune", "reduce-overhead", "recipe"), ("recipe", "fullgraph"), ("recipe", "channels-last"),
@@ -132,6 +133,10 @@ class TorchCompileBackend(Backend):
             return Support.no("reduce-overhead uses CUDA graphs: needs a CUDA device")
         if "tf32" in chosen and device != "cuda":
             return Support.no(f"tf32 is a CUDA math mode: on {device} this case would repeat the one without +tf32")
+        diffusion_only = sorted(chosen & {"recipe", "fused-qkv", "channels-last"})
+        if diffusion_only and case.workload != "text-to-image":
+            return Support.no(f"{', '.join(diffusion_only)}: knobs of diffusion denoisers and VAEs (convolutions, "
+                              "diffusers' QKV fusion), not of a text encoder")
         return Support.yes()
 
     def prepare(self, model, case, cache) -> Prepared:
@@ -157,9 +162,24 @@ class TorchCompileBackend(Backend):
         if knobs.get("tf32"):
             undo.append(enable_tf32())
         pipeline = model.pipeline
+        build: dict[str, float] = {}
+        if model.encoder:   # text-embedding: the encoder is the whole model worth compiling
+            try:
+                compiled = torch.compile(getattr(pipeline, model.encoder), **options)
+                setattr(pipeline, model.encoder, compiled)
+                executors = {model.encoder: compiled}
+                info = {"compile_options": {k: options.get(k) for k in _COMPILE_KEYS}, "compiled": [model.encoder],
+                        "inductor_config": dict(knobs.get("inductor_config") or {}), "tf32": bool(knobs.get("tf32")),
+                        "inductor_cache_dir": str(cache_dir), "torch": torch.__version__}
+                with timed(build, "compile"), torch.inference_mode():
+                    self.warm_call(model, case)
+            except BaseException:
+                for fn in reversed(undo):
+                    fn()
+                raise
+            return self._prepared(pipeline, executors, build, info, undo)
         denoiser = getattr(pipeline, model.denoiser)
         vae = getattr(pipeline, model.vae)
-        build: dict[str, float] = {}
         try:
             if knobs.get("fuse_qkv"):
                 for module in (denoiser, vae):
@@ -185,6 +205,10 @@ class TorchCompileBackend(Backend):
             for fn in reversed(undo):
                 fn()
             raise
+        return self._prepared(pipeline, executors, build, info, undo)
+
+    @staticmethod
+    def _prepared(pipeline, executors, build, info, undo) -> Prepared:
         stats = dynamo_stats()
         info.update(stats, inductor_cache=cache_state(stats), graphs_at_prepare=stats["graphs"], recompiles=0)
 
@@ -196,6 +220,10 @@ class TorchCompileBackend(Backend):
 
     def warm_call(self, model, case) -> None:
         """Compilation is lazy: one pipeline call on this case's shapes compiles every graph it needs."""
+        if model.encoder:
+            from harness.models.embedding import batch_texts
+            model.pipeline(batch_texts(case), case.seq)
+            return
         from harness.models import pipeline_inputs
         model.pipeline(**pipeline_inputs(model, case))
 

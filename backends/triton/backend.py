@@ -35,6 +35,8 @@ LOAD_TIMEOUT_S = 300.0
 
 
 def served_components(model, variant: str) -> list[str]:
+    if model.encoder:                  # text-embedding: the encoder is the one component
+        return [model.encoder]
     return model.components if variant.endswith("all") else [model.denoiser]
 
 
@@ -91,6 +93,7 @@ def load_model(server, name: str, timeout_s: float = LOAD_TIMEOUT_S) -> None:
 
 class TritonBackend(Backend):
     name = "triton"
+    workloads = ("text-to-image", "text-embedding")
     options = ("http", "grpc", "http-all", "grpc-all", "onnx", "grpc-onnx")
     exclusive = (options,)   # each names a protocol and what is served
     description = "Triton Inference Server (python backend, torch) via tritonclient HTTP/gRPC"
@@ -185,19 +188,22 @@ class TritonBackend(Backend):
         # the client blocks while the server computes: each served model gets one instance and every core of
         # this process (the local server inherits its affinity); nothing else computes meanwhile
         threads = repo.model_threads(None)
+        # a request carries the whole pipeline batch (twice the case's under classifier-free guidance); an
+        # embedding encoder's dynamic batching may gather up to 128 single sentences
+        max_batch = max(128, case.batch) if model.encoder else max(8, 2 * case.batch)
         served = {}
         with timed(build, "repository"):
             for interface in interfaces:
                 component = interface.component
                 if onnx:
                     name = repo.safe_name(f"{model.name}_{model.dtype}_{component}_onnx_{interface.key[:12]}")
-                    spec, model_file = repo.onnx_model(name, interface.path, mode="python",
+                    spec, model_file = repo.onnx_model(name, interface.path, mode="python", max_batch_size=max_batch,
                                                        threads=threads), interface.path
                 else:
                     name = repo.safe_name(f"{model.name}_{model.dtype}_{component}_{interface.role}")
                     spec, model_file = repo.interface_model(name, interface, model.dtype, source=model.source,
                                                             subfolder=component, device=str(model.device),
-                                                            threads=threads), None
+                                                            threads=threads, max_batch_size=max_batch), None
                 if self.repository is not None:
                     repo.write_model(self.repository, spec, model_file)
                 served[component] = (interface, spec)

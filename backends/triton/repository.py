@@ -158,10 +158,13 @@ def interface_model(name: str, interface, dtype: str, mode: str = "python", sour
             "scalars": scalars,
             "groups": interface.meta.get("groups", {}), "fields": interface.meta.get("fields", []),
             "hidden_states": interface.meta.get("hidden_states", False)}))
+    # an embedding service's requests are single sentences: let dynamic batching gather them into the batch
+    # sizes the encoder runs best at; a pipeline component's requests already carry the pipeline's batch
+    preferred = [8, 16, 32, 64, 128] if interface.role == "encoder" else [2, 4, 8]
     return ServedModel(name=name, inputs=[tensor(n) for n in interface.inputs],
                        outputs=[tensor(n) for n in interface.outputs], mode=mode,
                        max_batch_size=max_batch_size if batched else 0, instances=instances,
-                       kind=kind or ("KIND_CPU" if mode == "python" else "KIND_GPU"),
+                       kind=kind or ("KIND_CPU" if mode == "python" else "KIND_GPU"), preferred_batch_sizes=preferred,
                        max_queue_delay_us=max_queue_delay_us, parameters=params)
 
 

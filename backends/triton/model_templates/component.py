@@ -19,10 +19,18 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 LIBRARIES = ("diffusers", "transformers")
 
 
-def load_component(source, subfolder, dtype):
+def load_component(source, subfolder, dtype, role):
     import importlib
 
     import torch
+    if role == "encoder":   # a sentence-embedding model's folder holds the encoder itself (no model_index.json)
+        from transformers import AutoModel
+        kwargs = dict(torch_dtype=getattr(torch, DTYPES[dtype]), use_safetensors=True)
+        try:
+            module = AutoModel.from_pretrained(source, add_pooling_layer=False, **kwargs)
+        except TypeError:
+            module = AutoModel.from_pretrained(source, **kwargs)
+        return module.eval()
     with open(os.path.join(source, "model_index.json")) as fh:
         library, cls_name = json.load(fh)[subfolder]
     if library not in LIBRARIES:
@@ -44,7 +52,8 @@ class TritonPythonModel:
         self.role, self.interface = params["role"], json.loads(params["interface"])
         self.dtype = getattr(torch, DTYPES[params["dtype"]])
         self.device = torch.device(params.get("device") or "cpu")
-        self.module = load_component(params["source"], params["subfolder"], params["dtype"]).to(self.device)
+        self.module = load_component(params["source"], params["subfolder"], params["dtype"],
+                                     self.role).to(self.device)
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]
 
@@ -102,6 +111,9 @@ class TritonPythonModel:
             hidden = self.interface["hidden_states"]
             result = m(self.tensor(x["input_ids"], "input_ids"), output_hidden_states=hidden, return_dict=True)
             outs = [result[f] for f in self.interface["fields"]] + (list(result.hidden_states) if hidden else [])
+        elif self.role == "encoder":
+            tokens = {name: self.tensor(x[name], name) for name in self.interface["inputs"]}
+            outs = [m(**tokens, return_dict=True).last_hidden_state]
         elif self.role == "vae":
             outs = [m.decode(self.tensor(x["latent"], "latent"), return_dict=False)[0]]
         else:
