@@ -151,8 +151,8 @@ def serving_sweep(sweep: list[dict], title: str, pngs: PngWriter) -> str:
     ax1, ax2, ax3 = fig.subplots(1, 3)
     ax1.plot(conc, [num(p.get("throughput_rps")) for p in sweep], marker="o")
     ax1.set(xlabel="concurrency", ylabel="throughput (req/s)", title="throughput")
-    for stat in ("p50", "p99"):
-        ax2.plot(conc, [num(get(p, "latency", stat)) for p in sweep], marker="o", label=stat)
+    for stat in ("p50", "p99"):   # the sweep records seconds
+        ax2.plot(conc, [(num(get(p, "latency", stat)) or 0.0) * 1000 for p in sweep], marker="o", label=stat)
     ax2.set(xlabel="concurrency", ylabel="latency (ms)", title="client latency")
     ax2.legend(fontsize=7)
     bottom = np.zeros(len(sweep))

@@ -317,7 +317,7 @@ def _serving(records: list[dict], pngs: charts.PngWriter) -> list[dict]:
         sweep = sorted(sweep, key=lambda p: p["concurrency"])
         title = f"{r['case_id']} — {r['_device']}"
         df = pd.DataFrame([{"concurrency": p["concurrency"], "throughput rps": fmt(p.get("throughput_rps"), 4),
-                            **{f"{s} ms": fmt(get(p, "latency", s), 4) for s in ("p50", "p90", "p99")},
+                            **{f"{s} ms": ms(get(p, "latency", s)) for s in ("p50", "p90", "p99")},
                             **{f"{k.removesuffix('_ms')} ms": fmt(get(p, "server", k), 4)
                                for k in charts.SERVER_PARTS}}
                            for p in sweep])

@@ -36,8 +36,8 @@ def serving_cases(config) -> list[Case]:
     from backends import base
     seen, cases = set(), []
     for c in getattr(config, "_diffbench_cases", []):
-        if c.backend != "triton" or (c.model, c.dtype) in seen:
-            continue
+        if c.backend != "triton" or c.workload != "text-to-image" or (c.model, c.dtype) in seen:
+            continue   # text-embedding models: suites/test_serving_embedding.py
         seen.add((c.model, c.dtype))
         case = Case(c.model, "triton", "serving", c.dtype, 1, c.height, c.width, c.steps)
         if base.get("triton").support(c.with_backend("triton", ""), {"device": "cpu"}) and c.dtype != "fp16":

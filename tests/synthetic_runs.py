@@ -165,7 +165,8 @@ def _serving(rng, base: float) -> dict:
         infer = base * 1000 * (1 + 0.1 * conc)
         lat = queue + infer + 2.0
         sweep.append({"concurrency": conc, "throughput_rps": round(min(conc, 2) / (lat / 1000), 3),
-                      "latency": {"p50": lat, "p90": lat * 1.1, "p99": lat * 1.3 + rng.uniform(0, 1)},
+                      "latency": {"p50": lat / 1000, "p90": lat * 1.1 / 1000,
+                                  "p99": (lat * 1.3 + rng.uniform(0, 1)) / 1000},   # seconds, as the sweep records
                       "server": {"queue_ms": queue, "compute_input_ms": 0.4, "compute_infer_ms": infer,
                                  "compute_output_ms": 0.3}})
     return {"mode": "whole-request", "protocol": "http", "sweep": sweep}
