@@ -16,7 +16,7 @@ STACK_COLORS = {"text_encode": "#4e79a7", "denoise": "#f28e2b", "vae_decode": "#
 SERVER_PARTS = ("queue_ms", "compute_input_ms", "compute_infer_ms", "compute_output_ms")
 # the numbered files one report writes; a rebuild into the same folder removes the earlier ones first
 OUTPUTS = ("latency_[0-9]*.png", "latency_box_[0-9]*.png", "cold_build_[0-9]*.png", "memory_[0-9]*.png",
-           "serving_[0-9]*.png", "fit_[0-9]*.png", f"{IMAGE_DIR}/img_[0-9]*.png", f"{IMAGE_DIR}/diff_[0-9]*.png")
+           "serving_[0-9]*.png", "fit_[0-9]*.png", "throughput_[0-9]*.png", f"{IMAGE_DIR}/img_[0-9]*.png", f"{IMAGE_DIR}/diff_[0-9]*.png")
 
 
 class PngWriter:
@@ -125,6 +125,22 @@ def peak_memory(rows: list[dict], title: str, pngs: PngWriter) -> str:
     ax.set_xlabel("peak memory (MB)")
     ax.set_title(title, fontsize=9)
     return pngs.save(fig, "memory")
+
+
+def throughput_by_batch(series: dict[str, list[tuple[int, float]]], title: str, pngs: PngWriter) -> str:
+    """Embeddings per second against batch size, one line per backend (log-2 batch axis)."""
+    fig = Figure(figsize=(7.5, 3.6))
+    ax = fig.add_subplot()
+    for backend, points in sorted(series.items()):
+        points = sorted(points)
+        ax.plot([b for b, _ in points], [v for _, v in points], marker="o", label=backend)
+    ax.set_xscale("log", base=2)
+    batches = sorted({b for points in series.values() for b, _ in points})
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set(xlabel="batch (sentences per call)", ylabel="embeddings / s", title=title)
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    return pngs.save(fig, "throughput")
 
 
 def fit_pareto(points: list[dict], front: list[int], title: str, pngs: PngWriter) -> str:

@@ -237,6 +237,40 @@ def _correctness(records: list[dict]) -> dict | None:
     return table(pd.DataFrame(rows)) if rows else None
 
 
+def _embedding(records: list[dict], pngs: charts.PngWriter) -> list[dict]:
+    """Text-embedding cases: embeddings/s against batch per backend (one chart per device, model, dtype and
+    sequence length), the latency percentiles, and the parity table (cosine per sentence, nearest neighbours)."""
+    groups = defaultdict(list)
+    for r in records:
+        if r.get("seq") and r.get("variant") != "serving":
+            groups[(r["_device"], r["model"], r["dtype"], r["seq"])].append(r)
+    out = []
+    for (dev, model, dtype, seq), rows in sorted(groups.items()):
+        series = defaultdict(list)
+        for r in rows:
+            if r["status"] == "passed" and num(get(r, "throughput", "per_s")) is not None:
+                series[r["_backend"]].append((r["batch"], num(r["throughput"]["per_s"])))
+        title = f"{model} {dtype} seq{seq} — {dev}"
+        latency = pd.DataFrame([{"backend": r["_backend"], "batch": r["batch"], "status": r["status"],
+                                 "p50 ms": ms(get(r, "e2e", "p50")), "p90 ms": ms(get(r, "e2e", "p90")),
+                                 "p99 ms": ms(get(r, "e2e", "p99")),
+                                 "embeddings/s": fmt(get(r, "throughput", "per_s"), 4)}
+                                for r in sorted(rows, key=lambda r: (r["batch"], r["_backend"]))])
+        parity = pd.DataFrame([{"backend": r["_backend"], "batch": r["batch"],
+                                "verdict": get(r, "parity", "verdict", default="–"),
+                                "min cosine": fmt(get(r, "parity", "embedding", "min_cosine"), 7),
+                                "mean cosine": fmt(get(r, "parity", "embedding", "mean_cosine"), 7),
+                                "last call min cosine": fmt(get(r, "parity", "embedding_last", "min_cosine"), 7),
+                                "same nearest": f"{get(r, 'parity', 'ranking', 'same_nearest')}/"
+                                                f"{get(r, 'parity', 'ranking', 'ranked')}"
+                                if get(r, "parity", "ranking") else "–",
+                                "tolerance": fmt(get(r, "parity", "embedding", "tolerance", "min_cosine"), 5)}
+                               for r in rows if r.get("parity")])
+        out.append({"title": title, "png": charts.throughput_by_batch(series, title, pngs) if series else None,
+                    "latency": table(latency), "parity": table(parity) if len(parity) else None})
+    return out
+
+
 def _last_call(parity: dict) -> str:
     """The last measured call's image check (a backend right only on its first call fails here)."""
     last = parity.get("image_last")
@@ -369,6 +403,7 @@ def build_report(records: list[dict], out_dir: Path, gate_result=None, title: st
         latency=_latency(records, pngs), cold_build=_cold_build(records, pngs), memory=_memory(records, pngs),
         compat=_compat(records) if records else None, correctness=_correctness(records),
         images=_images(records, out_dir), serving=_serving(records, pngs), gate=_gate(gate_result),
+        embedding=_embedding(records, pngs),
         fit=_fit(fit, [{**r, "_backend": r.get("_backend") or backend_spec(r)} for r in fit_records], pngs),
         reference=REFERENCE)
     path = out_dir / "report.html"
