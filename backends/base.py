@@ -78,6 +78,7 @@ class Backend:
     name: str = ""
     variants: tuple[str, ...] = ("",)          # "" is the default variant
     description: str = ""
+    extra: str = ""                             # the pyproject extra that installs what it needs ("": core)
 
     def available(self) -> Support:
         """Can this backend run at all here (packages, devices)? Cheap; no model work."""

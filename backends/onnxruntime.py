@@ -108,6 +108,7 @@ def _element_type(dtype: torch.dtype):
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     variants = ("", "dynamo", "trt-ep")
+    extra = "onnx"                               # on a GPU runner: "gpu" (onnxruntime-gpu instead)
     description = "ONNX export (legacy or dynamo exporter) run in ONNX Runtime (CPU EP; CUDA EP / TensorRT EP on GPU)"
 
     def available(self) -> Support:

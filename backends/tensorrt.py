@@ -327,6 +327,7 @@ def _trt_version() -> str | None:
 class TensorRTBackend(Backend):
     name = "tensorrt"
     variants = VARIANTS
+    extra = "tensorrt"
     description = "TensorRT engines from the ONNX exports: profiles from the case matrix, cached per TRT x GPU"
 
     def __init__(self):

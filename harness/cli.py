@@ -282,20 +282,31 @@ def _check_triton_url(url: str) -> None:
 
 
 def cmd_backends(_args) -> int:
+    import torch
+
     from backends import base as registry
+    root = Path(__file__).resolve().parent.parent
+    # from a checkout, name the checkout: diffbench is not on PyPI, and a bare name would fetch whatever is there
+    target = f"-e '{root}[{{}}]'" if (root / "pyproject.toml").is_file() else "'diffbench[{}]'"
+    gpu = torch.cuda.is_available()
     for name in registry.names():
-        support = registry.get(name).available()
-        variants = ", ".join(v for v in registry.get(name).variants if v) or "-"
+        backend = registry.get(name)
+        support = backend.available()
+        variants = ", ".join(v for v in backend.variants if v) or "-"
         status = "available" if support else f"unavailable: {support.reason}"
         print(f"{name:<14} {status}  [variants: {variants}]")
+        extra = getattr(backend, "extra", "")
+        if not support and extra:
+            extra = "gpu" if gpu and extra == "onnx" else extra  # onnxruntime-gpu instead of onnxruntime
+            print(f"{'':<14} install: pip install {target.format(extra)}")
     return 0
 
 
 def cmd_models(_args) -> int:
     from harness.models import MODELS
     for spec in MODELS.values():
-        where = "GPU only" if spec.gpu_only else "CPU and GPU"
-        print(f"{spec.name:<11} {spec.kind:<5} {where:<12} {spec.description}")
+        where = "GPU; CPU slow" if spec.full_size else "CPU and GPU"
+        print(f"{spec.name:<11} {spec.kind:<5} {where:<13} {spec.description}")
     print("path:DIR    a diffusers checkpoint folder on disk")
     return 0
 

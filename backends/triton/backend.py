@@ -82,6 +82,7 @@ def load_model(server, name: str, timeout_s: float = LOAD_TIMEOUT_S) -> None:
 class TritonBackend(Backend):
     name = "triton"
     variants = ("", "http", "grpc", "http-all", "grpc-all", "onnx", "grpc-onnx")
+    extra = "triton"
     description = "Triton Inference Server (python backend, torch) via tritonclient HTTP/gRPC"
 
     def __init__(self):
