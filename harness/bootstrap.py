@@ -19,6 +19,7 @@ Options of the bootstrap itself (everything else goes to `diffbench run` / pytes
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -212,12 +213,12 @@ def install_venv(extras: tuple[str, ...], wheelhouse: Path | None) -> str:
     return str(PY)
 
 
-def use_env_constraints(torch_version: str) -> Path:
+def use_env_constraints(torch_version: str, folder: Path) -> Path:
     """constraints.txt without the libraries this environment already has, and its own torch pinned."""
     installed = {canonical(d.metadata["Name"] or "") for d in metadata.distributions()}
     lines = [line for name, line in constraint_pins().items() if name not in installed and name != "torch"]
     lines.append(f"torch=={torch_version}")
-    path = Path(tempfile.mkdtemp(prefix="diffbench-bootstrap-")) / "constraints.txt"
+    path = folder / "constraints.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -236,11 +237,12 @@ def check_onnxruntime(extras: tuple[str, ...]) -> None:
 
 
 def diffbench_points_here() -> bool:
-    try:
-        direct = json.loads(metadata.distribution("diffbench").read_text("direct_url.json") or "{}")
-    except metadata.PackageNotFoundError:
-        return False
-    return direct.get("url", "").rstrip("/") == ROOT.as_uri().rstrip("/")
+    """Is diffbench installed in this environment, editable from this checkout?"""
+    for dist in metadata.distributions(name="diffbench"):
+        direct = json.loads(dist.read_text("direct_url.json") or "{}")
+        if direct.get("url", "").rstrip("/") == ROOT.as_uri().rstrip("/"):
+            return True
+    return False
 
 
 def install_env(extras: tuple[str, ...], wheelhouse: Path | None) -> str:
@@ -248,6 +250,8 @@ def install_env(extras: tuple[str, ...], wheelhouse: Path | None) -> str:
     python = sys.executable
     env = pip_env(wheelhouse)
     check_top_level_names()
+    if importlib.util.find_spec("pip") is None:
+        raise BootstrapError(f"{python} has no pip: install it (python3 -m ensurepip) or run without --use-env")
     check_onnxruntime(extras)
     torch = this_torch()
     if torch and "error" in torch:
@@ -269,13 +273,11 @@ def install_env(extras: tuple[str, ...], wheelhouse: Path | None) -> str:
     stamp = fingerprint(*extras, torch["version"], torch["file"])
     if stamp_file.is_file() and stamp_file.read_text() == stamp and diffbench_points_here():
         return python
-    constraints = use_env_constraints(torch["version"])
-    try:
+    with tempfile.TemporaryDirectory(prefix="diffbench-bootstrap-") as tmp:
+        constraints = use_env_constraints(torch["version"], Path(tmp))
         sh([python, "-m", "pip", "install", "--disable-pip-version-check", "-c", str(constraints),
             "-e", f"{ROOT}{extras_arg(extras)}"], "installing diffbench into this environment", env,
            offline_hint(env))
-    finally:
-        shutil.rmtree(constraints.parent, ignore_errors=True)
     after = torch_of(python) or {}
     if (after.get("version"), after.get("file")) != (torch["version"], torch["file"]):
         raise BootstrapError(f"pip replaced this environment's torch {torch['version']} with "
@@ -361,9 +363,8 @@ def make_wheelhouse(argv: list[str]) -> int:
     extras = parse_extras(args.get("--extras"), gpu)
     report_file = Path(tempfile.mkdtemp(prefix="diffbench-wheelhouse-")) / "report.json"
     pip = [sys.executable, "-m", "pip"]
-    select = []
+    select = ["--only-binary=:all:"]               # an offline install must never need to build a dependency
     if other_machine:
-        select = ["--only-binary=:all:"]
         if args.get("--python-version"):
             select += ["--python-version", args["--python-version"]]
         for tag in platform_tags(args.get("--platform") or ""):
@@ -374,8 +375,9 @@ def make_wheelhouse(argv: list[str]) -> int:
             torch = this_torch()
             if not torch or "error" in torch:
                 raise BootstrapError("--use-env: this environment has no working torch to keep")
-            constraints = use_env_constraints(torch["version"])
-            resolve = [*pip, "install", "--dry-run", "--quiet", "--report", str(report_file), "-c", str(constraints)]
+            constraints = use_env_constraints(torch["version"], report_file.parent)
+            resolve = [*pip, "install", "--dry-run", "--quiet", "--report", str(report_file), *select,
+                       "-c", str(constraints)]
         else:
             resolve = [*pip, "install", "--dry-run", "--quiet", "--ignore-installed", "--report", str(report_file),
                        "-c", str(ROOT / "constraints.txt"), *select]

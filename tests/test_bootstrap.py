@@ -76,8 +76,10 @@ def torch_facts(python: Path) -> dict:
 
 
 def bootstrap_cmd(python: Path, checkout: Path, *args: str, env: dict | None = None, timeout: float = 600):
+    """Run a checkout's bootstrap as a user would: no PYTHONPATH (ours would show this checkout's packages)."""
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.run([str(python), str(checkout / "harness" / "bootstrap.py"), *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=timeout, cwd=checkout)
+                          text=True, env={**clean, **(env or {})}, timeout=timeout, cwd=checkout)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,8 @@ def installed(tmp_path_factory):
                                  str(tmp / "results"), env=offline)
     assert facts["run"].returncode == 0, facts["run"].stdout[-3000:] + facts["run"].stderr
     facts["torch_after"] = torch_facts(python)
-    records = [json.loads(line) for f in (tmp / "results").rglob("records.jsonl") for line in f.read_text().splitlines()]
+    records = [json.loads(line) for f in (tmp / "results").rglob("records.jsonl")
+               for line in f.read_text().splitlines()]
     own_site = next((tmp / "env" / "lib").glob("python*/site-packages"))
     return dict(facts, python=python, checkout=checkout, wheelhouse=wheelhouse, records=records, own_site=own_site)
 
@@ -205,7 +208,8 @@ def test_version_ranges_accept_gpu_image_builds():
 def test_wheelhouse_helpers():
     tags = bootstrap.platform_tags("manylinux_2_28_x86_64")
     assert tags[0] == "manylinux_2_28_x86_64" and "manylinux_2_17_x86_64" in tags and "manylinux2014_x86_64" in tags
-    assert "manylinux_2_29_x86_64" not in tags and bootstrap.platform_tags("macosx_14_0_arm64") == ["macosx_14_0_arm64"]
+    assert "manylinux_2_29_x86_64" not in tags
+    assert bootstrap.platform_tags("macosx_14_0_arm64") == ["macosx_14_0_arm64"]
     report = {"install": [
         {"requested": True, "metadata": {"name": "diffbench", "requires_dist": ["torch>=2.6", "diffusers>=0.40"]}},
         {"metadata": {"name": "torch", "requires_dist": ["sympy", "networkx", "nvidia-cudnn-cu12; platform_system"]}},
