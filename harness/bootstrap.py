@@ -456,6 +456,21 @@ def parse_extras(text: str | None, gpu: bool) -> tuple[str, ...]:
     return extras
 
 
+def choose_place(own: dict) -> tuple[bool, tuple[str, ...]]:
+    """(install into this interpreter's environment?, extras): --use-env / --venv, else by the CUDA-torch rule."""
+    use_env = bool(own.get("--use-env")) or (not own.get("--venv") and has_cuda_torch())
+    return use_env, parse_extras(own.get("--extras"), gpu=use_env and has_cuda_torch())
+
+
+def command(verb: str, python: str, rest: list[str]) -> list[str]:
+    if verb == "run":
+        return [python, "-m", "harness.cli", "run", *rest]
+    if "--gpu" in rest:
+        # the GPU-relevant suites: no apt, no Chromium (the unit tests and the browser test are CPU CI's)
+        return [python, "-m", "pytest", "suites", *rest]
+    return [python, "-m", "pytest", "tests", "suites", *ensure_chromium(), *rest]
+
+
 def main(argv: list[str]) -> int:
     if sys.version_info < (3, 11):
         raise BootstrapError(f"diffbench needs Python 3.11 or newer; this is {sys.version.split()[0]}")
@@ -471,20 +486,13 @@ def main(argv: list[str]) -> int:
         wheelhouse = Path(own["--wheelhouse"]).expanduser().resolve()
         if not wheelhouse.is_dir():
             raise BootstrapError(f"--wheelhouse {wheelhouse} is not a folder")
-    use_env = bool(own.get("--use-env")) or (not own.get("--venv") and has_cuda_torch())
+    use_env, extras = choose_place(own)
     if use_env and not own.get("--use-env"):
         print(f"bootstrap: {sys.executable} has a CUDA torch: installing into its environment (--use-env; "
               f"--venv for a separate .venv)", flush=True)
-    extras = parse_extras(own.get("--extras"), gpu=use_env and has_cuda_torch())
     python = install_env(extras, wheelhouse) if use_env else install_venv(extras, wheelhouse)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if argv[0] == "run":
-        cmd = [python, "-m", "harness.cli", "run", *rest]
-    elif "--gpu" in rest:
-        # the GPU-relevant suites; the unit tests and the browser test are CPU CI's
-        cmd = [python, "-m", "pytest", "suites", *rest]
-    else:
-        cmd = [python, "-m", "pytest", "tests", "suites", *ensure_chromium(), *rest]
+    cmd = command(argv[0], python, rest)
     print("+", " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 

@@ -228,3 +228,21 @@ def test_missing_chromium_is_one_line_and_a_stated_skip(monkeypatch, capsys):
     monkeypatch.setenv(bootstrap.REQUIRE_CHROMIUM, "1")                    # CI: an error, not a skip
     with pytest.raises(bootstrap.BootstrapError, match="chromium is missing"):
         bootstrap.ensure_chromium()
+
+
+def test_a_cuda_torch_selects_use_env_and_the_gpu_extras(monkeypatch):
+    """No CUDA torch here: the probe's answer is set by hand; the rule and the commands are the real ones."""
+    monkeypatch.setattr(bootstrap, "_THIS_TORCH", [{"version": "2.7.0a0+nv", "cuda": "12.8", "file": "/t.py"}])
+    assert bootstrap.choose_place({}) == (True, bootstrap.GPU_EXTRAS)
+    assert bootstrap.choose_place({"--venv": True}) == (False, bootstrap.CPU_EXTRAS)
+    monkeypatch.setattr(bootstrap, "_THIS_TORCH", [{"version": "2.13.0+cpu", "cuda": None, "file": "/t.py"}])
+    assert bootstrap.choose_place({}) == (False, bootstrap.CPU_EXTRAS)
+    assert bootstrap.choose_place({"--use-env": True, "--extras": "dev,triton"}) == (True, ("dev", "triton"))
+    with pytest.raises(bootstrap.BootstrapError, match="unknown extra"):
+        bootstrap.choose_place({"--extras": "dev,cuda"})
+
+    def no_browser():
+        raise AssertionError("test --gpu must not look for Chromium")
+    monkeypatch.setattr(bootstrap, "ensure_chromium", no_browser)
+    assert bootstrap.command("test", "py", ["--gpu", "-k", "x"]) == ["py", "-m", "pytest", "suites", "--gpu", "-k", "x"]
+    assert bootstrap.command("run", "py", ["--gpu"]) == ["py", "-m", "harness.cli", "run", "--gpu"]
