@@ -244,5 +244,6 @@ def test_a_cuda_torch_selects_use_env_and_the_gpu_extras(monkeypatch):
     def no_browser():
         raise AssertionError("test --gpu must not look for Chromium")
     monkeypatch.setattr(bootstrap, "ensure_chromium", no_browser)
-    assert bootstrap.command("test", "py", ["--gpu", "-k", "x"]) == ["py", "-m", "pytest", "suites", "--gpu", "-k", "x"]
+    assert bootstrap.command("test", "py", ["--gpu", "-k", "x"]) == ["py", "-m", "pytest", "suites", "--gpu",
+                                                                     "-k", "x"]
     assert bootstrap.command("run", "py", ["--gpu"]) == ["py", "-m", "harness.cli", "run", "--gpu"]
