@@ -83,10 +83,12 @@ def version_key(version: str) -> tuple:
 def in_range(version: str, spec: str) -> bool:
     """`version` satisfies a comma-separated specifier such as '>=2.6,<3' (local labels ignored)."""
     key = version_key(version.split("+")[0])
-    ops = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
-           "<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
+    ops = {">=": lambda a, b: a >= b, "~=": lambda a, b: a >= b, "<=": lambda a, b: a <= b,
+           ">": lambda a, b: a > b, "<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
     for clause in filter(None, (c.strip() for c in spec.split(","))):
-        op = next(o for o in (">=", "<=", "==", "!=", ">", "<") if clause.startswith(o))
+        op = next((o for o in ops if clause.startswith(o)), None)
+        if op is None:
+            continue  # an operator this check does not know: pip will judge it
         if not ops[op](key, version_key(clause[len(op):].strip())):
             return False
     return True
