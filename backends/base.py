@@ -104,6 +104,7 @@ class Backend:
     options: tuple[str, ...] = ()                      # named options, in canonical order
     exclusive: tuple[tuple[str, ...], ...] = ()        # groups of options of which a case may choose one
     description: str = ""
+    extra: str = ""                             # the pyproject extra that installs what it needs ("": core)
 
     def variant_problem(self, variant: str) -> str | None:
         """What is wrong with a variant string (unknown or conflicting options), or None."""

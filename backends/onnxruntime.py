@@ -212,6 +212,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     workloads = ("text-to-image", "text-embedding")
     options = ("dynamo", "trt-ep", "spin", "tf32", "int8")
+    extra = "onnx"                               # on a GPU runner: "gpu" (onnxruntime-gpu instead)
     description = ("ONNX export (legacy or dynamo exporter) run in ONNX Runtime (CPU EP; CUDA EP / TensorRT EP on "
                    "GPU); options: spin (ORT's spinning thread pools), tf32")
 

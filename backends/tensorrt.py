@@ -627,6 +627,7 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
     options = OPTIONS
     exclusive = (("fp8", "fp4"),)
+    extra = "tensorrt"
     description = ("TensorRT engines from the ONNX exports: profiles from the case matrix, strongly typed, cached "
                    "per TRT x GPU; options: static, fp8, fp4, tf32")
 

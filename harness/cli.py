@@ -342,15 +342,23 @@ def cmd_merge(args) -> int:
 def cmd_backends(_args) -> int:
     from backends import base as registry
     from harness import device as devinfo, preflight
+    root = Path(__file__).resolve().parent.parent
+    # from a checkout, name the checkout: diffbench is not on PyPI, and a bare name would fetch whatever is there
+    target = f"-e '{root}[{{}}]'" if (root / "pyproject.toml").is_file() else "'diffbench[{}]'"
+    gpu = devinfo.cuda_available()
     # the stack-vs-GPU verdict of each backend on this machine, per device (harness/preflight.py)
-    stack = preflight.Stack.from_env(devinfo.fingerprint("cuda" if devinfo.cuda_available() else "cpu"))
+    stack = preflight.Stack.from_env(devinfo.fingerprint("cuda" if gpu else "cpu"))
     for name in registry.names():
-        support = registry.get(name).available()
         backend = registry.get(name)
+        support = backend.available()
         combine = "; ".join(" | ".join(group) + " do not combine" for group in backend.exclusive)
         variants = ", ".join(backend.options) or "-"
         status = "available" if support else f"unavailable: {support.reason}"
         print(f"{name:<14} {status}  [options: {variants}{'; ' + combine if combine else ''}]")
+        extra = getattr(backend, "extra", "")
+        if not support and extra:
+            extra = "gpu" if gpu and extra == "onnx" else extra  # onnxruntime-gpu instead of onnxruntime
+            print(f"{'':<14} install: pip install {target.format(extra)}")
         for line in preflight.backend_listing(stack, name):
             print(f"{'':<14} {line}")
     return 0
@@ -359,8 +367,8 @@ def cmd_backends(_args) -> int:
 def cmd_models(_args) -> int:
     from harness.models import MODELS
     for spec in MODELS.values():
-        where = "GPU only" if spec.gpu_only else "CPU and GPU"
-        print(f"{spec.name:<11} {spec.kind:<5} {where:<12} {spec.description}")
+        where = "GPU; CPU slow" if spec.full_size else "CPU and GPU"
+        print(f"{spec.name:<11} {spec.kind:<5} {where:<13} {spec.description}")
     print("path:DIR    a diffusers checkpoint folder on disk")
     return 0
 

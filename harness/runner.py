@@ -185,8 +185,12 @@ def support_of(case: Case, env: dict) -> registry.Support:
     fit this device, and what would), then the backend's own answer."""
     model_spec = models.spec(case.model)
     device = env["device"]
-    if model_spec.gpu_only and device != "cuda":
-        return registry.Support.no(f"{case.model} is a full-size architecture: GPU only (run with --gpu)")
+    if model_spec.full_size and device == "cpu":
+        # named explicitly (the default matrix holds none): it runs, slowly, if its weights fit in RAM
+        import psutil
+        problem = models.cpu_memory_problem(case.model, case.dtype, psutil.virtual_memory().total)
+        if problem:
+            return registry.Support.no(problem)
     missing = model_spec.missing()
     if missing:
         return registry.Support.no(missing)

@@ -52,8 +52,8 @@ def _run_reference(model_name, dtype="fp32"):
 
 
 def test_reference_same_seed_twice_identical(model_name):
-    if models.spec(model_name).gpu_only:
-        pytest.skip("full-size model: GPU only")
+    if models.spec(model_name).full_size:
+        pytest.skip("full-size model: checked on the tiny models (another full-size run costs minutes)")
     model, first = _run_reference(model_name)
     with torch.inference_mode():
         second = model.pipeline(**models.pipeline_inputs(model, Case(model_name, "diffusers"))).images
@@ -63,8 +63,8 @@ def test_reference_same_seed_twice_identical(model_name):
 
 def test_reference_save_reload_roundtrip(model_name, tmp_path):
     """save_pretrained -> from_pretrained gives bit-identical images."""
-    if models.spec(model_name).gpu_only:
-        pytest.skip("full-size model: GPU only")
+    if models.spec(model_name).full_size:
+        pytest.skip("full-size model: checked on the tiny models (another full-size run costs minutes)")
     from diffusers import DiffusionPipeline
     model, first = _run_reference(model_name)
     model.pipeline.save_pretrained(tmp_path, safe_serialization=True)

@@ -96,6 +96,7 @@ class TritonBackend(Backend):
     workloads = ("text-to-image", "text-embedding")
     options = ("http", "grpc", "http-all", "grpc-all", "onnx", "grpc-onnx")
     exclusive = (options,)   # each names a protocol and what is served
+    extra = "triton"
     description = "Triton Inference Server (python backend, torch) via tritonclient HTTP/gRPC"
 
     def __init__(self):

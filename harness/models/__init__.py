@@ -19,7 +19,7 @@ import torch
 from harness import workloads
 from harness.atomic import atomic_folder
 from harness.errors import UserError
-from harness.models.full import build_full
+from harness.models.full import build_full, weights_bytes
 from harness.models.tiny import BUILDERS as TINY_BUILDERS
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -41,7 +41,9 @@ class ModelSpec:
     description: str
 
     @property
-    def gpu_only(self) -> bool:
+    def full_size(self) -> bool:
+        """A full-size architecture: runs on CPU too when named explicitly (slowly: a smoke test, not a benchmark);
+        the default matrix never holds one."""
         return self.source == "full"
 
     @property
@@ -155,6 +157,16 @@ def _load_embedding(model_spec: ModelSpec, dtype: str, device: str) -> LoadedMod
                        weights_sha256=digest)
 
 
+def cpu_memory_problem(name: str, dtype: str, ram_bytes: int) -> str | None:
+    """Why a full-size model cannot run in this much RAM, or None. Its weights alone must leave a fifth of the
+    memory free for activations, the reference's copy being freed before the measured one is built."""
+    need = weights_bytes(name, TORCH_DTYPES[dtype])
+    if need <= 0.8 * ram_bytes:
+        return None
+    return (f"{name} in {dtype} needs {need / 1e9:.1f} GB for its weights alone; this machine has "
+            f"{ram_bytes / 1e9:.1f} GB of RAM (run it on a GPU with --gpu)")
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("DIFFBENCH_CACHE", Path.cwd() / ".cache")).resolve()
 
@@ -220,6 +232,10 @@ def load(name: str, dtype: str, device: str = "cpu") -> LoadedModel:
     if model_spec.source == "full":
         pipeline = build_full(name, torch_dtype, device)
         source = f"configs/{name} (random weights)"
+        if device == "cpu":
+            notes.append(f"full-size {name} on CPU: {weights_bytes(name, torch_dtype) / 1e9:.1f} GB of {dtype} "
+                         "weights built with random values (tens of seconds), seconds per call even at 64x64: a "
+                         "smoke test of the code path, not a figure to compare with a GPU")
     else:
         if model_spec.source == "tiny":
             folder, digest, notes = ensure_tiny(name)
