@@ -10,9 +10,9 @@ import math
 from pathlib import Path
 
 from harness.device import device_class as _env_device_class
+from harness.workloads import REFERENCES, of_model
 
-REFERENCE = "diffusers"
-STATUSES = ("passed", "failed", "error", "unsupported", "interrupted")
+STATUSES = ("passed", "failed", "error", "over_budget", "unsupported", "interrupted")
 
 
 def _device(record: dict) -> str:
@@ -49,7 +49,7 @@ def _latest(records: list[dict]) -> list[dict]:
 def _speed(record: dict, reference: dict | None) -> str:
     if reference is None or _p50(reference) is None:
         return ""
-    return f" ({_p50(reference) / _p50(record):.2f}x vs {REFERENCE})"
+    return f" ({_p50(reference) / _p50(record):.2f}x vs {reference['backend']})"
 
 
 def summary_markdown(records: list[dict], gate_result=None, title: str = "diffbench") -> str:
@@ -68,7 +68,8 @@ def summary_markdown(records: list[dict], gate_result=None, title: str = "diffbe
     shapes: dict[tuple, list[dict]] = {}
     for r in records:
         if r["status"] == "passed" and _p50(r) is not None:
-            key = (_device(r), r["model"], r["dtype"], r["batch"], r["height"], r["width"], r["steps"])
+            key = (_device(r), r["model"], r["dtype"], r["batch"], r["height"], r["width"], r["steps"],
+                   r.get("seq") or 0)
             shapes.setdefault(key, []).append(r)
     if shapes:
         lines += ["| device class | shape | fastest (e2e p50) | slowest (e2e p50) | fastest vs slowest |",
@@ -76,9 +77,10 @@ def summary_markdown(records: list[dict], gate_result=None, title: str = "diffbe
         for key in sorted(shapes):
             rows = sorted(shapes[key], key=lambda r: (_p50(r), _backend(r)))
             fastest, slowest = rows[0], rows[-1]
-            reference = next((r for r in rows if r["backend"] == REFERENCE and not r.get("variant")), None)
-            dev, model, dtype, batch, height, width, steps = key
-            shape = f"{model} {dtype} b{batch} {height}x{width} s{steps}"
+            dev, model, dtype, batch, height, width, steps, seq = key
+            reference_backend = REFERENCES[of_model(model)]
+            reference = next((r for r in rows if r["backend"] == reference_backend and not r.get("variant")), None)
+            shape = f"{model} {dtype} b{batch} " + (f"seq{seq}" if seq else f"{height}x{width} s{steps}")
             fast = f"{_cell(_backend(fastest))} {_p50(fastest) * 1000:.1f} ms{_speed(fastest, reference)}"
             if len(rows) == 1:
                 slow, spread = "(one backend)", "-"

@@ -5,6 +5,7 @@ import torch
 
 from backends.diffusers import DiffusersBackend
 from harness.cases import Case
+from harness.models import LoadedModel
 
 
 def test_tf32_option_rules():
@@ -21,7 +22,8 @@ def test_tf32_is_on_during_the_case_and_restored_at_close():
     torch.set_float32_matmul_precision("highest")       # what the runner sets before every case
     torch.backends.cudnn.allow_tf32 = False
     try:
-        model = SimpleNamespace(pipeline=SimpleNamespace(unet="unet", vae="vae"), components=["unet", "vae"])
+        model = LoadedModel("tiny-sd", "sd", SimpleNamespace(unet="unet", vae="vae"), "fp32", "cpu", denoiser="unet",
+                            vae="vae")
         plain = DiffusersBackend().prepare(model, Case("tiny-sd", "diffusers"), None)
         assert torch.get_float32_matmul_precision() == "highest" and plain.info["tf32"] is False
         plain.close()

@@ -8,6 +8,7 @@ import torch
 from backends import torch_compile as tc
 from backends.base import enable_tf32
 from harness.cases import Case
+from harness.models import LoadedModel
 
 CPU = {"device": "cpu"}
 
@@ -131,7 +132,7 @@ class _TinyBackend(tc.TorchCompileBackend):
 def _model():
     torch.manual_seed(0)
     pipeline = SimpleNamespace(unet=_Denoiser(), vae=_Vae())
-    return SimpleNamespace(pipeline=pipeline, denoiser="unet", vae="vae")
+    return LoadedModel("tiny-sd", "sd", pipeline, "fp32", "cpu", denoiser="unet", vae="vae")
 
 
 class _NoCallBackend(tc.TorchCompileBackend):
