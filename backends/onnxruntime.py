@@ -334,14 +334,15 @@ def quantize_int8(onnx_path: Path, cache: Path) -> Path:
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from harness.atomic import atomic_folder
+    from harness.atomic import atomic_folder, build_lock
     source = Path(onnx_path)
     target = cache / "onnx-int8" / f"{source.parent.name}-ort{ort.__version__}"
     model = target / "model.onnx"
-    if model.is_file():
-        return model
-    with atomic_folder(target, "int8") as tmp:
-        quantize_dynamic(str(source), str(tmp / "model.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+    with build_lock(target):
+        if model.is_file():
+            return model
+        with atomic_folder(target, "int8") as tmp:
+            quantize_dynamic(str(source), str(tmp / "model.onnx"), weight_type=QuantType.QInt8, per_channel=True)
     return model
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from harness.cases import Case
 from harness.errors import UserError
-from harness.records import Record, RecordWriter, new_run_id, sanitize
+from harness.records import Record, RecordWriter, git_info, new_run_id, sanitize
 from harness.timing import stats
 from harness.worker import PROTOCOL, WorkerDied, WorkerProcess   # both builds speak the same message set
 
@@ -91,9 +91,12 @@ def _paced_case(sides: dict[str, Side], case: Case, warmup: int) -> tuple[dict[s
 
 
 def _unmeasured_record(case: Case, side: Side, status: str, error_class: str, reason: str) -> dict:
-    """The record a side gets when its worker could not report one (it died, or the run was interrupted)."""
+    """The record a side gets when its worker could not report one (it died, or the run was interrupted): it still
+    names the build it belongs to."""
     record = Record.for_case(case, side.run_id, device=side.device)
     record.status, record.error_class, record.reason = status, error_class, reason
+    record.git = git_info(side.worker.root)
+    record.paired = {"side": side.name}
     return sanitize(record.to_dict())
 
 

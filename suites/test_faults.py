@@ -111,33 +111,40 @@ def _diffbench(args, env_extra=None, **kw):
                             preexec_fn=fault_backends.sigint_as_at_a_terminal, **kw)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_then_resume_records_every_case_once(tmp_path, sig):
-    """Interrupt mid-run: the current case is recorded as interrupted, the JSONL stays valid, --resume finishes."""
-    args = ["run", "--model", "tiny-sd", "--backend", "diffusers", "--backend", "faulty+slow",
-            "--steps", "2", "--steps", "3", "--warmup", "0", "--repeats", "3", "--no-report",
-            "--results-dir", str(tmp_path)]
-    proc = _diffbench(args)
-    deadline = time.monotonic() + 120
-    records_file = None
-    while time.monotonic() < deadline:   # wait until the first case is on disk and the slow ones are running
-        found = list(tmp_path.glob("*/records.jsonl"))
-        if found and found[0].read_text().count("\n") >= 1:
-            records_file = found[0]
-            break
+def _wait_for_records(folder: Path, count: int, timeout_s: float = 120) -> Path:
+    """The run's records file once it holds `count` records (the next case is then running)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = list(folder.glob("*/records.jsonl"))
+        if found and found[0].read_text().count("\n") >= count:
+            return found[0]
         time.sleep(0.2)
-    assert records_file, "no record appeared"
-    time.sleep(1.0)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "--resume" in err and "Traceback" not in err
-    first = read_records(records_file)                         # still valid JSONL
-    assert any(r["status"] == "interrupted" for r in first), [r["status"] for r in first]
+    raise AssertionError(f"fewer than {count} record(s) appeared in {timeout_s:.0f} s")
 
-    resume = _diffbench(["run", "--resume", str(records_file.parent), "--model", "tiny-sd", "--backend",
-                         "diffusers", "--backend", "faulty+slow", "--steps", "2", "--steps", "3", "--warmup", "0",
-                         "--repeats", "3", "--no-report"])
+
+def test_interrupt_then_resume_records_every_case_once(tmp_path):
+    """Interrupt mid-run with SIGINT, resume, interrupt the resumed run with SIGTERM, resume again: each interrupt
+    records the case in flight as interrupted and keeps the JSONL valid; the last resume finishes every case once."""
+    selection = ["--model", "tiny-sd", "--backend", "diffusers", "--backend", "faulty+slow", "--steps", "2",
+                 "--steps", "3", "--warmup", "0", "--repeats", "3", "--no-report"]
+    proc = _diffbench(["run", *selection, "--results-dir", str(tmp_path)])
+    records_file = _wait_for_records(tmp_path, 1)
+    done = {}
+    for sig, resume_from in ((signal.SIGINT, None), (signal.SIGTERM, records_file.parent)):
+        if resume_from is not None:
+            proc = _diffbench(["run", "--resume", str(resume_from), *selection])
+            _wait_for_records(tmp_path, len(read_records(records_file)) + 1)
+        time.sleep(1.0)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, (sig, err)
+        assert "--resume" in err and "Traceback" not in err
+        records = read_records(records_file)                         # still valid JSONL
+        assert records[-1]["status"] == "interrupted", [r["status"] for r in records]
+        done[sig] = {r["case_id"] for r in records if r["status"] != "interrupted"}
+    assert done[signal.SIGINT] < done[signal.SIGTERM]                 # the first resume skipped, then added
+
+    resume = _diffbench(["run", "--resume", str(records_file.parent), *selection])
     out, err = resume.communicate(timeout=300)
     assert resume.returncode == 0, err
     assert "skip" in out

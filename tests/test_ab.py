@@ -110,29 +110,15 @@ def test_worker_speaks_only_json_on_its_protocol_pipe(tmp_path):
     assert len(lines) == 1 and json.loads(lines[0])["ready"] is True
 
 
-def test_baseline_rev_runs_a_git_worktree_of_that_commit(tmp_path):
-    """--baseline-rev HEAD: the baseline side runs from a temporary worktree of HEAD (its records name that
-    commit) and the worktree is gone afterwards."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM])   # SIGINT takes the same KeyboardInterrupt path (see test_faults)
+def test_interrupted_ab_records_the_case_in_flight_and_leaves_no_worker(tmp_path, sig):
+    """--baseline-rev HEAD, interrupted: the baseline side runs from a temporary worktree of HEAD (its record names
+    that commit); the case in flight is recorded interrupted on both sides; no worker and no worktree is left."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     if not head:
         pytest.skip("not a git checkout")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "ab", "--baseline-rev", "HEAD", "--model", "tiny-sd",
-                           "--backend", "diffusers", "--warmup", "0", "--repeats", "2", "--no-report",
-                           "--results-dir", str(tmp_path), "--threshold", "status"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (base,) = _records(tmp_path, "baseline").values()
-    assert base["status"] == "passed" and base["git"]["commit"] == head
-    assert base["paired"]["side"] == "baseline"
-    worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
-    assert "diffbench-ab-" not in worktrees
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM])   # SIGINT takes the same KeyboardInterrupt path (see test_faults)
-def test_interrupted_ab_records_the_case_in_flight_and_leaves_no_worker(tmp_path, sig):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "ab", "--baseline-dir", str(ROOT), "--model",
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "ab", "--baseline-rev", "HEAD", "--model",
                              "tiny-sd", "--backend", "diffusers", "--steps", "2", "--steps", "3", "--warmup", "0",
                              "--repeats", "400", "--no-report", "--results-dir", str(tmp_path)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -147,8 +133,12 @@ def test_interrupted_ab_records_the_case_in_flight_and_leaves_no_worker(tmp_path
     assert "Traceback" not in err and "interrupted" in err
     for side in ("baseline", "current"):
         (records,) = tmp_path.glob(f"ab-*/{side}/*/records.jsonl")
-        statuses = [r["status"] for r in load_many([records])]
-        assert statuses == ["interrupted"], statuses
+        side_records = load_many([records])
+        assert [r["status"] for r in side_records] == ["interrupted"], side_records
+        if side == "baseline":
+            assert side_records[0]["git"]["commit"] == head and side_records[0]["paired"]["side"] == "baseline"
     time.sleep(2.0)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps, "a worker outlived the A/B run"
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "diffbench-ab-" not in worktrees

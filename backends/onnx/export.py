@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from backends.onnx.components import ComponentSpec, component_specs
-from harness.atomic import atomic_folder
+from harness.atomic import atomic_folder, build_lock
 
 EXPORTERS = ("legacy", "dynamo")
 OPSET = {"legacy": 17, "dynamo": 18}
@@ -188,23 +188,24 @@ def export_component(spec: ComponentSpec, module: torch.nn.Module, root: Path, m
                        input_dtypes={n: str(t.dtype).removeprefix("torch.") for n, t in spec.inputs.items()},
                        example_shapes={n: list(t.shape) for n, t in spec.inputs.items()},
                        dynamic_axes=spec.dynamic_axes, meta=spec.meta)
-    if folder.exists():
-        problem = verify_entry(folder, key)
-        if problem is None:
-            return ComponentExport(spec.component, spec.role, folder, key=key, reused=True, seconds=0.0,
-                                   **description), None
-        note = f"onnx export cache {spec.component} re-exported: {problem}"
-    start = time.perf_counter()
-    with atomic_folder(folder, spec.component) as tmp:
-        _export_to(spec, tmp, exporter, opset)
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-        seconds = time.perf_counter() - start
-        (tmp / MANIFEST).write_text(json.dumps(
-            {"key": key, "component": spec.component, "exporter": exporter, "opset": opset, "dtype": dtype,
-             "torch": torch.__version__, "seconds": round(seconds, 3), "files": files, **description},
-            indent=1, default=str))
-    return ComponentExport(spec.component, spec.role, folder, key=key, reused=False, seconds=seconds,
-                           **description), note
+    with build_lock(folder):
+        if folder.exists():
+            problem = verify_entry(folder, key)
+            if problem is None:
+                return ComponentExport(spec.component, spec.role, folder, key=key, reused=True, seconds=0.0,
+                                       **description), None
+            note = f"onnx export cache {spec.component} re-exported: {problem}"
+        start = time.perf_counter()
+        with atomic_folder(folder, spec.component) as tmp:
+            _export_to(spec, tmp, exporter, opset)
+            files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+            seconds = time.perf_counter() - start
+            (tmp / MANIFEST).write_text(json.dumps(
+                {"key": key, "component": spec.component, "exporter": exporter, "opset": opset, "dtype": dtype,
+                 "torch": torch.__version__, "seconds": round(seconds, 3), "files": files, **description},
+                indent=1, default=str))
+        return ComponentExport(spec.component, spec.role, folder, key=key, reused=False, seconds=seconds,
+                               **description), note
 
 
 def export_model(model, case, root: Path, exporter: str = "legacy", components: list[str] | None = None,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from harness import workloads
-from harness.atomic import atomic_folder
+from harness.atomic import atomic_folder, build_lock
 from harness.errors import UserError
 from harness.models.full import build_full, weights_bytes
 from harness.models.tiny import BUILDERS as TINY_BUILDERS
@@ -194,19 +194,19 @@ def ensure_tiny(name: str, root: Path | None = None) -> tuple[Path, str, list[st
     """The tiny model's folder, built if missing; a corrupt or partial entry is detected by hash and rebuilt."""
     folder = (root or cache_root()) / "models" / name
     notes: list[str] = []
-    manifest = folder / MANIFEST
-    if folder.exists():
-        problem = None
-        try:
-            expected = json.loads(manifest.read_text())["weights"]
-            if weights_digest(folder) != expected:
-                problem = "weights hash mismatch"
-        except (OSError, KeyError, json.JSONDecodeError) as exc:
-            problem = f"unreadable manifest ({type(exc).__name__})"
-        if problem is None:
-            return folder, expected[""], notes
-        notes.append(f"model cache {name} rebuilt: {problem}")
-    digest = save_tiny(name, folder)
+    with build_lock(folder):
+        if folder.exists():
+            problem = None
+            try:
+                expected = json.loads((folder / MANIFEST).read_text())["weights"]
+                if weights_digest(folder) != expected:
+                    problem = "weights hash mismatch"
+            except (OSError, KeyError, json.JSONDecodeError) as exc:
+                problem = f"unreadable manifest ({type(exc).__name__})"
+            if problem is None:
+                return folder, expected[""], notes
+            notes.append(f"model cache {name} rebuilt: {problem}")
+        digest = save_tiny(name, folder)
     return folder, digest, notes
 
 
