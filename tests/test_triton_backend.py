@@ -25,7 +25,7 @@ def session(tmp_path_factory):
     s.close()   # close_all() -> TritonBackend.close() stops the server
 
 
-@pytest.mark.parametrize("variant", ["grpc"])   # http: the suites' triton cases
+@pytest.mark.parametrize("variant", ["http", "grpc"])
 def test_runner_case_passes_parity(session, variant):
     record = session.result(Case("tiny-sd", "triton", variant))
     assert record.status == "passed", (record.reason, record.info.get("traceback"))
