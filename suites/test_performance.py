@@ -34,13 +34,17 @@ def test_latency(case, diffbench_session, benchmark, case_properties):
 def test_in_pipeline_denoise_step_stays_close_to_the_component_alone(case, diffbench_session):
     """A backend configured badly for life inside a pipeline (e.g. ONNX Runtime's spinning thread pool fighting
     torch's threads for the cores) shows as an in-pipeline denoiser step far slower than the same executor alone on
-    the same inputs. Both are measured in the same run, so this is a ratio, not an absolute time."""
+    the same inputs. Both are measured in the same run, so this is a ratio, not an absolute time; as in the gate, an
+    excess counts only beyond the noise of the two measurements (3 standard errors of the difference of medians)."""
+    from harness.noise import standard_error_band
     from harness.runner import INTEGRATION_WARNING
     record = diffbench_session.result(case)
     if record.status != "passed":
         pytest.skip(f"{record.status}: {record.reason}")
     step = record.stages["denoise_step"]
     assert step.get("alone"), "the denoiser was not timed alone"
-    assert step["integration"] <= INTEGRATION_WARNING, (
-        f"{case.id}: in-pipeline denoise_step p50 {step['p50'] * 1e3:.2f} ms vs alone "
-        f"{step['alone']['p50'] * 1e3:.2f} ms = {step['integration']:.2f}x")
+    alone = step["alone"]
+    band = standard_error_band(step, alone)
+    assert step["p50"] <= INTEGRATION_WARNING * alone["p50"] + band, (
+        f"{case.id}: in-pipeline denoise_step p50 {step['p50'] * 1e3:.2f} ms vs alone {alone['p50'] * 1e3:.2f} ms "
+        f"= {step['integration']:.2f}x, beyond {INTEGRATION_WARNING}x + the noise band {band * 1e3:.2f} ms")
