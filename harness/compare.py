@@ -61,7 +61,7 @@ EMBEDDING_TOLERANCES = {"fp32": EmbeddingTolerance(0.9999), "fp16": EmbeddingTol
 def default_tolerance(workload: str, dtype: str):
     from harness.workloads import TEXT_EMBEDDING
     return EMBEDDING_TOLERANCES[dtype] if workload == TEXT_EMBEDDING else IMAGE_TOLERANCES[dtype]
-CONSTANT_STD = 1e-4  # an image with less spread than this is blank (DESIGN §7: timings printed for a blank image)
+CONSTANT_STD = 1e-4  # an image with less spread than this is blank: its timings must never be published
 
 
 def component_role(name: str) -> str:

@@ -2,7 +2,7 @@
 
 The bundled server has only the python backend. Like PyTriton, we give it a backend directory holding the python
 backend plus the stub built for this interpreter's version, and run the stub with this interpreter's environment:
-its own lib dir first in LD_LIBRARY_PATH (Debian's system libpython crashes the stub, DESIGN §6) and its bin dir
+its own lib dir first in LD_LIBRARY_PATH (Debian's system libpython crashes the stub) and its bin dir
 first in PATH (the embedded interpreter finds the venv's site-packages from there).
 
 Never an orphan: the server runs in its own session (process group); stop() sends SIGTERM to the group, then

@@ -1,4 +1,4 @@
-"""Tiny SD1.5-like and SD3-like pipelines built offline with fixed seeds (DESIGN.md §6 recipes).
+"""Tiny SD1.5-like and SD3-like pipelines built offline with fixed seeds.
 
 Built once, saved with save_pretrained, and always loaded back with from_pretrained: the real loading path.
 The VAE has four levels so its scale factor is 8 like the real models (64x64 image -> 8x8 latent).
