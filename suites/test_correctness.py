@@ -1,4 +1,5 @@
-"""Is it right? Component parity and end-to-end image parity of every backend against the eager reference.
+"""Is it right? Component parity and end-to-end parity of every backend against the eager reference: images
+(PSNR / SSIM) for text-to-image, embeddings (cosine per sentence) and nearest-neighbour ranking for text-embedding.
 
 On failure the message names the metric, the tolerance and the smallest tolerance that would have passed.
 """
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness import models
+from harness import models, workloads
 from harness.cases import Case
 from harness.runner import RunOptions, Session, run_case
 
@@ -19,19 +20,27 @@ def _measured(case, session):
     return record
 
 
-def test_image_parity(case, diffbench_session, case_properties):
+def _output_key(case) -> str:
+    return "embedding" if case.workload == workloads.TEXT_EMBEDDING else "image"
+
+
+def test_output_parity(case, diffbench_session, case_properties):
     case_properties(diffbench_session.result(case))     # the figures as junit XML properties
     record = _measured(case, diffbench_session)
-    image = record.parity["image"]
-    assert image["passed"], f"{case.id}: {image.get('error')}"
-    # PSNR is recorded as null when the images are identical (infinite PSNR)
-    assert image["psnr"] is None or image["psnr"] >= image["tolerance"]["min_psnr_db"]
+    output = record.parity[_output_key(case)]
+    assert output["passed"], f"{case.id}: {output.get('error')}"
+    if case.workload == workloads.TEXT_EMBEDDING:
+        assert output["min_cosine"] >= output["tolerance"]["min_cosine"]
+        ranking = record.parity["ranking"]
+        assert ranking["passed"], f"{case.id}: nearest neighbours moved: {ranking}"
+    else:   # PSNR is recorded as null when the images are identical (infinite PSNR)
+        assert output["psnr"] is None or output["psnr"] >= output["tolerance"]["min_psnr_db"]
 
 
-def test_image_parity_holds_on_the_last_measured_call(case, diffbench_session):
+def test_output_parity_holds_on_the_last_measured_call(case, diffbench_session):
     """A backend right on its first call and wrong later (overwritten output buffers, stale state) must fail."""
     record = _measured(case, diffbench_session)
-    last = record.parity["image_last"]
+    last = record.parity[f"{_output_key(case)}_last"]
     assert last["passed"], f"{case.id}: last measured call: {last.get('error')}"
 
 
@@ -45,34 +54,50 @@ def test_component_parity(case, diffbench_session):
 
 
 def _run_reference(model_name, dtype="fp32"):
-    case = Case(model_name, "diffusers")
     model = models.load(model_name, dtype)
+    return model, _outputs(model, _reference_case(model_name))
+
+
+def _outputs(model, case):
     with torch.inference_mode():
-        return model, model.pipeline(**models.pipeline_inputs(model, case)).images
+        if model.workload == workloads.TEXT_EMBEDDING:
+            from harness.models.embedding import embed
+            from harness.models.sentences import texts_for
+            return embed(model.pipeline, texts_for(case.seq), case.seq)
+        return model.pipeline(**models.pipeline_inputs(model, case)).images
+
+
+def _reference_case(model_name) -> Case:
+    workload = workloads.of_model(model_name)
+    seq = 16 if workload == workloads.TEXT_EMBEDDING else 0     # the short sentences
+    return Case(model_name, workloads.reference_backend(workload), seq=seq)
 
 
 def test_reference_same_seed_twice_identical(model_name):
     if models.spec(model_name).full_size:
         pytest.skip("full-size model: checked on the tiny models (another full-size run costs minutes)")
     model, first = _run_reference(model_name)
-    with torch.inference_mode():
-        second = model.pipeline(**models.pipeline_inputs(model, Case(model_name, "diffusers"))).images
+    second = _outputs(model, _reference_case(model_name))
     assert np.array_equal(first, second)
-    assert first.std() > 0.01, "reference image is blank"
+    assert first.std() > 0.01, "reference output is constant"
 
 
 def test_reference_save_reload_roundtrip(model_name, tmp_path):
-    """save_pretrained -> from_pretrained gives bit-identical images."""
+    """save_pretrained -> from_pretrained gives bit-identical outputs."""
     if models.spec(model_name).full_size:
         pytest.skip("full-size model: checked on the tiny models (another full-size run costs minutes)")
-    from diffusers import DiffusionPipeline
     model, first = _run_reference(model_name)
-    model.pipeline.save_pretrained(tmp_path, safe_serialization=True)
-    reloaded = DiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
-    reloaded.set_progress_bar_config(disable=True)
-    model.pipeline = reloaded
-    with torch.inference_mode():
-        second = reloaded(**models.pipeline_inputs(model, Case(model_name, "diffusers"))).images
+    if model.workload == workloads.TEXT_EMBEDDING:
+        from harness.models.embedding import load_encoder_pipeline
+        model.pipeline.encoder.save_pretrained(tmp_path, safe_serialization=True)
+        model.pipeline.tokenizer.save_pretrained(tmp_path)
+        model.pipeline = load_encoder_pipeline(tmp_path, models.TORCH_DTYPES["fp32"], "cpu")
+    else:
+        from diffusers import DiffusionPipeline
+        model.pipeline.save_pretrained(tmp_path, safe_serialization=True)
+        model.pipeline = DiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
+        model.pipeline.set_progress_bar_config(disable=True)
+    second = _outputs(model, _reference_case(model_name))
     assert np.array_equal(first, second)
 
 

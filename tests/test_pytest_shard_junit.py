@@ -14,7 +14,7 @@ from harness.options import select_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 SELECTION = ["--model", "tiny-sd", "--backend", "diffusers", "--backend", "onnxruntime", "--quick"]
-TESTS = ["suites/test_performance.py", "suites/test_correctness.py", "-k", "test_latency or test_image_parity and not last"]
+TESTS = ["suites/test_performance.py", "suites/test_correctness.py", "-k", "test_latency or test_output_parity and not last"]
 
 
 def _pytest(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[ET.Element]]:
@@ -34,7 +34,7 @@ def test_a_shard_runs_only_its_cases_and_junit_carries_their_figures(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert f"diffbench: shard {index}/2: 1 of 2 selected case(s)" in proc.stdout
     case_id = "tiny-sd/diffusers/fp32/b1/64x64/s4"
-    assert {tc.get("name") for tc in testcases} == {f"test_latency[{case_id}]", f"test_image_parity[{case_id}]"}
+    assert {tc.get("name") for tc in testcases} == {f"test_latency[{case_id}]", f"test_output_parity[{case_id}]"}
     for tc in testcases:
         props = {p.get("name"): p.get("value") for p in tc.iter("property")}
         assert props["case_id"] == case_id and props["status"] == "passed" and props["parity"] == "pass"
