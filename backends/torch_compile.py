@@ -163,42 +163,33 @@ class TorchCompileBackend(Backend):
             undo.append(enable_tf32())
         pipeline = model.pipeline
         build: dict[str, float] = {}
-        if model.encoder:   # text-embedding: the encoder is the whole model worth compiling
-            try:
+        info = {"compile_options": {k: options.get(k) for k in _COMPILE_KEYS},
+                "inductor_config": dict(knobs.get("inductor_config") or {}), "tf32": bool(knobs.get("tf32")),
+                "inductor_cache_dir": str(cache_dir), "torch": torch.__version__}
+        try:
+            if model.encoder:   # text-embedding: the encoder is the whole model worth compiling
                 compiled = torch.compile(getattr(pipeline, model.encoder), **options)
                 setattr(pipeline, model.encoder, compiled)
                 executors = {model.encoder: compiled}
-                info = {"compile_options": {k: options.get(k) for k in _COMPILE_KEYS}, "compiled": [model.encoder],
-                        "inductor_config": dict(knobs.get("inductor_config") or {}), "tf32": bool(knobs.get("tf32")),
-                        "inductor_cache_dir": str(cache_dir), "torch": torch.__version__}
-                with timed(build, "compile"), torch.inference_mode():
-                    self.warm_call(model, case)
-            except BaseException:
-                for fn in reversed(undo):
-                    fn()
-                raise
-            return self._prepared(pipeline, executors, build, info, undo)
-        denoiser = getattr(pipeline, model.denoiser)
-        vae = getattr(pipeline, model.vae)
-        try:
-            if knobs.get("fuse_qkv"):
-                for module in (denoiser, vae):
-                    if hasattr(module, "fuse_qkv_projections"):
-                        module.fuse_qkv_projections()
-            if knobs.get("channels_last"):
-                denoiser.to(memory_format=torch.channels_last)
-                vae.to(memory_format=torch.channels_last)
+                info["compiled"] = [model.encoder]
+            else:
+                denoiser = getattr(pipeline, model.denoiser)
+                vae = getattr(pipeline, model.vae)
+                if knobs.get("fuse_qkv"):
+                    for module in (denoiser, vae):
+                        if hasattr(module, "fuse_qkv_projections"):
+                            module.fuse_qkv_projections()
+                if knobs.get("channels_last"):
+                    denoiser.to(memory_format=torch.channels_last)
+                    vae.to(memory_format=torch.channels_last)
 
-            compiled_denoiser = torch.compile(denoiser, **options)
-            setattr(pipeline, model.denoiser, compiled_denoiser)
-            vae.decoder = torch.compile(vae.decoder, **options)   # pipeline keeps calling vae.decode(...)
-            executors = {model.denoiser: compiled_denoiser, model.vae: vae}
-            info = {"compile_options": {k: options.get(k) for k in _COMPILE_KEYS},
-                    "compiled": [model.denoiser, "vae.decoder"],
-                    "channels_last": bool(knobs.get("channels_last")), "fused_qkv": bool(knobs.get("fuse_qkv")),
-                    "inductor_config": dict(knobs.get("inductor_config") or {}), "tf32": bool(knobs.get("tf32")),
-                    "recipe": "recipe" in variant_options(case.variant),
-                    "inductor_cache_dir": str(cache_dir), "torch": torch.__version__}
+                compiled_denoiser = torch.compile(denoiser, **options)
+                setattr(pipeline, model.denoiser, compiled_denoiser)
+                vae.decoder = torch.compile(vae.decoder, **options)   # pipeline keeps calling vae.decode(...)
+                executors = {model.denoiser: compiled_denoiser, model.vae: vae}
+                info.update(compiled=[model.denoiser, "vae.decoder"],
+                            channels_last=bool(knobs.get("channels_last")), fused_qkv=bool(knobs.get("fuse_qkv")),
+                            recipe="recipe" in variant_options(case.variant))
             with timed(build, "compile"), torch.inference_mode():
                 self.warm_call(model, case)
         except BaseException:

@@ -10,7 +10,8 @@ import math
 from pathlib import Path
 
 from harness.device import device_class as _env_device_class
-from harness.workloads import REFERENCES, of_model
+from harness.workloads import is_reference
+from reports.frame import shape_label
 
 STATUSES = ("passed", "failed", "error", "over_budget", "unsupported", "interrupted")
 
@@ -77,10 +78,9 @@ def summary_markdown(records: list[dict], gate_result=None, title: str = "diffbe
         for key in sorted(shapes):
             rows = sorted(shapes[key], key=lambda r: (_p50(r), _backend(r)))
             fastest, slowest = rows[0], rows[-1]
-            dev, model, dtype, batch, height, width, steps, seq = key
-            reference_backend = REFERENCES[of_model(model)]
-            reference = next((r for r in rows if r["backend"] == reference_backend and not r.get("variant")), None)
-            shape = f"{model} {dtype} b{batch} " + (f"seq{seq}" if seq else f"{height}x{width} s{steps}")
+            dev, shape = key[0], shape_label(fastest)
+            # one model per shape, so the only eager reference present is its workload's
+            reference = next((r for r in rows if is_reference(r["backend"], r.get("variant", ""))), None)
             fast = f"{_cell(_backend(fastest))} {_p50(fastest) * 1000:.1f} ms{_speed(fastest, reference)}"
             if len(rows) == 1:
                 slow, spread = "(one backend)", "-"
