@@ -25,6 +25,10 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running (still part of the CPU suite)")
+    if config.getoption("dist", "no") != "no" and _selects_suites(config):
+        # same test as pytest-benchmark's, which turns itself off under xdist: the suites would time nothing
+        raise pytest.UsageError("suites/ time every case and pytest-benchmark is off under pytest-xdist: run them "
+                                "without -n (the unit tests in tests/ may use it)")
     from harness import options
     try:
         settings = options.settings_from(lambda dest: config.getoption(dest))
@@ -33,6 +37,17 @@ def pytest_configure(config):
     options.export_backend_settings(settings)
     config._diffbench_settings = settings
     config._diffbench_cases = settings.cases
+
+
+def _selects_suites(config) -> bool:
+    """Does this session collect anything under suites/ (an argument inside it, or a folder holding it)?"""
+    suites = (config.rootpath / "suites").resolve()
+    args = config.args or config.getini("testpaths") or ["."]
+    for arg in args:
+        path = (config.invocation_params.dir / arg.split("::")[0]).resolve()
+        if path == suites or suites in path.parents or path in suites.parents:
+            return True
+    return False
 
 
 def pytest_report_header(config):

@@ -45,6 +45,8 @@ TOP_LEVEL = ("harness", "backends", "reports")
 REQUIRE_CHROMIUM = "DIFFBENCH_REQUIRE_CHROMIUM"    # set by CI: a missing browser is an error there, not a skip
 BROWSER_TEST = "tests/test_report_browser.py"
 CHROMIUM = Path("/usr/bin/chromium")               # where the browser test looks for it
+UNIT_TEST_WORKERS = 4                              # pytest-xdist workers for tests/, at most (at least 2)
+PYTEST_STOP_CODES = (2, 3, 4)                      # interrupted, internal error, usage error
 
 
 class BootstrapError(Exception):
@@ -208,7 +210,9 @@ def install_venv(extras: tuple[str, ...], wheelhouse: Path | None) -> str:
         sh([sys.executable, "-m", "venv", str(VENV)], "creating .venv")
     if STAMP.exists() and STAMP.read_text() == stamp:
         return str(PY)
-    pip = [str(PY), "-m", "pip", "install", "--disable-pip-version-check"]
+    # --no-compile: pip would byte-compile all ~18,000 modules (~50 s on two cores); the ~4,000 ever imported are
+    # compiled on first import instead (see main: bytecode writing stays on for processes in .venv)
+    pip = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "--no-compile"]
     sh([*pip, f"torch=={TORCH}"], f"installing torch=={TORCH}", env, offline_hint(env))
     sh([*pip, "-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}{extras_arg(extras)}"], "installing diffbench",
        env, offline_hint(env))
@@ -465,13 +469,33 @@ def choose_place(own: dict) -> tuple[bool, tuple[str, ...]]:
     return use_env, parse_extras(own.get("--extras"), gpu=use_env and has_cuda_torch())
 
 
-def command(verb: str, python: str, rest: list[str]) -> list[str]:
-    if verb == "run":
-        return [python, "-m", "harness.cli", "run", *rest]
+def run_command(python: str, rest: list[str]) -> list[str]:
+    return [python, "-m", "harness.cli", "run", *rest]
+
+
+def testing_stages(python: str, rest: list[str]) -> list[tuple[list[str], dict]]:
+    """`test`: (pytest command, extra environment) for each stage, run one after the other.
+
+    On CPU: the unit tests first, several at a time (pytest-xdist, one file per worker, one torch thread each: they
+    check behaviour, not speed, and spend much of their time waiting on the processes they start), then the suites
+    alone on the machine with its usual threads (they time every case; pytest-benchmark is off under xdist).
+    With --gpu: the suites only."""
     if "--gpu" in rest:
         # the GPU-relevant suites: no apt, no Chromium (the unit tests and the browser test are CPU CI's)
-        return [python, "-m", "pytest", "suites", *rest]
-    return [python, "-m", "pytest", "tests", "suites", *ensure_chromium(), *rest]
+        return [([python, "-m", "pytest", "suites", *rest], {})]
+    workers = str(max(2, min(UNIT_TEST_WORKERS, os.cpu_count() or 1)))
+    return [([python, "-m", "pytest", "tests", "-n", workers, "--dist", "loadfile", *ensure_chromium(), *rest],
+             {"OMP_NUM_THREADS": "1"}),
+            ([python, "-m", "pytest", "suites", *rest], {})]
+
+
+def combined_exit_code(codes: list[int]) -> int:
+    """One exit code for the stages: the first failure's; pytest's 5 (nothing collected) only when every stage
+    collected nothing (a -k that matches only unit tests leaves the suites empty, and that is fine)."""
+    ran = [code for code in codes if code != 5]
+    if not ran:
+        return 5
+    return next((code for code in ran if code), 0)
 
 
 def main(argv: list[str]) -> int:
@@ -495,9 +519,21 @@ def main(argv: list[str]) -> int:
               f"--venv for a separate .venv)", flush=True)
     python = install_env(extras, wheelhouse) if use_env else install_venv(extras, wheelhouse)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = command(argv[0], python, rest)
-    print("+", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    if not use_env:
+        # .venv was installed without bytecode: with PYTHONDONTWRITEBYTECODE every process would compile every
+        # module it imports again (22 s instead of 8 s for diffusers' imports); our own .venv may hold its bytecode
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+    if argv[0] == "run":
+        cmd = run_command(python, rest)
+        print("+", " ".join(cmd), flush=True)
+        return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    codes = []
+    for cmd, stage_env in testing_stages(python, rest):
+        print("+", " ".join([*(f"{k}={v}" for k, v in stage_env.items()), *cmd]), flush=True)
+        codes.append(subprocess.run(cmd, cwd=ROOT, env={**env, **stage_env}).returncode)
+        if codes[-1] in PYTEST_STOP_CODES:
+            break       # interrupted, internal or usage error: the next stage would meet the same
+    return combined_exit_code(codes)
 
 
 if __name__ == "__main__":

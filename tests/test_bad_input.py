@@ -124,6 +124,14 @@ def test_bad_input_from_the_real_console_script(argv):
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_suites_under_pytest_xdist_stop_at_once():
+    """pytest-benchmark turns itself off under xdist, so every suite case would time nothing: refused in one line."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "suites/test_compat.py", "-n", "2", "-q"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 4, proc.stdout + proc.stderr     # pytest's usage-error exit code
+    assert "pytest-benchmark is off under pytest-xdist" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_pytest_gpu_without_gpu_stops_at_once():
     proc = subprocess.run([sys.executable, "-m", "pytest", "suites/test_compat.py", "--gpu", "-q"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -244,6 +244,22 @@ def test_a_cuda_torch_selects_use_env_and_the_gpu_extras(monkeypatch):
     def no_browser():
         raise AssertionError("test --gpu must not look for Chromium")
     monkeypatch.setattr(bootstrap, "ensure_chromium", no_browser)
-    assert bootstrap.command("test", "py", ["--gpu", "-k", "x"]) == ["py", "-m", "pytest", "suites", "--gpu",
-                                                                     "-k", "x"]
-    assert bootstrap.command("run", "py", ["--gpu"]) == ["py", "-m", "harness.cli", "run", "--gpu"]
+    assert bootstrap.testing_stages("py", ["--gpu", "-k", "x"]) == [(["py", "-m", "pytest", "suites", "--gpu",
+                                                                      "-k", "x"], {})]
+    assert bootstrap.run_command("py", ["--gpu"]) == ["py", "-m", "harness.cli", "run", "--gpu"]
+
+
+def test_cpu_testing_runs_the_unit_tests_in_parallel_then_the_suites_alone(monkeypatch):
+    monkeypatch.setattr(bootstrap, "ensure_chromium", lambda: [])
+    monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: 2)
+    (units, unit_env), (suites, suite_env) = bootstrap.testing_stages("py", ["-k", "x"])
+    assert units == ["py", "-m", "pytest", "tests", "-n", "2", "--dist", "loadfile", "-k", "x"]
+    assert unit_env == {"OMP_NUM_THREADS": "1"}      # one torch thread per worker: no oversubscribed cores
+    assert suites == ["py", "-m", "pytest", "suites", "-k", "x"] and suite_env == {}   # alone, usual threads
+    monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: 64)
+    assert bootstrap.testing_stages("py", [])[0][0][5] == str(bootstrap.UNIT_TEST_WORKERS)
+    # one exit code: a stage that collected nothing (5) is fine when the other ran; the first failure wins
+    assert bootstrap.combined_exit_code([0, 5]) == bootstrap.combined_exit_code([5, 0]) == 0
+    assert bootstrap.combined_exit_code([5, 5]) == 5
+    assert bootstrap.combined_exit_code([1, 0]) == bootstrap.combined_exit_code([0, 1]) == 1
+    assert bootstrap.combined_exit_code([5, 1]) == 1

@@ -4,6 +4,7 @@ as <property> elements, and an empty shard (more shards than cases) says so and 
 Runs pytest in a subprocess (the suites' plugin is per session): two sessions, one tiny diffusers case --quick;
 ~10-20 s on the 2-core CI VM.
 """
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -17,12 +18,18 @@ SELECTION = ["--model", "tiny-sd", "--backend", "diffusers", "--backend", "onnxr
 TESTS = ["suites/test_performance.py", "suites/test_correctness.py", "-k", "test_latency or test_output_parity and not last"]
 
 
+def own_session_env() -> dict:
+    """The environment for a pytest of its own: when this test runs in a pytest-xdist worker, the child must not
+    inherit the worker's PYTEST_XDIST_* variables (pytest-benchmark reads them and would disable itself)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+
+
 def _pytest(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[ET.Element]]:
     junit = tmp_path / "junit.xml"
     proc = subprocess.run([sys.executable, "-m", "pytest", *TESTS, *args, "--no-report",
                            "--results-dir", str(tmp_path / "results"),
                            "--junitxml", str(junit), "-o", "junit_family=legacy", "-p", "no:cacheprovider"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=own_session_env())
     return proc, list(ET.parse(junit).iter("testcase")) if junit.exists() else []
 
 
