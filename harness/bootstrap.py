@@ -469,6 +469,16 @@ def choose_place(own: dict) -> tuple[bool, tuple[str, ...]]:
     return use_env, parse_extras(own.get("--extras"), gpu=use_env and has_cuda_torch())
 
 
+def process_env(use_env: bool) -> dict:
+    """The environment of the processes the bootstrap starts: this checkout first on the path and, in .venv,
+    bytecode written on first import (.venv is installed without it: with PYTHONDONTWRITEBYTECODE every process
+    would compile every module it imports again, 22 s instead of 8 s for diffusers' imports)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if not use_env:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
 def run_command(python: str, rest: list[str]) -> list[str]:
     return [python, "-m", "harness.cli", "run", *rest]
 
@@ -518,11 +528,7 @@ def main(argv: list[str]) -> int:
         print(f"bootstrap: {sys.executable} has a CUDA torch: installing into its environment (--use-env; "
               f"--venv for a separate .venv)", flush=True)
     python = install_env(extras, wheelhouse) if use_env else install_venv(extras, wheelhouse)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if not use_env:
-        # .venv was installed without bytecode: with PYTHONDONTWRITEBYTECODE every process would compile every
-        # module it imports again (22 s instead of 8 s for diffusers' imports); our own .venv may hold its bytecode
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env = process_env(use_env)
     if argv[0] == "run":
         cmd = run_command(python, rest)
         print("+", " ".join(cmd), flush=True)

@@ -249,6 +249,13 @@ def test_a_cuda_torch_selects_use_env_and_the_gpu_extras(monkeypatch):
     assert bootstrap.run_command("py", ["--gpu"]) == ["py", "-m", "harness.cli", "run", "--gpu"]
 
 
+def test_venv_processes_write_bytecode_and_use_env_keeps_its_settings(monkeypatch):
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    venv, own = bootstrap.process_env(use_env=False), bootstrap.process_env(use_env=True)
+    assert "PYTHONDONTWRITEBYTECODE" not in venv and own["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert venv["PYTHONPATH"] == own["PYTHONPATH"] == str(bootstrap.ROOT)
+
+
 def test_cpu_testing_runs_the_unit_tests_in_parallel_then_the_suites_alone(monkeypatch):
     monkeypatch.setattr(bootstrap, "ensure_chromium", lambda: [])
     monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: 2)
