@@ -88,6 +88,15 @@ class Prepared:
             self.on_close.pop()()
 
 
+# env key set by harness.stacks when an env describes another machine (a stack file judged by `diffbench backends
+# --stack`): what is installed is then read from the env, never from this process
+DESCRIBED = "described_by"
+
+
+def described(env) -> bool:
+    return isinstance(env, dict) and bool(env.get(DESCRIBED))
+
+
 def variant_options(variant: str) -> frozenset[str]:
     """The named options a case's variant string holds ("max-autotune+fused-qkv" -> both; "" -> none)."""
     return frozenset(name for name in variant.split("+") if name)
@@ -105,6 +114,7 @@ class Backend:
     exclusive: tuple[tuple[str, ...], ...] = ()        # groups of options of which a case may choose one
     description: str = ""
     extra: str = ""                             # the pyproject extra that installs what it needs ("": core)
+    packages: tuple[str, ...] = ()              # distributions it imports, one of which must be installed
 
     def variant_problem(self, variant: str) -> str | None:
         """What is wrong with a variant string (unknown or conflicting options), or None."""
@@ -132,6 +142,16 @@ class Backend:
         """Can this backend run at all here (packages, devices)? Cheap; no model work."""
         return Support.yes()
 
+    def available_in(self, env) -> Support:
+        """available() for the machine `env` describes: this process's answer, or, for a described stack, whether
+        its recorded versions hold one of `packages`."""
+        if not described(env):
+            return self.available()
+        versions = env.get("versions") or {}
+        if not self.packages or any(versions.get(name) for name in self.packages):
+            return Support.yes()
+        return Support.no(f"{' or '.join(self.packages)} not installed in this stack")
+
     def configure(self, cases: list) -> None:
         """Told the whole case list before a run (e.g. engine profiles that span every shape). Optional."""
 
@@ -146,7 +166,7 @@ class Backend:
             return Support.no(problem)
         if case.workload not in self.workloads:
             return Support.no(f"{self.name} runs {' and '.join(self.workloads)} cases, not {case.workload}")
-        return self.available()
+        return self.available_in(env)
 
     def prepare(self, model, case, cache) -> Prepared:
         """Export / compile / build / deploy (cached) and return the pipeline with executors swapped in."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backends.base import Backend, Prepared, Support, module_available, timed, variant_options
+from backends.base import Backend, Prepared, Support, described, module_available, timed, variant_options
 from backends.onnx.executors import make_executor, output_symbols
 from backends.onnx.export import export_model
 
@@ -201,6 +201,35 @@ class OrtRunner:
         raise RuntimeError(f"cannot infer ONNX output dimension {dim!r} for IO binding")
 
 
+# ONNX Conv, ConvTranspose and InstanceNormalization take bfloat16 only from opset 22 (their type constraints in the
+# ONNX operator spec, onnx/defs/nn/defs.cc); the exports are opset 17 (legacy) / 18 (dynamo), so onnxruntime refuses
+# a bf16 UNet/VAE at session creation, on every provider: "INVALID_GRAPH ... Type 'tensor(bfloat16)' of input
+# parameter (latent) of operator (Conv) ... is invalid" (tests/test_stacks.py builds such a session on the CPU)
+BF16_GRAPH_REASON = ("bf16 on ONNX Runtime: a text-to-image graph does not load (ONNX Conv and InstanceNormalization "
+                     "take bfloat16 only from opset 22, the exports are opset 17/18: INVALID_GRAPH at session "
+                     "creation on every provider); use fp16 or fp32")
+
+
+def providers_in(env) -> list[str]:
+    """The execution providers of the onnxruntime the case runs with: as the env recorded them (this machine's
+    fingerprint, or a described stack), else this process's."""
+    recorded = ((env.get("stack") or {}).get("onnxruntime") or {}) if isinstance(env, dict) else {}
+    if "providers" in recorded or described(env):
+        return list(recorded.get("providers") or ())
+    import onnxruntime as ort
+    return ort.get_available_providers()
+
+
+def trt_ep_options(dtype: str, cache: Path) -> dict:
+    """TensorRT EP options. trt_bf16_enable only for bf16: onnxruntime-gpu before 1.23 has no such key and rejects
+    unknown ones ("Unknown provider option"), so every other dtype runs on those releases too."""
+    options = {"trt_fp16_enable": dtype == "fp16", "trt_engine_cache_enable": True,
+               "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True}
+    if dtype == "bf16":
+        options["trt_bf16_enable"] = True
+    return options
+
+
 # int8 embeddings are held to this cosine against the fp32 reference: dynamic int8 quantisation of MiniLM-L6 measured
 # a worst sentence of 0.990 and a mean of 0.996 over the fixed set (short and long, 2026-11-23); 0.98 leaves room
 # for other encoders while a broken quantisation (a wrong scale, a dropped layer) falls far below it. The ranking
@@ -213,6 +242,7 @@ class OnnxRuntimeBackend(Backend):
     workloads = ("text-to-image", "text-embedding")
     options = ("dynamo", "trt-ep", "spin", "tf32", "int8")
     extra = "onnx"                               # on a GPU runner: "gpu" (onnxruntime-gpu instead)
+    packages = ("onnxruntime", "onnxruntime-gpu")
     description = ("ONNX export (legacy or dynamo exporter) run in ONNX Runtime (CPU EP; CUDA EP / TensorRT EP on "
                    "GPU); options: spin (ORT's spinning thread pools), tf32")
 
@@ -223,11 +253,11 @@ class OnnxRuntimeBackend(Backend):
         base = super().support(case, env)
         if not base:
             return base
-        import onnxruntime as ort
-
         device = env.get("device", "cpu") if isinstance(env, dict) else "cpu"
-        providers = ort.get_available_providers()
+        providers = providers_in(env)
         chosen = variant_options(case.variant)
+        if case.dtype == "bf16" and case.workload == "text-to-image":
+            return Support.no(BF16_GRAPH_REASON)
         if "tf32" in chosen and device != "cuda":
             return Support.no(f"tf32 is a CUDA math mode: on {device} this case would repeat the one without +tf32")
         if "trt-ep" in chosen:
@@ -267,9 +297,7 @@ class OnnxRuntimeBackend(Backend):
         if "trt-ep" in chosen:
             trt_cache = cache / "ort-trt"
             trt_cache.mkdir(parents=True, exist_ok=True)
-            trt_options = {"trt_fp16_enable": case.dtype == "fp16", "trt_bf16_enable": case.dtype == "bf16",
-                           "trt_engine_cache_enable": True, "trt_engine_cache_path": str(trt_cache),
-                           "trt_timing_cache_enable": True}
+            trt_options = trt_ep_options(case.dtype, trt_cache)
             if stream is not None:
                 trt_options["user_compute_stream"] = str(stream.cuda_stream)
             return [("TensorrtExecutionProvider", trt_options), cuda]

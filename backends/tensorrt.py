@@ -628,6 +628,7 @@ class TensorRTBackend(Backend):
     options = OPTIONS
     exclusive = (("fp8", "fp4"),)
     extra = "tensorrt"
+    packages = ("tensorrt",)
     description = ("TensorRT engines from the ONNX exports: profiles from the case matrix, strongly typed, cached "
                    "per TRT x GPU; options: static, fp8, fp4, tf32")
 
@@ -651,14 +652,19 @@ class TensorRTBackend(Backend):
         if problem:
             return Support.no(problem)
         device = env.get("device", "cpu") if isinstance(env, dict) else "cpu"
-        base = self.available()
+        base = self.available_in(env)
         if not base:
             return base
         if device != "cuda":
             return Support.no(f"TensorRT needs a CUDA GPU (this run is on {device})")
-        capability = torch.cuda.get_device_capability()
+        # the GPU and TensorRT as the env recorded them (a described stack is judged without its GPU)
+        gpu, recorded = (env.get("gpu") or {}, (env.get("stack") or {}).get("tensorrt") or {}) \
+            if isinstance(env, dict) else ({}, {})
+        capability = tuple(int(n) for n in gpu["capability"].split(".")) if gpu.get("capability") \
+            else torch.cuda.get_device_capability()
+        version = recorded.get("version") or _trt_version()
         precision = precision_for(case)
-        for check in (precision_support(precision, capability, _trt_version()), quantization_support(precision)):
+        for check in (precision_support(precision, capability, version), quantization_support(precision)):
             if not check:
                 return check
         if "static" not in variant_options(case.variant):

@@ -91,7 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--repeats", type=int, default=3)
     options.add_to_argparse(fit, ["--gpu", "--results-dir", "--case-timeout"])
 
-    sub.add_parser("backends", help="list backends, whether each is available here, and why not")
+    backends = sub.add_parser("backends", help="list backends, whether each is available here, and why not; "
+                                                "--stack judges another machine's stack without its GPU")
+    backends.add_argument("--stack", metavar="FILE",
+                          help="judge the stack FILE describes (a records.jsonl, or a JSON file holding one env)")
+    backends.add_argument("--dump-stack", metavar="FILE", help="write this machine's stack to FILE and exit")
+    backends.add_argument("--json", action="store_true",
+                          help="one JSON document: a list of {backend, variant, device, dtype, supported, reason}")
+    backends.add_argument("--model", help="judge this model's workload (default: the text-to-image tiny-sd)")
     sub.add_parser("models", help="list the model zoo")
 
     report = sub.add_parser("report", help="render records (one or many files) as one HTML page with PNGs")
@@ -339,9 +346,25 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def cmd_backends(_args) -> int:
+def cmd_backends(args) -> int:
     from backends import base as registry
-    from harness import device as devinfo, preflight
+    from harness import device as devinfo, preflight, stacks
+    if args.dump_stack:
+        # the env a run would record, on the GPU when there is one, without loading a model
+        env = devinfo.fingerprint("cuda" if devinfo.cuda_available() else "cpu")
+        print(f"stack: {stacks.dump_env(args.dump_stack, env)}")
+        return 0
+    if args.stack or args.json or args.model:
+        env = stacks.load_env(args.stack) if args.stack else devinfo.fingerprint(
+            "cuda" if devinfo.cuda_available() else "cpu")
+        rows = stacks.judge(env, args.model or stacks.DEFAULT_MODEL, described_by=args.stack)
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            summary = preflight.Stack.from_env(env).summary()
+            print(f"stack: {summary or 'no facts recorded'}" + (f" ({args.stack})" if args.stack else ""))
+            print(stacks.rows_text(rows))
+        return 0
     root = Path(__file__).resolve().parent.parent
     # from a checkout, name the checkout: diffbench is not on PyPI, and a bare name would fetch whatever is there
     target = f"-e '{root}[{{}}]'" if (root / "pyproject.toml").is_file() else "'diffbench[{}]'"

@@ -116,6 +116,27 @@ def torch_facts() -> dict:
             "cudnn": cudnn}
 
 
+TRT_PROVIDER_LIBRARY = "libonnxruntime_providers_tensorrt.so"   # in onnxruntime/capi/ of onnxruntime-gpu on Linux
+
+
+def needed_library(path, prefix: str) -> str | None:
+    """The first NEEDED entry of an ELF shared library that starts with `prefix` ("libnvinfer.so." ->
+    "libnvinfer.so.10"): the soname the dynamic loader will look for. None when the file is absent, is not ELF, or
+    pyelftools (the ELF reader) is not installed."""
+    try:
+        from elftools.elf.dynamic import DynamicSection
+        from elftools.elf.elffile import ELFFile
+        with open(path, "rb") as fh:
+            for section in ELFFile(fh).iter_sections():
+                if isinstance(section, DynamicSection):
+                    for tag in section.iter_tags("DT_NEEDED"):
+                        if tag.needed.startswith(prefix):
+                            return tag.needed
+    except Exception:  # absent, unreadable, not ELF, no pyelftools: unknown
+        return None
+    return None
+
+
 def onnxruntime_facts() -> dict | None:
     try:
         import onnxruntime as ort
@@ -125,7 +146,10 @@ def onnxruntime_facts() -> dict | None:
     return {"package": getattr(build, "package_name", "onnxruntime"), "version": ort.__version__,
             # the CUDA version the wheel was built with ("" / absent on a CPU build)
             "cuda": getattr(build, "cuda_version", "") or None,
-            "providers": list(ort.get_available_providers())}
+            "providers": list(ort.get_available_providers()),
+            # the TensorRT major its TensorRT EP was linked against (None without the provider library)
+            "tensorrt_ep_needs": needed_library(os.path.join(os.path.dirname(ort.__file__), "capi",
+                                                             TRT_PROVIDER_LIBRARY), "libnvinfer.so.")}
 
 
 def tensorrt_facts() -> dict | None:

@@ -40,6 +40,15 @@ SRC_SD35 = "https://huggingface.co/blog/sd3-5"
 SRC_PROJECT = "diffbench policy (measured on CPU runners)"
 SRC_TORCH_INSTALL = "https://pytorch.org/get-started/locally/"
 SRC_TORCH_CC = "DEVICE_REQUIREMENT in torch/cuda/__init__.py (integrated GPUs run only their own cubins)"
+SRC_ORT_TRT = "https://onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html#requirements"
+SRC_ORT_TRT_ELF = ("the NEEDED entries (readelf -d) of onnxruntime/capi/libonnxruntime_providers_tensorrt.so in the "
+                   "onnxruntime-gpu 1.22.0, 1.23.0 and 1.31.1 wheels: libnvinfer.so.10 in each")
+SRC_ORT_TRT_BF16 = ("https://github.com/microsoft/onnxruntime/pull/24743 (trt_bf16_enable); the string is absent from "
+                    "onnxruntime-gpu 1.22.0's TensorRT provider library, whose option parser rejects unknown keys "
+                    "(\"Unknown provider option\"), and present in 1.23.0's")
+SRC_TRT11 = ("https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/"
+             "tensorrt-10x-to-11x-python-api-reference.html")
+SRC_TRT11_JETPACK = "https://docs.nvidia.com/deeplearning/tensorrt/11.4.0/api/migration/tensorrt-10x-to-11x.html"
 
 # The archs of the official x86_64 torch wheels per CUDA tag (SASS only), newest tags last. cu124: pytorch/builder
 # release/2.5 manywheel/build_cuda.sh (TORCH_CUDA_ARCH_LIST 5.0;6.0;7.0;7.5;8.0;8.6;9.0); the others:
@@ -65,6 +74,12 @@ PIPELINE_MIN_DIFFUSERS = {"StableDiffusionPipeline": "0.2.0", "StableDiffusionXL
                           "StableDiffusion3Pipeline": "0.29.0", "FluxPipeline": "0.30.0"}
 PIPELINE_OF_KIND = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
                     "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+# onnxruntime-gpu releases (from, before) -> the libnvinfer major their PyPI wheels' TensorRT EP links: SRC_ORT_TRT's
+# requirements table up to 1.22, SRC_ORT_TRT_ELF from 1.23 to 1.31 (1.24-1.30 assumed like their neighbours); a newer
+# release is not guessed (its stack records what it links: stack.onnxruntime.tensorrt_ep_needs)
+ORT_TRT_MAJOR = ((("1.7", "1.9"), 7), (("1.9", "1.18"), 8), (("1.18", "1.32"), 10))
+ORT_TRT_BF16 = "1.23"     # the first onnxruntime-gpu whose TensorRT EP knows trt_bf16_enable (SRC_ORT_TRT_BF16)
+TRT_STRONGLY_TYPED_ONLY = 11   # TensorRT 11 removed weak typing, the precision builder flags, the INT8 calibrator
 # models whose weights need more than their pipeline class: SD3.5's transformer has qk_norm (diffusers 0.31.0)
 MODEL_MIN_DIFFUSERS = {"sd35-large": ("0.31.0", "SD3.5's transformer (qk_norm)")}
 
@@ -115,6 +130,7 @@ class Stack:
     ort_version: str | None = None
     ort_cuda: str | None = None
     ort_providers: tuple[str, ...] = ()
+    ort_trt_needs: str | None = None              # the libnvinfer soname onnxruntime's TensorRT EP links
     trt: str | None = None
     trt_cuda_major: int | None = None
     triton: str | None = None
@@ -149,6 +165,7 @@ class Stack:
             ort_version=ort.get("version") or versions.get("onnxruntime-gpu") or versions.get("onnxruntime"),
             ort_cuda=ort.get("cuda"),
             ort_providers=tuple(ort.get("providers") or ()),
+            ort_trt_needs=ort.get("tensorrt_ep_needs"),
             trt=trt.get("version") or versions.get("tensorrt"),
             trt_cuda_major=int(trt["cuda_major"]) if trt.get("cuda_major") else None,
             triton=stack.get("triton"),
@@ -187,18 +204,27 @@ class Target:
     model: str | None = None
 
     @property
+    def options(self) -> frozenset[str]:
+        """The named options of the variant ("static+fp8" -> static, fp8): rules ask for one option, never for the
+        whole variant string."""
+        return frozenset(name for name in self.variant.split("+") if name)
+
+    @property
     def precision(self) -> str:
         """fp8/fp4 are TensorRT variants; otherwise the case dtype."""
-        return self.variant if self.variant in ("fp8", "fp4") else self.dtype
+        return next((p for p in ("fp8", "fp4") if p in self.options), self.dtype)
+
+    @property
+    def trt_ep(self) -> bool:
+        return self.backend == "onnxruntime" and "trt-ep" in self.options
 
     @property
     def needs_cuda(self) -> bool:
-        return self.device == "cuda" or self.backend == "tensorrt" or (
-            self.backend == "onnxruntime" and self.variant == "trt-ep")
+        return self.device == "cuda" or self.backend == "tensorrt" or self.trt_ep
 
     @property
     def uses_tensorrt(self) -> bool:
-        return self.backend == "tensorrt" or (self.backend == "onnxruntime" and self.variant == "trt-ep")
+        return self.backend == "tensorrt" or self.trt_ep
 
 
 @dataclass(frozen=True)
@@ -407,9 +433,43 @@ def rule_onnxruntime(s: Stack, t: Target) -> Misfit | None:
         return Misfit("onnxruntime-cuda", f"{name} was built with CUDA {s.ort_cuda} but torch {s.torch} uses CUDA "
                                           f"{s.torch_cuda} (the CUDA EP needs CUDA/cuDNN libraries of its own major)",
                       f"install the onnxruntime-gpu build for CUDA {runtime}, or torch for CUDA {ort_major}")
-    if t.variant == "trt-ep" and "TensorrtExecutionProvider" not in s.ort_providers:
+    if t.trt_ep and "TensorrtExecutionProvider" not in s.ort_providers:
         return Misfit("onnxruntime-cuda", f"{name} has no TensorrtExecutionProvider",
                       "install onnxruntime-gpu and the TensorRT libraries it was built against")
+    return None
+
+
+def ort_trt_major(s: Stack) -> int | None:
+    """The libnvinfer major onnxruntime's TensorRT EP links: read from its library where the stack recorded it,
+    else from the release table (ORT_TRT_MAJOR); None when neither knows."""
+    if s.ort_trt_needs:
+        return _major(s.ort_trt_needs.rpartition(".so.")[2])
+    version = _parse(s.ort_version)
+    if version is None:
+        return None
+    release = Version(f"{version.major}.{version.minor}")
+    return next((major for (first, before), major in ORT_TRT_MAJOR if Version(first) <= release < Version(before)),
+                None)
+
+
+def rule_onnxruntime_tensorrt(s: Stack, t: Target) -> Misfit | None:
+    """The TensorRT EP loads the libnvinfer major it was linked against, and knows only the options of its
+    release: a TensorRT of another major fails every session (ORT logs the missing library and the session falls
+    back, which names CUDA/cuDNN), and trt_bf16_enable before 1.23 is an unknown key."""
+    if not t.trt_ep or t.device != "cuda" or "TensorrtExecutionProvider" not in s.ort_providers:
+        return None
+    name = f"{s.ort_package or 'onnxruntime'} {s.ort_version}"
+    needs, installed = ort_trt_major(s), _major(s.trt)
+    if needs is not None and installed is not None and needs != installed:
+        return Misfit("onnxruntime-tensorrt",
+                      f"{name}'s TensorRT EP needs libnvinfer.so.{needs}; TensorRT {s.trt} is installed",
+                      f"pip install 'tensorrt>={needs},<{needs + 1}' beside it (or an onnxruntime-gpu built against "
+                      f"TensorRT {installed})")
+    version = _parse(s.ort_version)
+    if t.dtype == "bf16" and version is not None and version < Version(ORT_TRT_BF16):
+        return Misfit("onnxruntime-tensorrt", f"{name}'s TensorRT EP has no trt_bf16_enable option (added in "
+                                              f"{ORT_TRT_BF16}.0; older releases reject the key)",
+                      f"pip install 'onnxruntime-gpu>={ORT_TRT_BF16}'")
     return None
 
 
@@ -441,6 +501,19 @@ def rule_tensorrt_arch(s: Stack, t: Target) -> Misfit | None:
         return Misfit("tensorrt-arch", f"TensorRT {s.trt} is the CUDA {s.trt_cuda_major} build, the driver "
                                        f"supports CUDA {s.cuda_driver}",
                       f"install tensorrt-cu{driver} or an R{DRIVER_BRANCH.get(s.trt_cuda_major, '?')}+ driver")
+    return None
+
+
+def rule_tensorrt_major(s: Stack, t: Target) -> Misfit | None:
+    """TensorRT 11 is strongly typed only: the tensorrt backend (strongly typed since TensorRT 10) builds the
+    same engines there; what differs by major is where TensorRT 11 is released at all (no JetPack)."""
+    major = _major(s.trt)
+    if not t.uses_tensorrt or t.device != "cuda" or major is None or major < TRT_STRONGLY_TYPED_ONLY:
+        return None
+    if s.capability in INTEGRATED:
+        return Misfit("tensorrt-major", f"TensorRT {s.trt} has no JetPack release ({sm(s.capability)} is a Jetson "
+                                        "GPU; TensorRT 11 does not support JetPack)",
+                      "use the TensorRT 10.x that JetPack ships (pip install 'tensorrt>=10,<11')")
     return None
 
 
@@ -496,9 +569,14 @@ RULES: tuple[Rule, ...] = (
     Rule("onnxruntime-cuda", rule_onnxruntime, "onnxruntime-gpu with the CUDA EP; its CUDA major <= the driver's "
          "and == torch's; the TensorRT EP present for trt-ep", (SRC_ORT_CUDA,)),
     Rule("tensorrt-installed", rule_tensorrt_installed, "TensorRT installed", (SRC_TRT_108,)),
+    Rule("onnxruntime-tensorrt", rule_onnxruntime_tensorrt, "trt-ep: the installed TensorRT is the libnvinfer major "
+         "onnxruntime-gpu's TensorRT EP links (10 for 1.18-1.31); bf16 needs onnxruntime-gpu 1.23+ (trt_bf16_enable)",
+         (SRC_ORT_TRT, SRC_ORT_TRT_ELF, SRC_ORT_TRT_BF16)),
     Rule("tensorrt-arch", rule_tensorrt_arch, "Blackwell sm_100/sm_120 need TensorRT 10.8+, sm_103 10.13+; fp4 "
          "10.8+; Volta dropped in 10.5; TensorRT's CUDA major <= the driver's",
          (SRC_TRT_108, SRC_TRT_104, SRC_TRT_GB300)),
+    Rule("tensorrt-major", rule_tensorrt_major, "TensorRT 11 (strongly typed only) has no JetPack release",
+         (SRC_TRT11, SRC_TRT11_JETPACK)),
     Rule("triton-arch", rule_triton_arch, "torch.compile on Blackwell needs triton 3.3+ (3.6+ for sm_121)",
          (SRC_TORCH_27, SRC_TRITON_SM121)),
     Rule("diffusers-pipeline", rule_diffusers_pipeline, "diffusers has the pipeline class (SD3 0.29.0, Flux 0.30.0, "
@@ -512,6 +590,13 @@ def _unknowns(s: Stack, t: Target) -> tuple[str, ...]:
     notes = []
     if t.device == "cuda" and s.capability is not None and s.cuda_driver is None:
         notes.append("driver CUDA version unknown (install nvidia-ml-py): driver and PTX-JIT rules not checked")
+    if t.trt_ep and t.device == "cuda" and s.ort_version and "TensorrtExecutionProvider" in s.ort_providers:
+        if ort_trt_major(s) is None:
+            notes.append(f"which libnvinfer onnxruntime-gpu {s.ort_version}'s TensorRT EP links is unknown (not "
+                         "recorded, and newer than the release table): onnxruntime-tensorrt not checked")
+        elif not s.trt:
+            notes.append(f"tensorrt is not installed as a Python package: the TensorRT EP's libnvinfer.so."
+                         f"{ort_trt_major(s)} must come from the system")
     return tuple(notes)
 
 
@@ -607,6 +692,14 @@ def _cublas(s: Stack, t: Target) -> Misfit:
                   "use fp16 or fp32 on this GPU, or upgrade torch (and its cuBLAS)")
 
 
+def _trt_ep_not_loaded(s: Stack, t: Target) -> Misfit:
+    needs = ort_trt_major(s)
+    library = f"libnvinfer.so.{needs}" if needs else "the libnvinfer it was built against"
+    return Misfit("onnxruntime-tensorrt", f"{s.ort_package or 'onnxruntime'} {s.ort_version}'s TensorRT EP did not "
+                                          f"load (it needs {library})",
+                  "install the TensorRT major it links (see docs/install.md), on the library path")
+
+
 def _engine_build(s: Stack, t: Target) -> Misfit:
     return Misfit("tensorrt-arch", f"TensorRT {s.trt} could not build the engine",
                   "read the builder log in info.traceback; try the static variant or another TensorRT release")
@@ -632,6 +725,10 @@ ERROR_PATTERNS: tuple[ErrorPattern, ...] = (
                  ("dtype-arch",), _cublas),
     ErrorPattern("EngineBuildError", re.compile(r"^EngineBuildError:|IBuilder::buildSerializedNetwork", re.M),
                  ("tensorrt-arch", "dtype-arch"), _engine_build),
+    # the session fell back from the TensorRT EP (backends/onnxruntime.py check_providers), or ORT's own log line
+    ErrorPattern("TensorRTEPNotLoaded", re.compile(r"TensorrtExecutionProvider did not load|"
+                                                   r"libnvinfer\.so\.\d+: cannot open shared object file"),
+                 ("onnxruntime-tensorrt",), _trt_ep_not_loaded),
 )
 
 

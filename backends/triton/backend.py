@@ -97,6 +97,7 @@ class TritonBackend(Backend):
     options = ("http", "grpc", "http-all", "grpc-all", "onnx", "grpc-onnx")
     exclusive = (options,)   # each names a protocol and what is served
     extra = "triton"
+    packages = ("tritonclient",)
     description = "Triton Inference Server (python backend, torch) via tritonclient HTTP/gRPC"
 
     def __init__(self):
