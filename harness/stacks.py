@@ -33,7 +33,7 @@ def load_env(path: str | Path) -> dict:
             raise UserError(f"stack file {p} does not exist")
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise UserError(f"cannot read stack file {p}: {exc}".splitlines()[0])
-        env = document.get("env") if isinstance(document, dict) else None
+        env = document.get("env", document) if isinstance(document, dict) else None   # {"env": ...} or a bare env
     if not isinstance(env, dict) or not any(isinstance(env.get(key), dict) for key in ("gpu", "stack", "versions")):
         raise UserError(f"stack file {p} holds no env object (a record's env: gpu, stack, versions)")
     return env

@@ -136,7 +136,7 @@ def test_cli_json_is_one_document_and_reads_records_files_and_dumped_stacks(tmp_
         assert capsys.readouterr().err.count("\n") == 1
 
 
-# -- rule 1: onnxruntime + bf16 cannot load a text-to-image graph -------------------------------------------------------
+# -- rule 1: onnxruntime + bf16 cannot load a text-to-image graph -----------------------------------------------------
 def test_onnx_conv_takes_bfloat16_only_from_opset_22():
     """The ONNX operator spec (onnx/defs/nn/defs.cc, as the installed onnx reports it): Conv and
     InstanceNormalization gained tensor(bfloat16) in their opset-22 versions; the exports are opset 17 and 18."""
@@ -169,7 +169,7 @@ def test_onnxruntime_refuses_bf16_text_to_image_on_every_device():
     assert embedding.reason != BF16_GRAPH_REASON          # no Conv in a text encoder
 
 
-# -- rule 2: the TensorRT EP's libnvinfer major against the installed TensorRT -------------------------------------------
+# -- rule 2: the TensorRT EP's libnvinfer major against the installed TensorRT -----------------------------------------
 def test_trt_ep_needs_the_libnvinfer_major_it_links():
     eleven = check(Stack(**H100, **ORT_1311, **TRT_114), Target("onnxruntime", "trt-ep", "cuda", "fp16"))
     assert eleven.rules == ("onnxruntime-tensorrt",)
