@@ -658,11 +658,12 @@ class TensorRTBackend(Backend):
         if device != "cuda":
             return Support.no(f"TensorRT needs a CUDA GPU (this run is on {device})")
         # the GPU and TensorRT as the env recorded them (a described stack is judged without its GPU)
-        gpu, recorded = (env.get("gpu") or {}, (env.get("stack") or {}).get("tensorrt") or {}) \
-            if isinstance(env, dict) else ({}, {})
+        env = env if isinstance(env, dict) else {}
+        gpu = env.get("gpu") or {}
         capability = tuple(int(n) for n in gpu["capability"].split(".")) if gpu.get("capability") \
             else torch.cuda.get_device_capability()
-        version = recorded.get("version") or _trt_version()
+        version = ((env.get("stack") or {}).get("tensorrt") or {}).get("version") \
+            or (env.get("versions") or {}).get("tensorrt") or _trt_version()
         precision = precision_for(case)
         for check in (precision_support(precision, capability, version), quantization_support(precision)):
             if not check:
