@@ -568,10 +568,10 @@ RULES: tuple[Rule, ...] = (
     Rule("dtype-arch", rule_dtype_arch, "bf16 sm_80+, fp8 sm_89+, fp4 Blackwell", (SRC_TE_MATRIX, SRC_TRT_108)),
     Rule("onnxruntime-cuda", rule_onnxruntime, "onnxruntime-gpu with the CUDA EP; its CUDA major <= the driver's "
          "and == torch's; the TensorRT EP present for trt-ep", (SRC_ORT_CUDA,)),
-    Rule("tensorrt-installed", rule_tensorrt_installed, "TensorRT installed", (SRC_TRT_108,)),
     Rule("onnxruntime-tensorrt", rule_onnxruntime_tensorrt, "trt-ep: the installed TensorRT is the libnvinfer major "
          "onnxruntime-gpu's TensorRT EP links (10 for 1.18-1.31); bf16 needs onnxruntime-gpu 1.23+ (trt_bf16_enable)",
          (SRC_ORT_TRT, SRC_ORT_TRT_ELF, SRC_ORT_TRT_BF16)),
+    Rule("tensorrt-installed", rule_tensorrt_installed, "TensorRT installed", (SRC_TRT_108,)),
     Rule("tensorrt-arch", rule_tensorrt_arch, "Blackwell sm_100/sm_120 need TensorRT 10.8+, sm_103 10.13+; fp4 "
          "10.8+; Volta dropped in 10.5; TensorRT's CUDA major <= the driver's",
          (SRC_TRT_108, SRC_TRT_104, SRC_TRT_GB300)),
