@@ -202,8 +202,10 @@ def support_of(case: Case, env: dict) -> registry.Support:
 
 # -- reference ----------------------------------------------------------------------------------------------------
 def _detach(value):
+    """A copy of a captured value with its tensors on the CPU: the reference's captured calls live through the
+    whole case, and on the GPU they would count in every phase's memory."""
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        return value.detach().to("cpu", copy=True)
     if isinstance(value, dict) and not hasattr(value, "to_tuple"):
         return {k: _detach(v) for k, v in value.items()}
     if isinstance(value, list):
