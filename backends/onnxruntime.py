@@ -324,8 +324,9 @@ class OnnxRuntimeBackend(Backend):
             info["quantization"] = {"method": "onnxruntime.quantization.quantize_dynamic", "weights": "QInt8",
                                     "per_channel": True, "min_cosine": INT8_MIN_COSINE}
             return Prepared(pipeline, executors, build, info, output_tolerance=EmbeddingTolerance(INT8_MIN_COSINE),
-                            tolerance_overrides={"text_encoder": {"atol": 0.5, "rtol": 0.5, "statistic": "p99"}})
-        return Prepared(pipeline, executors, build, info)
+                            tolerance_overrides={"text_encoder": {"atol": 0.5, "rtol": 0.5, "statistic": "p99"}},
+                            weights_outside_torch=True)
+        return Prepared(pipeline, executors, build, info, weights_outside_torch=True)
 
 
 def quantize_int8(onnx_path: Path, cache: Path) -> Path:

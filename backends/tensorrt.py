@@ -783,7 +783,7 @@ class TensorRTBackend(Backend):
                 "exporter": exports.exporter, "opset": exports.opset}
         if exports.notes:
             info["notes"] = list(exports.notes)
-        return Prepared(pipeline, executors, build, info)
+        return Prepared(pipeline, executors, build, info, weights_outside_torch=True)
 
 
 if __name__ == "__main__":

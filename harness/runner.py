@@ -29,7 +29,7 @@ from harness.models import embedding
 from harness.models.sentences import texts_for
 from harness.cases import Case
 from harness.errors import UserError
-from harness.memory import Telemetry, cuda_memory_snapshot, energy_record
+from harness.memory import Telemetry, cuda_memory_snapshot, energy_record, release_torch_cache
 from harness.records import Record, RecordWriter, git_info, new_run_id, recorded_case_ids, sanitize
 from harness.timing import StageTimer, measure, stats
 
@@ -90,6 +90,7 @@ class Session:
         self._references: dict[tuple, Reference] = {}
         self.cache_dir = models.cache_root()
         self.telemetry = Telemetry(self.options.device == "cuda")   # its sampler starts with the first case
+        self.telemetry.sample_idle()        # GPU: before any work in this process (energy subtracts it)
         self.cases: list[Case] = []
 
     # -- records ---------------------------------------------------------------------------------------------
@@ -505,6 +506,15 @@ def run_case(case: Case, session: Session, loop: Callable | None = None) -> Reco
     return record
 
 
+def prepare_for_measuring(backend: registry.Backend, model: models.LoadedModel, case: Case, cache_dir: Path,
+                          cuda: bool) -> tuple[registry.Prepared, dict | None]:
+    """backend.prepare; then, where the backend moved the weights out of torch (ONNX Runtime, TensorRT, Triton),
+    torch's caching allocator is emptied: its cached copy of the swapped-out weights (GBs at full size) is not the
+    backend's memory. Returns the prepared pipeline and what torch still holds after that (GPU), else None."""
+    prepared = backend.prepare(model, case, cache_dir)
+    return prepared, release_torch_cache(cuda) if prepared.weights_outside_torch else None
+
+
 def _measure_case(case: Case, session: Session, record: Record, reference: Reference, loop) -> None:
     options = session.options
     cuda = options.device == "cuda"
@@ -523,8 +533,10 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
         memory["load"] = telemetry.end_phase()
         record.notes.extend(model.notes)
         telemetry.begin_phase()
-        prepared = backend.prepare(model, case, session.cache_dir)
+        prepared, after_prepare = prepare_for_measuring(backend, model, case, session.cache_dir, cuda)
         stack.callback(prepared.close)
+        if after_prepare:
+            memory["after_prepare"] = after_prepare
         record.build = {**build, **prepared.build}
         record.env = {**session.env, "precision": precision_facts(), "pid": os.getpid()}
         call = PipelineCall(prepared.pipeline, model, case, cuda)
@@ -642,7 +654,7 @@ def run_isolated(case: Case, session: Session) -> Record:
                 "device": session.options.device, "warmup": session.options.warmup,
                 "repeats": session.options.repeats, "timeout_s": session.options.timeout_s, "options": options}
     worker = WorkerProcess(Path(__file__).resolve().parent.parent, settings, session.run_dir / "workers.log",
-                           {ISOLATION_ENV: "1"}, label=f"worker of {case.id}")
+                           {ISOLATION_ENV: "1", **session.telemetry.idle_env()}, label=f"worker of {case.id}")
     try:
         worker.start()
         worker.send({"op": "configure", "cases": [c.id for c in session.cases or [case]]})

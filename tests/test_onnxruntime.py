@@ -1,6 +1,8 @@
 """onnxruntime backend: support rules and options, session configuration (threads, spinning), IO binding (bf16),
 provider checks, executor parity against eager (tiny-sd), export reuse, pipeline parity."""
+import gc
 import os
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -138,6 +140,18 @@ def test_executors_replace_the_components(pair):
     assert threads["process_cores"] == len(os.sched_getaffinity(0))
     assert threads["oversubscribed"] == (torch.get_num_threads() > len(os.sched_getaffinity(0)))
     assert {"export", "session"} <= set(prepared.build)
+
+
+def test_the_swapped_out_torch_weights_are_freed(pair):
+    """weights_outside_torch: after prepare nothing holds the torch components, so the runner's emptying of torch's
+    caching allocator gives their GPU memory back (else NVML counts it as ONNX Runtime's)."""
+    _, _, prepared, cache = pair
+    assert prepared.weights_outside_torch
+    model = load("tiny-sd", "fp32")
+    originals = [weakref.ref(getattr(model.pipeline, name)) for name in prepared.executors]
+    OnnxRuntimeBackend().prepare(model, Case("tiny-sd", "onnxruntime"), cache)     # exports reused
+    gc.collect()
+    assert [ref() for ref in originals] == [None] * len(originals)
 
 
 def test_text_encoder_parity(pair):

@@ -237,7 +237,8 @@ class TritonBackend(Backend):
         }}
         if onnx:
             info["triton"]["exporter"] = exports.exporter
-        return Prepared(pipeline=pipeline, executors=executors, build=build, info=info, on_close=[client.close])
+        return Prepared(pipeline=pipeline, executors=executors, build=build, info=info, on_close=[client.close],
+                        weights_outside_torch=True)
 
     def close(self) -> None:
         with self._lock:
