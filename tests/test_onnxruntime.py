@@ -66,6 +66,38 @@ def test_cuda_provider_options_tf32_off_by_default_and_own_stream(monkeypatch, t
         ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
 
 
+class _CudaSession:
+    """onnxruntime.InferenceSession as OrtRunner uses it, for a CUDA session (no GPU here): it keeps the provider
+    options it was made with."""
+
+    def __init__(self, path, sess_options=None, providers=None):
+        self.provider_options = dict(providers)
+
+    def get_providers(self):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def get_inputs(self):
+        return []
+
+    get_outputs = get_inputs
+
+
+@pytest.mark.parametrize("device,current", [("cuda:1", 0), ("cuda", 1)], ids=["named cuda:1", "current is 1"])
+def test_the_session_and_its_io_binding_name_one_gpu(monkeypatch, tmp_path, device, current):
+    """The CUDA EP computes on its `device_id` option (ONNX Runtime's CUDA EP docs: "device_id: the device ID",
+    default 0), and IOBinding.bind_input/bind_output(name, device_type, device_id, ...) say on which device each
+    buffer lives (ONNX Runtime Python API, IOBinding): both must be the GPU the tensors are on. The binding used
+    `device.index or 0` and the session torch's current device: GPU 1 vs GPU 0."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", _CudaSession)
+    b, case = OnnxRuntimeBackend(), Case("tiny-sd", "onnxruntime")
+    providers = b.providers(case, device, tmp_path)
+    runner = ortb.OrtRunner(tmp_path / "unet.onnx", providers, ortb.session_options(), device, {},
+                            required=b.required_providers(case, device))
+    assert runner.session.provider_options["CUDAExecutionProvider"]["device_id"] == 1
+    assert runner.device == torch.device("cuda", 1)          # what _bind gives bind_input/bind_output
+
+
 def test_spinning_off_by_default_and_kept_with_spin():
     quiet, spinning = ortb.session_options(), ortb.session_options(spin=True)
     for key in ortb.SPINNING_KEYS:
