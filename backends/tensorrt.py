@@ -762,7 +762,8 @@ class TensorRTBackend(Backend):
             if problem:
                 raise EngineBuildError(f"{name}: case outside its engine profile: {problem}")
             key = engine_key(version, capability, export.key, profile, precision, static, settings)
-            path = cache / "tensorrt" / f"{name}-{precision}-{key[:16]}.engine"
+            runs_in = export.meta.get("dtype") or precision      # SDXL's upcast VAE: an fp32 graph (vae_spec)
+            path = cache / "tensorrt" / f"{name}-{runs_in}-{key[:16]}.engine"
             source = fix_input_dims(export.path, needed, cache / "tensorrt" / f"static-{key[:16]}") \
                 if static and not path.is_file() else export.path
             job = BuildJob(str(source), str(path), profile, precision, settings, str(timing_cache), timeout_s,
@@ -774,7 +775,8 @@ class TensorRTBackend(Backend):
             executor = make_executor(export, getattr(pipeline, name), runner)
             setattr(pipeline, name, executor)
             executors[name] = executor
-            engines[name] = {"engine": path.name, "profile": {k: [list(s) for s in v] for k, v in profile.items()}}
+            engines[name] = {"engine": path.name, "profile": {k: [list(s) for s in v] for k, v in profile.items()},
+                             "precision": runs_in}
         info = {"tensorrt": version, "precision": precision, "static": static, "engines": engines,
                 "engine_reused": {n: p == "reuse" for n, p in plans.items()}, "engine_build": plans,
                 "builder": settings, "tf32": "tf32" in chosen, "build_timeout_s": timeout_s,

@@ -307,6 +307,18 @@ def component_parity(prepared: registry.Prepared, model: models.LoadedModel, ref
     return results
 
 
+def vae_decode_precision(model: models.LoadedModel, pipeline, captured: dict) -> dict[str, str | None]:
+    """Which precision each side's VAE decoded in: the reference's from its captured decode call (the latents it
+    was fed, after the pipeline's own upcast), the backend's from its stand-in (the precision its session, engine
+    or server runs) or, for a torch module, the pipeline's own rule (models.vae_decode_dtype)."""
+    args = captured.get(model.vae, ((),))[0]
+    latents = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    reference = models.DTYPE_NAMES.get(latents.dtype) if latents is not None else None
+    backend = getattr(getattr(pipeline, model.vae), "compute_dtype", None) or models.vae_decode_dtype(pipeline,
+                                                                                                        model.vae)
+    return {"reference": reference, "backend": backend}
+
+
 def parity_verdict(output_results: dict[str, dict], components: dict[str, dict],
                    what: str = "image") -> tuple[str, str, str]:
     """(verdict, error class, reason) from the output checks (first and last measured call, the ranking) and the
@@ -599,6 +611,11 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
             record.parity["ranking"] = results["ranking"] = compare.check_ranking(
                 reference.sentence_set, embedding.embed(prepared.pipeline, texts_for(case.seq), case.seq))
             record.throughput = {"per_s": case.batch / record.e2e["p50"], "batch": case.batch}
+        if model.vae:   # like with like: which precision each side's VAE decoded in
+            record.parity["vae_decode"] = vae_decode_precision(model, prepared.pipeline, reference.components)
+            if record.parity["vae_decode"]["reference"] != record.parity["vae_decode"]["backend"]:
+                record.notes.append(f"VAE decoded in {record.parity['vae_decode']['backend']} by the backend, in "
+                                    f"{record.parity['vae_decode']['reference']} by the reference")
         verdict, error_class, reason = parity_verdict(results, components, what)
         record.parity["verdict"] = verdict
         if options.save_images and not embeddings:

@@ -188,3 +188,83 @@ def test_idle_power_is_sampled_before_any_work_and_handed_to_isolated_workers(tm
     assert worker.idle_watts == 70.0 and worker._nvml is None          # NVML never asked
     record = memory.energy_record(worker, joules=100.0, seconds=1.0, calls=2)
     assert record["joules_per_call"] == 15.0 and record["idle"]["source"] == "NVML_FI_DEV_POWER_INSTANT"
+
+
+# -- SDXL fp16: the VAE decodes in fp32 on both sides ------------------------------------------------------------
+
+def _tiny_sdxl():
+    """A real StableDiffusionXLPipeline with the sizes of diffusers' own SDXL tests (two CLIP encoders, a
+    text_time UNet), the VAE of the zoo's tiny models (scale factor 8; force_upcast True, diffusers' default)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from harness.models.tiny import _VAE_BLOCKS, _VAE_DOWN, _VAE_UP
+    from harness.models.tokenizers import clip_tokenizer
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=_VAE_BLOCKS, down_block_types=_VAE_DOWN,
+                        up_block_types=_VAE_UP, layers_per_block=1, latent_channels=4, sample_size=64)
+    clip = CLIPTextConfig(bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                          num_attention_heads=4, num_hidden_layers=5, vocab_size=1000, hidden_act="gelu",
+                          projection_dim=32, max_position_embeddings=77)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(clip),
+                                     text_encoder_2=CLIPTextModelWithProjection(clip), tokenizer=clip_tokenizer(77),
+                                     tokenizer_2=clip_tokenizer(77), unet=unet, scheduler=scheduler)
+
+
+@pytest.fixture(scope="module")
+def sdxl_fp16():
+    """The tiny SDXL pipeline in fp16 and what its components were called with in one real call (CPU: ~1 s)."""
+    from harness.models import LoadedModel
+    pipeline = _tiny_sdxl().to(torch.float16)
+    model = LoadedModel("tiny-sdxl", "sdxl", pipeline, "fp16", "cpu", ["text_encoder", "text_encoder_2"], "unet",
+                        "vae")
+    with runner.capture_first_calls(model) as captured:
+        pipeline("a cat", num_inference_steps=1, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0))
+    return model, dict(captured)
+
+
+def test_sdxl_fp16_decodes_in_fp32_as_the_rule_says(sdxl_fp16):
+    """diffusers 0.42.1's StableDiffusionXLPipeline: `needs_upcasting = self.vae.dtype == torch.float16 and
+    self.vae.config.force_upcast` -> upcast_vae() (the VAE in float32), decode, back to float16."""
+    model, captured = sdxl_fp16
+    latents = captured["vae"][0][0]
+    assert latents.dtype == torch.float32 and model.pipeline.vae.dtype == torch.float16
+    assert model.vae_decode_dtype == "fp32"
+    model.pipeline.vae.register_to_config(force_upcast=False)
+    try:
+        assert model.vae_decode_dtype == "fp16"
+    finally:
+        model.pipeline.vae.register_to_config(force_upcast=True)
+
+
+def test_the_backends_vae_decodes_in_fp32_like_the_reference(sdxl_fp16, tmp_path):
+    """The VAE exported for ONNX Runtime / TensorRT / Triton is the fp32 decoder the reference ran (an fp16 graph
+    compared against an fp32 decode before), and the record says what each side ran."""
+    import onnx
+
+    from backends.onnx.executors import make_executor, output_symbols
+    from backends.onnx.export import export_model
+    from backends.onnxruntime import OrtRunner, session_options
+    model, captured = sdxl_fp16
+    export = export_model(model, Case("tiny-sdxl", "onnxruntime", dtype="fp16"), tmp_path,
+                          components=["vae"]).components["vae"]
+    assert export.folder.name.startswith("vae-fp32-") and model.pipeline.vae.dtype == torch.float16
+    graph_input = onnx.load(str(export.path), load_external_data=False).graph.input[0]
+    assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    session = OrtRunner(export.path, ["CPUExecutionProvider"], session_options(), "cpu", output_symbols(export))
+    executor = make_executor(export, model.pipeline.vae, session)
+    (latents,), _, (reference_image,) = captured["vae"]
+    image = executor.decode(latents, return_dict=False)[0]
+    assert image.dtype == torch.float32 and (image - reference_image).abs().max() < 1e-4
+    stand_in = SimpleNamespace(vae=executor)
+    assert runner.vae_decode_precision(model, stand_in, captured) == {"reference": "fp32", "backend": "fp32"}
+    assert runner.vae_decode_precision(model, model.pipeline, captured) == {"reference": "fp32", "backend": "fp32"}
