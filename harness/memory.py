@@ -45,6 +45,7 @@ _NVML_VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVa
 # IDLE_TOLERANCE (relative, or IDLE_TOLERANCE_W absolute); given up after IDLE_TIMEOUT_S (then settled: False)
 IDLE_WINDOW_S, IDLE_INTERVAL_S, IDLE_TIMEOUT_S, IDLE_TOLERANCE, IDLE_TOLERANCE_W = 1.0, 0.05, 20.0, 0.02, 1.0
 IDLE_POWER_ENV = "DIFFBENCH_IDLE_POWER"     # a run's idle power, handed to its isolated workers
+_process_idle: dict | None = None           # measured once per process (later sessions of it reuse it)
 
 
 # -- the sampler process ----------------------------------------------------------------------------------------
@@ -277,16 +278,19 @@ class Telemetry:
         """The device's idle power, measured once per process before any work in it (the session does this
         first), after the reading settles. An isolated worker takes its run's figure (IDLE_POWER_ENV): the GPU
         it starts on was just warmed by the worker before it."""
+        global _process_idle
         if not self.cuda or self.idle is not None:
             return self.idle
         inherited = os.environ.get(IDLE_POWER_ENV)
         if inherited:
             self.idle = {**json.loads(inherited), "by": "the run's main process, before any work"}
+        elif _process_idle is not None:
+            self.idle = _process_idle
         else:
             nvml = self._open_nvml()
             if nvml is None:
                 return None
-            self.idle = {**idle_power(nvml), "by": "this process, before any work"}
+            self.idle = _process_idle = {**idle_power(nvml), "by": "this process, before any work"}
         self.idle_watts = self.idle.get("watts")
         return self.idle
 

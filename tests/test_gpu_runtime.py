@@ -186,6 +186,9 @@ def test_idle_power_is_sampled_before_any_work_and_handed_to_isolated_workers(tm
     assert worker.sample_idle() == {**json.loads(env[memory.IDLE_POWER_ENV]),
                                     "by": "the run's main process, before any work"}
     assert worker.idle_watts == 70.0 and worker._nvml is None          # NVML never asked
+    monkeypatch.delenv(memory.IDLE_POWER_ENV)
+    monkeypatch.setattr(memory, "_process_idle", telemetry.idle)        # measured by this process's first session
+    assert memory.Telemetry(cuda=True).sample_idle() is telemetry.idle  # a later session (fit's) reuses it
     record = memory.energy_record(worker, joules=100.0, seconds=1.0, calls=2)
     assert record["joules_per_call"] == 15.0 and record["idle"]["source"] == "NVML_FI_DEV_POWER_INSTANT"
 
