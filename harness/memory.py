@@ -260,15 +260,17 @@ class Telemetry:
         self.idle: dict | None = None      # how idle_watts was measured: {watts, settled, seconds, source, by}
         self.idle_device_mb: float | None = None
         self._nvml: _Nvml | None = None
+        self._nvml_opened = False
         self._hwm_resettable = False
 
     def _open_nvml(self) -> _Nvml | None:
-        if self._nvml is None and self.gpu is None:
-            import torch
-
-            from harness.device import pci_bus_id
-            self.gpu = pci_bus_id(torch.cuda.get_device_properties(torch.cuda.current_device()))
+        if not self._nvml_opened:
+            self._nvml_opened = True
             try:
+                import torch
+
+                from harness.device import pci_bus_id
+                self.gpu = pci_bus_id(torch.cuda.get_device_properties(torch.cuda.current_device()))
                 self._nvml = _Nvml(self.gpu)
             except Exception:   # nvidia-ml-py missing, no NVML, or no bus id: torch's figures still stand
                 self._nvml = None
