@@ -11,14 +11,13 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from backends import base as registry
-from backends.diffusers import DiffusersBackend
 from harness import memory, runner
 from harness.cases import Case
 from harness.runner import RunOptions, Session, _detach
 
 
 def test_the_references_captured_tensors_are_kept_on_the_cpu():
-    """A captured call (args, kwargs, ModelOutput) of a component on cuda:1 is copied to the CPU: the reference
+    """A captured call (args, kwargs, output) of a component on cuda:1 is copied to the CPU: the reference
     lives through the whole case and must not count in its GPU memory."""
     with FakeTensorMode():
         sample = torch.empty(2, 4, 8, 8, device="cuda:1")
@@ -174,7 +173,9 @@ def test_idle_power_reads_the_instantaneous_field_where_the_driver_has_it():
 def test_idle_power_is_sampled_before_any_work_and_handed_to_isolated_workers(tmp_path, monkeypatch):
     sampled = []
     monkeypatch.setattr(memory.Telemetry, "sample_idle", lambda self: sampled.append(self))
+    monkeypatch.setenv("DIFFBENCH_TRITON_LOG_DIR", str(tmp_path / "triton"))     # a session sets it otherwise
     session = Session(tmp_path, RunOptions())
+    session.writer.close()
     assert sampled == [session.telemetry]            # when the session is made: nothing has run in this process
     monkeypatch.undo()
     telemetry = memory.Telemetry(cuda=True)
