@@ -73,6 +73,8 @@ class Prepared:
     output_tolerance / tolerance_overrides: parity bounds for a variant whose output differs from the reference by
         design (VAE tiling, fp8 storage, int8 weights), set from the error measured on correct runs; None = the
         dtype's defaults (an ImageTolerance or EmbeddingTolerance, by workload).
+    weights_outside_torch: the executors run the components' weights outside torch (ONNX Runtime sessions,
+        TensorRT engines, a Triton server): the runner then empties torch's caching allocator after prepare.
     """
     pipeline: Any
     executors: dict[str, Any]
@@ -82,6 +84,7 @@ class Prepared:
     after_measure: Callable[[], dict] | None = None
     output_tolerance: Any = None
     tolerance_overrides: dict | None = None
+    weights_outside_torch: bool = False
 
     def close(self) -> None:
         while self.on_close:

@@ -117,6 +117,16 @@ def check_providers(active: list[str], required: list[str], component: str, devi
             f"{', '.join(missing)} did not load (check the onnxruntime-gpu install and its CUDA/cuDNN libraries)")
 
 
+def session_device(device) -> torch.device:
+    """The one device a case's sessions compute on and their IO binding names: the GPU given (cuda:1), else torch's
+    current GPU (where the pipeline makes its tensors); the CUDA EP's device_id and bind_input's device_id must
+    both be its index, or ONNX Runtime reads and writes another GPU's addresses."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class OrtRunner:
     """One InferenceSession; runs a dict of torch tensors and returns torch tensors on the same device.
 
@@ -129,9 +139,9 @@ class OrtRunner:
         import onnxruntime as ort
 
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-        self.device = torch.device(device)
         check_providers(self.session.get_providers(), list(required), component or Path(path).parent.name,
-                        self.device.type)
+                        torch.device(device).type)
+        self.device = session_device(device)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
         self._out_meta = self.session.get_outputs()
@@ -172,7 +182,7 @@ class OrtRunner:
     def _bind(self, feeds: dict[str, torch.Tensor]):
         binding = self.session.io_binding()
         device_type = "cuda" if self.device.type == "cuda" else "cpu"
-        device_id = self.device.index or 0
+        device_id = self.device.index or 0          # the session's own GPU (session_device)
         dims: dict[str, int] = {}
         inputs = []                                 # referenced until the run has been enqueued
         for name, t in feeds.items():
@@ -287,10 +297,10 @@ class OnnxRuntimeBackend(Backend):
     def providers(self, case, device: str, cache: Path, stream=None) -> list:
         """The provider list for a case; on CUDA the CUDA EP computes on `stream` (the runners order it against
         torch's stream)."""
-        if device != "cuda":
+        if torch.device(device).type != "cuda":
             return ["CPUExecutionProvider"]
         chosen = variant_options(case.variant)
-        cuda_options = {"device_id": torch.cuda.current_device(), "use_tf32": int("tf32" in chosen)}
+        cuda_options = {"device_id": session_device(device).index, "use_tf32": int("tf32" in chosen)}
         if stream is not None:
             cuda_options["user_compute_stream"] = str(stream.cuda_stream)
         cuda = ("CUDAExecutionProvider", cuda_options)
@@ -305,7 +315,7 @@ class OnnxRuntimeBackend(Backend):
 
     @staticmethod
     def required_providers(case, device: str) -> list[str]:
-        if device != "cuda":
+        if torch.device(device).type != "cuda":
             return []
         return ["TensorrtExecutionProvider", "CUDAExecutionProvider"] if "trt-ep" in variant_options(case.variant) \
             else ["CUDAExecutionProvider"]
@@ -322,15 +332,16 @@ class OnnxRuntimeBackend(Backend):
             with timed(build, "quantize"):
                 quantized = {name: quantize_int8(export.path, cache) for name, export in result.components.items()}
         opts = session_options(spin="spin" in chosen)
+        device = session_device(model.device)       # sessions, IO binding and stream on one GPU
         # one stream for all of this case's sessions: they run one after another, like the pipeline's components
-        stream = torch.cuda.Stream() if model.device == "cuda" else None
-        providers = self.providers(case, model.device, cache, stream)
-        required = self.required_providers(case, model.device)
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        providers = self.providers(case, device, cache, stream)
+        required = self.required_providers(case, device)
         pipeline = model.pipeline
         executors, used = {}, {}
         with timed(build, "session"):
             for name, export in result.components.items():
-                runner = OrtRunner(quantized.get(name, export.path), providers, opts, model.device,
+                runner = OrtRunner(quantized.get(name, export.path), providers, opts, device,
                                    output_symbols(export), component=name, required=required, stream=stream)
                 executor = make_executor(export, getattr(pipeline, name), runner)
                 setattr(pipeline, name, executor)
@@ -340,11 +351,11 @@ class OnnxRuntimeBackend(Backend):
                                                                               result.components.items()},
                 "export_seconds": {c: round(e.seconds, 3) for c, e in result.components.items()},
                 "session_options": describe_options(opts), "threads": thread_facts(opts), "providers": used,
-                "io_binding": model.device == "cuda", "onnx_dtype": case.dtype,
+                "io_binding": device.type == "cuda", "onnx_dtype": case.dtype,
                 "onnxruntime": _ort_version()}
-        if model.device == "cuda":
+        if device.type == "cuda":
             info["cuda"] = {"use_tf32": "tf32" in chosen, "stream": "dedicated, ordered with torch's stream",
-                            "host_sync_per_run": False}
+                            "host_sync_per_run": False, "device_id": device.index}
         if result.notes:
             info["notes"] = list(result.notes)
         if quantized:
@@ -352,8 +363,9 @@ class OnnxRuntimeBackend(Backend):
             info["quantization"] = {"method": "onnxruntime.quantization.quantize_dynamic", "weights": "QInt8",
                                     "per_channel": True, "min_cosine": INT8_MIN_COSINE}
             return Prepared(pipeline, executors, build, info, output_tolerance=EmbeddingTolerance(INT8_MIN_COSINE),
-                            tolerance_overrides={"text_encoder": {"atol": 0.5, "rtol": 0.5, "statistic": "p99"}})
-        return Prepared(pipeline, executors, build, info)
+                            tolerance_overrides={"text_encoder": {"atol": 0.5, "rtol": 0.5, "statistic": "p99"}},
+                            weights_outside_torch=True)
+        return Prepared(pipeline, executors, build, info, weights_outside_torch=True)
 
 
 def quantize_int8(onnx_path: Path, cache: Path) -> Path:

@@ -7,10 +7,12 @@ A sampler runs in its own process (so it never holds the GIL of the timed code) 
 In this process, at each phase boundary (never inside the timed region), the meter also reads what only this
 process can know exactly: the peak RSS (VmHWM, reset per phase through /proc/self/clear_refs) and torch's
 allocator peaks (max_memory_allocated / max_memory_reserved, reset per phase). Energy comes from NVML's
-total-energy counter read just before and after the measured calls, with the device's idle power (sampled once per
-session before any work) subtracted.
+total-energy counter read just before and after the measured calls, with the device's idle power subtracted: measured
+once per process before any work in it, once the reading has settled, from NVML's instantaneous power field where the
+driver has it (isolated workers take their run's figure).
 
-Per phase: {peak_mb, rss_mb, children_mb, gpu_process_mb, gpu_device_mb, torch_allocated_mb, torch_reserved_mb}.
+Per phase: {peak_mb, rss_mb, children_mb, gpu_process_mb, gpu_device_mb, torch_allocated_mb, torch_reserved_mb,
+torch_reserved_unallocated_mb}.
 `peak_mb` is the phase's peak of the whole process tree: on CPU the larger of the sampled tree RSS and this
 process's exact high-water mark; on GPU the process tree's NVML memory (falling back to the device's used memory
 above its idle level where NVML cannot attribute memory to processes, e.g. inside some containers, and to torch's
@@ -35,6 +37,15 @@ MB = 1024 * 1024
 SAMPLE_INTERVAL_S = {"cuda": 0.01, "cpu": 0.1}
 CHILDREN_REFRESH_S = 0.5      # listing the process tree costs far more than reading a few RSS values
 PHASES = ("load", "build", "inference")
+
+
+# nvmlValue_t's union member per nvmlValueType_t (nvidia-ml-py's pynvml.py: NVML_VALUE_TYPE_*, c_nvmlValue_t)
+_NVML_VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
+# idle power: read every IDLE_INTERVAL_S until the means of two consecutive IDLE_WINDOW_S windows agree within
+# IDLE_TOLERANCE (relative, or IDLE_TOLERANCE_W absolute); given up after IDLE_TIMEOUT_S (then settled: False)
+IDLE_WINDOW_S, IDLE_INTERVAL_S, IDLE_TIMEOUT_S, IDLE_TOLERANCE, IDLE_TOLERANCE_W = 1.0, 0.05, 20.0, 0.02, 1.0
+IDLE_POWER_ENV = "DIFFBENCH_IDLE_POWER"     # a run's idle power, handed to its isolated workers
+_process_idle: dict | None = None           # measured once per process (later sessions of it reuse it)
 
 
 # -- the sampler process ----------------------------------------------------------------------------------------
@@ -65,6 +76,21 @@ class _Nvml:
             return self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
         except self.nvml.NVMLError:
             return None
+
+    def instant_power_w(self) -> float | None:
+        """NVML_FI_DEV_POWER_INSTANT (milliwatts) through nvmlDeviceGetFieldValues; None where the driver or
+        nvidia-ml-py lacks it (then nvmlDeviceGetPowerUsage: a 1 s average on Ampere and newer, except GA100)."""
+        field = getattr(self.nvml, "NVML_FI_DEV_POWER_INSTANT", None)
+        if field is None:
+            return None
+        try:
+            value = self.nvml.nvmlDeviceGetFieldValues(self.handle, [field])[0]
+        except self.nvml.NVMLError:
+            return None
+        if value.nvmlReturn != self.nvml.NVML_SUCCESS:     # per-field status, e.g. NVML_ERROR_NOT_SUPPORTED
+            return None
+        member = _NVML_VALUE_MEMBERS.get(value.valueType)
+        return getattr(value.value, member) / 1000.0 if member else None
 
     def energy_j(self) -> float | None:
         try:
@@ -104,8 +130,7 @@ class _Pipe:
 
 def _sampler_main(pid: int, conn, gpu: str | None, interval_s: float) -> None:
     """Sample the process tree of `pid` until told to stop. Commands: ["phase"] starts new peaks and answers the
-    finished phase's peaks; ["idle_power", seconds] answers the mean power over that many idle seconds;
-    ["pause"] samples nothing until the next command."""
+    finished phase's peaks; ["pause"] samples nothing until the next command."""
     root = psutil.Process(pid)
     me = os.getpid()              # the sampler is a child of the harness too: never count it
     nvml = None
@@ -136,15 +161,6 @@ def _sampler_main(pid: int, conn, gpu: str | None, interval_s: float) -> None:
             if command[0] == "phase":
                 conn.send({**peaks, "samples": samples, "nvml": nvml is not None})
                 reset()
-            elif command[0] == "idle_power":
-                watts = []
-                end = time.monotonic() + command[1]
-                while nvml is not None and time.monotonic() < end:
-                    w = nvml.power_w()
-                    if w is not None:
-                        watts.append(w)
-                    time.sleep(0.02)
-                conn.send(sum(watts) / len(watts) if watts else None)
             continue
         now = time.monotonic()
         if now - listed_at > CHILDREN_REFRESH_S:
@@ -172,6 +188,44 @@ def _sampler_main(pid: int, conn, gpu: str | None, interval_s: float) -> None:
             if attributed is not None:
                 peaks["gpu_process_mb"] = max(peaks["gpu_process_mb"] or 0.0, attributed)
             peaks["gpu_device_mb"] = max(peaks["gpu_device_mb"], nvml.device_used_mb())
+
+
+# -- idle power -----------------------------------------------------------------------------------------------------
+def settled_power(read, clock=time.monotonic, sleep=time.sleep, window_s: float = IDLE_WINDOW_S,
+                  interval_s: float = IDLE_INTERVAL_S, timeout_s: float = IDLE_TIMEOUT_S) -> dict:
+    """The device's power once the reading has settled: `read()` (watts, or None) every `interval_s` until the
+    means of the last two `window_s` windows agree. A GPU that just worked draws more for seconds (clocks and
+    fans come down), and an averaged reading lags by its own window. {watts, settled, seconds}."""
+    start = clock()
+    readings: list[tuple[float, float]] = []
+    while True:
+        now = clock()
+        watts = read()
+        if watts is not None:
+            readings.append((now, watts))
+        elapsed = now - start
+        if elapsed >= 2 * window_s and readings:
+            last = [w for t, w in readings if t > now - window_s]
+            before = [w for t, w in readings if now - 2 * window_s < t <= now - window_s]
+            if last and before:
+                mean, previous = sum(last) / len(last), sum(before) / len(before)
+                if abs(mean - previous) <= max(IDLE_TOLERANCE * mean, IDLE_TOLERANCE_W):
+                    return {"watts": mean, "settled": True, "seconds": round(elapsed, 2)}
+            if elapsed >= timeout_s:
+                return {"watts": sum(last) / len(last) if last else readings[-1][1], "settled": False,
+                        "seconds": round(elapsed, 2)}
+        elif elapsed >= 2 * window_s:             # no reading at all: nothing to wait for
+            return {"watts": None, "settled": False, "seconds": round(elapsed, 2)}
+        sleep(interval_s)
+
+
+def idle_power(nvml: _Nvml, **settle) -> dict:
+    """Idle power from NVML_FI_DEV_POWER_INSTANT where the driver has it, else nvmlDeviceGetPowerUsage (a 1 s
+    average on Ampere and newer, GA100 excepted: NVML's nvmlDeviceGetPowerUsage documentation), after settling."""
+    instant = nvml.instant_power_w() is not None
+    read = nvml.instant_power_w if instant else nvml.power_w
+    source = "NVML_FI_DEV_POWER_INSTANT" if instant else "nvmlDeviceGetPowerUsage"
+    return {**settled_power(read, **settle), "source": source}
 
 
 # -- this process -------------------------------------------------------------------------------------------------
@@ -203,23 +257,57 @@ class Telemetry:
         self.gpu: str | None = None      # PCI bus id of the GPU in use
         self.conn = self.proc = None
         self.idle_watts: float | None = None
+        self.idle: dict | None = None      # how idle_watts was measured: {watts, settled, seconds, source, by}
         self.idle_device_mb: float | None = None
         self._nvml: _Nvml | None = None
+        self._nvml_opened = False
         self._hwm_resettable = False
+
+    def _open_nvml(self) -> _Nvml | None:
+        if not self._nvml_opened:
+            self._nvml_opened = True
+            try:
+                import torch
+
+                from harness.device import pci_bus_id
+                self.gpu = pci_bus_id(torch.cuda.get_device_properties(torch.cuda.current_device()))
+                self._nvml = _Nvml(self.gpu)
+            except Exception:   # nvidia-ml-py missing, no NVML, or no bus id: torch's figures still stand
+                self._nvml = None
+        return self._nvml
+
+    def sample_idle(self) -> dict | None:
+        """The device's idle power, measured once per process before any work in it (the session does this
+        first), after the reading settles. An isolated worker takes its run's figure (IDLE_POWER_ENV): the GPU
+        it starts on was just warmed by the worker before it."""
+        global _process_idle
+        if not self.cuda or self.idle is not None:
+            return self.idle
+        inherited = os.environ.get(IDLE_POWER_ENV)
+        if inherited:
+            self.idle = {**json.loads(inherited), "by": "the run's main process, before any work"}
+        elif _process_idle is not None:
+            self.idle = _process_idle
+        else:
+            nvml = self._open_nvml()
+            if nvml is None:
+                return None
+            self.idle = _process_idle = {**idle_power(nvml), "by": "this process, before any work"}
+        self.idle_watts = self.idle.get("watts")
+        return self.idle
+
+    def idle_env(self) -> dict[str, str]:
+        """The environment that hands this run's idle power to a worker process."""
+        keep = ("watts", "settled", "seconds", "source")
+        return {IDLE_POWER_ENV: json.dumps({k: self.idle[k] for k in keep if k in self.idle})} if self.idle else {}
 
     def start(self) -> "Telemetry":
         if self.proc is not None:
             return self
         if self.cuda:
-            import torch
-
-            from harness.device import pci_bus_id
-            self.gpu = pci_bus_id(torch.cuda.get_device_properties(torch.cuda.current_device()))
-            try:
-                self._nvml = _Nvml(self.gpu)
+            self.sample_idle()        # unless the session did (it does, before any work)
+            if self._open_nvml() is not None:
                 self.idle_device_mb = self._nvml.device_used_mb()
-            except Exception:   # nvidia-ml-py missing, no NVML, or no bus id: torch's figures still stand
-                self._nvml = None
         # a fresh interpreter running this module (not a fork of a process that holds CUDA or threads, and not
         # multiprocessing's spawn, which would re-import the caller's __main__)
         settings = json.dumps({"pid": os.getpid(), "gpu": self.gpu if self._nvml else None,
@@ -227,9 +315,6 @@ class Telemetry:
         self.proc = subprocess.Popen([sys.executable, "-m", "harness.memory", settings], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, bufsize=1)
         self.conn = _Parent(self.proc)
-        if self._nvml is not None:
-            self.conn.send(("idle_power", 1.0))
-            self.idle_watts = self.conn.recv()
         self.conn.send(("phase",))         # discard what was sampled while starting
         self.conn.recv()
         return self
@@ -266,6 +351,8 @@ class Telemetry:
             torch.cuda.synchronize()
             out["torch_allocated_mb"] = torch.cuda.max_memory_allocated() / MB
             out["torch_reserved_mb"] = torch.cuda.max_memory_reserved() / MB
+            # held by torch's caching allocator but by no tensor, at the phase's end: NVML counts it as ours
+            out["torch_reserved_unallocated_mb"] = (torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / MB
             out["gpu_process_mb"] = sampled.get("gpu_process_mb")
             out["gpu_device_mb"] = sampled.get("gpu_device_mb") if sampled.get("nvml") else None
             if out["gpu_process_mb"]:
@@ -327,7 +414,23 @@ def energy_record(telemetry: Telemetry, joules: float | None, seconds: float, ca
         return {"unsupported": "NVML total-energy counter not available on this GPU/driver"}
     idle = telemetry.idle_watts or 0.0
     return {"joules_per_call": max(joules - idle * seconds, 0.0) / calls, "watts_mean": joules / seconds,
-            "idle_watts": telemetry.idle_watts, "calls": calls, "seconds": seconds}
+            "idle_watts": telemetry.idle_watts, "idle": telemetry.idle, "calls": calls, "seconds": seconds}
+
+
+def release_torch_cache(cuda: bool) -> dict | None:
+    """After a backend moved the components' weights out of torch (ONNX Runtime, TensorRT, Triton): collect the
+    dropped modules and hand torch's cached, now unused blocks back to the driver (torch.cuda.empty_cache), so
+    NVML's figures hold the backend's memory, not torch's cached copy of the weights. On GPU, what torch still
+    holds afterwards."""
+    import gc
+    gc.collect()
+    if not cuda:
+        return None
+    import torch
+    torch.cuda.empty_cache()
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    return {"torch_cache_emptied": True, "torch_allocated_mb": allocated / MB, "torch_reserved_mb": reserved / MB,
+            "torch_reserved_unallocated_mb": (reserved - allocated) / MB}
 
 
 def cuda_memory_snapshot() -> dict:

@@ -29,7 +29,7 @@ from harness.models import embedding
 from harness.models.sentences import texts_for
 from harness.cases import Case
 from harness.errors import UserError
-from harness.memory import Telemetry, cuda_memory_snapshot, energy_record
+from harness.memory import Telemetry, cuda_memory_snapshot, energy_record, release_torch_cache
 from harness.records import Record, RecordWriter, git_info, new_run_id, recorded_case_ids, sanitize
 from harness.timing import StageTimer, measure, stats
 
@@ -90,6 +90,7 @@ class Session:
         self._references: dict[tuple, Reference] = {}
         self.cache_dir = models.cache_root()
         self.telemetry = Telemetry(self.options.device == "cuda")   # its sampler starts with the first case
+        self.telemetry.sample_idle()        # GPU: before any work in this process (energy subtracts it)
         self.cases: list[Case] = []
 
     # -- records ---------------------------------------------------------------------------------------------
@@ -202,8 +203,10 @@ def support_of(case: Case, env: dict) -> registry.Support:
 
 # -- reference ----------------------------------------------------------------------------------------------------
 def _detach(value):
+    """A copy of a captured value with its tensors on the CPU: the reference's captured calls live through the
+    whole case, and on the GPU they would count in every phase's memory."""
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        return value.detach().to("cpu", copy=True)
     if isinstance(value, dict) and not hasattr(value, "to_tuple"):
         return {k: _detach(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -302,6 +305,18 @@ def component_parity(prepared: registry.Prepared, model: models.LoadedModel, ref
         results[name] = {"passed": passed, "outputs": outputs,
                          **{k: main.get(k) for k in ("max_abs", "rel_l2", "cosine", "error") if k in main}}
     return results
+
+
+def vae_decode_precision(model: models.LoadedModel, pipeline, captured: dict) -> dict[str, str | None]:
+    """Which precision each side's VAE decoded in: the reference's from its captured decode call (the latents it
+    was fed, after the pipeline's own upcast), the backend's from its stand-in (the precision its session, engine
+    or server runs) or, for a torch module, the pipeline's own rule (models.vae_decode_dtype)."""
+    args = captured.get(model.vae, ((),))[0]
+    latents = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    reference = models.DTYPE_NAMES.get(latents.dtype) if latents is not None else None
+    backend = getattr(getattr(pipeline, model.vae), "compute_dtype", None) or models.vae_decode_dtype(pipeline,
+                                                                                                        model.vae)
+    return {"reference": reference, "backend": backend}
 
 
 def parity_verdict(output_results: dict[str, dict], components: dict[str, dict],
@@ -503,6 +518,15 @@ def run_case(case: Case, session: Session, loop: Callable | None = None) -> Reco
     return record
 
 
+def prepare_for_measuring(backend: registry.Backend, model: models.LoadedModel, case: Case, cache_dir: Path,
+                          cuda: bool) -> tuple[registry.Prepared, dict | None]:
+    """backend.prepare; then, where the backend moved the weights out of torch (ONNX Runtime, TensorRT, Triton),
+    torch's caching allocator is emptied: its cached copy of the swapped-out weights (GBs at full size) is not the
+    backend's memory. Returns the prepared pipeline and what torch still holds after that (GPU), else None."""
+    prepared = backend.prepare(model, case, cache_dir)
+    return prepared, release_torch_cache(cuda) if prepared.weights_outside_torch else None
+
+
 def _measure_case(case: Case, session: Session, record: Record, reference: Reference, loop) -> None:
     options = session.options
     cuda = options.device == "cuda"
@@ -521,8 +545,10 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
         memory["load"] = telemetry.end_phase()
         record.notes.extend(model.notes)
         telemetry.begin_phase()
-        prepared = backend.prepare(model, case, session.cache_dir)
+        prepared, after_prepare = prepare_for_measuring(backend, model, case, session.cache_dir, cuda)
         stack.callback(prepared.close)
+        if after_prepare:
+            memory["after_prepare"] = after_prepare
         record.build = {**build, **prepared.build}
         record.env = {**session.env, "precision": precision_facts(), "pid": os.getpid()}
         call = PipelineCall(prepared.pipeline, model, case, cuda)
@@ -585,6 +611,11 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
             record.parity["ranking"] = results["ranking"] = compare.check_ranking(
                 reference.sentence_set, embedding.embed(prepared.pipeline, texts_for(case.seq), case.seq))
             record.throughput = {"per_s": case.batch / record.e2e["p50"], "batch": case.batch}
+        if model.vae:   # like with like: which precision each side's VAE decoded in
+            record.parity["vae_decode"] = vae_decode_precision(model, prepared.pipeline, reference.components)
+            if record.parity["vae_decode"]["reference"] != record.parity["vae_decode"]["backend"]:
+                record.notes.append(f"VAE decoded in {record.parity['vae_decode']['backend']} by the backend, in "
+                                    f"{record.parity['vae_decode']['reference']} by the reference")
         verdict, error_class, reason = parity_verdict(results, components, what)
         record.parity["verdict"] = verdict
         if options.save_images and not embeddings:
@@ -640,7 +671,7 @@ def run_isolated(case: Case, session: Session) -> Record:
                 "device": session.options.device, "warmup": session.options.warmup,
                 "repeats": session.options.repeats, "timeout_s": session.options.timeout_s, "options": options}
     worker = WorkerProcess(Path(__file__).resolve().parent.parent, settings, session.run_dir / "workers.log",
-                           {ISOLATION_ENV: "1"}, label=f"worker of {case.id}")
+                           {ISOLATION_ENV: "1", **session.telemetry.idle_env()}, label=f"worker of {case.id}")
     try:
         worker.start()
         worker.send({"op": "configure", "cases": [c.id for c in session.cases or [case]]})

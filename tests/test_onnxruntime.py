@@ -1,6 +1,8 @@
 """onnxruntime backend: support rules and options, session configuration (threads, spinning), IO binding (bf16),
 provider checks, executor parity against eager (tiny-sd), export reuse, pipeline parity."""
+import gc
 import os
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -62,6 +64,38 @@ def test_cuda_provider_options_tf32_off_by_default_and_own_stream(monkeypatch, t
     assert b.providers(Case("tiny-sd", "onnxruntime"), "cpu", tmp_path) == ["CPUExecutionProvider"]
     assert OnnxRuntimeBackend.required_providers(Case("tiny-sd", "onnxruntime", "trt-ep"), "cuda") == \
         ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+
+
+class _CudaSession:
+    """onnxruntime.InferenceSession as OrtRunner uses it, for a CUDA session (no GPU here): it keeps the provider
+    options it was made with."""
+
+    def __init__(self, path, sess_options=None, providers=None):
+        self.provider_options = dict(providers)
+
+    def get_providers(self):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def get_inputs(self):
+        return []
+
+    get_outputs = get_inputs
+
+
+@pytest.mark.parametrize("device,current", [("cuda:1", 0), ("cuda", 1)], ids=["named cuda:1", "current is 1"])
+def test_the_session_and_its_io_binding_name_one_gpu(monkeypatch, tmp_path, device, current):
+    """The CUDA EP computes on its `device_id` option (ONNX Runtime's CUDA EP docs: "device_id: the device ID",
+    default 0), and IOBinding.bind_input/bind_output(name, device_type, device_id, ...) say on which device each
+    buffer lives (ONNX Runtime Python API, IOBinding): both must be the GPU the tensors are on. The binding used
+    `device.index or 0` and the session torch's current device: GPU 1 vs GPU 0."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", _CudaSession)
+    b, case = OnnxRuntimeBackend(), Case("tiny-sd", "onnxruntime")
+    providers = b.providers(case, device, tmp_path)
+    runner = ortb.OrtRunner(tmp_path / "unet.onnx", providers, ortb.session_options(), device, {},
+                            required=b.required_providers(case, device))
+    assert runner.session.provider_options["CUDAExecutionProvider"]["device_id"] == 1
+    assert runner.device == torch.device("cuda", 1)          # what _bind gives bind_input/bind_output
 
 
 def test_spinning_off_by_default_and_kept_with_spin():
@@ -138,6 +172,18 @@ def test_executors_replace_the_components(pair):
     assert threads["process_cores"] == len(os.sched_getaffinity(0))
     assert threads["oversubscribed"] == (torch.get_num_threads() > len(os.sched_getaffinity(0)))
     assert {"export", "session"} <= set(prepared.build)
+
+
+def test_the_swapped_out_torch_weights_are_freed(pair):
+    """weights_outside_torch: after prepare nothing holds the torch components, so the runner's emptying of torch's
+    caching allocator gives their GPU memory back (else NVML counts it as ONNX Runtime's)."""
+    _, _, prepared, cache = pair
+    assert prepared.weights_outside_torch
+    model = load("tiny-sd", "fp32")
+    originals = [weakref.ref(getattr(model.pipeline, name)) for name in prepared.executors]
+    OnnxRuntimeBackend().prepare(model, Case("tiny-sd", "onnxruntime"), cache)     # exports reused
+    gc.collect()
+    assert [ref() for ref in originals] == [None] * len(originals)
 
 
 def test_text_encoder_parity(pair):

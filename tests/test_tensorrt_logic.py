@@ -4,6 +4,7 @@ a GPU), name-based binding (with an engine stand-in that has the real API's meth
 import os
 import signal
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
@@ -270,6 +271,123 @@ def test_the_real_builder_entry_point_reports_a_missing_tensorrt(tmp_path):
     job = _job(tmp_path)
     with pytest.raises(trtb.EngineBuildError, match="tensorrt"):
         trtb.ensure_engine(job)
+
+
+# -- the timing cache: keyed by TensorRT version and GPU, never the cause of a lost engine -------------------------
+
+class _TimingCache:
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def serialize(self):
+        return self.data + b"+timings"
+
+
+class _BuilderConfig:
+    """IBuilderConfig's timing-cache calls as TensorRT's Python API documents them (python/docstrings/infer/
+    pyCoreDoc.h, IBuilderConfigDoc): create_timing_cache(b"") makes a new cache; set_timing_cache returns a bool,
+    False when the cache's verification header names another CUDA device (here: a cache not made on `device`);
+    get_timing_cache returns None when no timing cache is set."""
+
+    def __init__(self, device: bytes):
+        self.device, self.cache = device, None
+
+    def set_flag(self, flag):
+        pass
+
+    clear_flag = set_flag
+
+    def add_optimization_profile(self, profile):
+        pass
+
+    def create_timing_cache(self, data):
+        return _TimingCache(bytes(data) or self.device)
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        if not (ignore_mismatch or cache.data.startswith(self.device)):
+            return False
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return self.cache
+
+
+def _tensorrt_stand_in(device: bytes):
+    """The parts of the tensorrt module build_engine calls, with the real names (no GPU, no TensorRT here)."""
+    class ILogger:
+        Severity = SimpleNamespace(WARNING=2)
+
+        def __init__(self):
+            pass
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return "network"
+
+        def create_builder_config(self):
+            return _BuilderConfig(device)
+
+        def create_optimization_profile(self):
+            return SimpleNamespace(set_shape=lambda *a: None)
+
+        def build_serialized_network(self, network, config):
+            return b"serialized engine"
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            return True
+    return SimpleNamespace(ILogger=ILogger, Builder=Builder, OnnxParser=OnnxParser, __version__="10.8.0",
+                           NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=0),
+                           BuilderFlag=SimpleNamespace(TF32="TF32"))
+
+
+def test_timing_cache_is_keyed_by_tensorrt_version_and_gpu(tmp_path):
+    h100 = trtb.timing_cache_path(tmp_path, "10.8.0", (9, 0), "NVIDIA H100 80GB HBM3")
+    assert h100 == tmp_path / "tensorrt" / "timing-trt10.8.0-sm90-nvidia-h100-80gb-hbm3.cache"
+    assert len({h100, trtb.timing_cache_path(tmp_path, "10.9.0", (9, 0), "NVIDIA H100 80GB HBM3"),
+                trtb.timing_cache_path(tmp_path, "10.8.0", (9, 0), "NVIDIA H200")}) == 3
+
+
+@pytest.mark.parametrize("stored", [b"cache made on another GPU", b""], ids=["refused", "unreadable"])
+def test_a_refused_timing_cache_falls_back_to_a_fresh_one_and_the_engine_is_kept(tmp_path, monkeypatch, stored):
+    """A timing cache TensorRT refuses (another device: set_timing_cache returns False) or cannot read
+    (create_timing_cache raises) costs a slower build, never the engine: the real builder entry point, in this
+    process, with the tensorrt stand-in."""
+    trt = _tensorrt_stand_in(b"H100")
+    if not stored:
+        class Unreadable(_BuilderConfig):
+            def create_timing_cache(self, data):
+                if data.startswith(b"truncated"):
+                    raise RuntimeError("truncated timing cache")
+                return super().create_timing_cache(data)
+        monkeypatch.setattr(trt.Builder, "create_builder_config", lambda self: Unreadable(b"H100"))
+        stored = b"truncated"
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    job = _job(tmp_path)
+    Path(job.timing_cache).write_bytes(stored)
+    job.write()
+    try:
+        assert trtb.build_main(str(job.job_path)) == 0
+    finally:
+        signal.alarm(0)                      # build_main's own deadline, for a builder process
+    assert job.engine_path.read_bytes() == b"serialized engine"
+    assert Path(job.timing_cache).read_bytes() == b"H100+timings"     # the fresh cache replaced it
+    assert trtb.attach_timing_cache(_BuilderConfig(b"H100"), Path(job.timing_cache))[1] == "reused"
+
+
+def test_a_timing_cache_that_cannot_be_saved_loses_nothing(tmp_path):
+    config = _BuilderConfig(b"H100")
+    assert trtb.save_timing_cache(config, tmp_path / "t.cache") == "not saved: no timing cache was attached to the build"
+    config.cache = SimpleNamespace(serialize=lambda: (_ for _ in ()).throw(RuntimeError("out of host memory")))
+    assert trtb.save_timing_cache(config, tmp_path / "t.cache") == "not saved: RuntimeError: out of host memory"
+    assert not (tmp_path / "t.cache").exists()
 
 
 # -- execution: bindings by name ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ python model calls.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,14 +185,21 @@ def denoiser_spec(model, case) -> ComponentSpec:
 
 
 def vae_spec(model, case) -> ComponentSpec:
+    """The VAE decoder in the dtype the pipeline decodes in: an fp16 SDXL VAE with force_upcast decodes in fp32 in
+    the reference pipeline, so the backends' VAE is an fp32 copy too (like with like; meta["dtype"] says which)."""
     vae = getattr(model.pipeline, model.vae)
+    dtype = model.vae_decode_dtype
+    if dtype != model.dtype:
+        from harness.models import TORCH_DTYPES
+        vae = copy.deepcopy(vae).to(TORCH_DTYPES[dtype])
     f = model.vae_scale_factor
     latent = torch.randn(2, vae.config.latent_channels, case.height // f, case.width // f,
                          dtype=vae.dtype, device=model.device)
     return ComponentSpec(model.vae, "vae", VaeDecodeWrapper(vae), {"latent": latent}, ["image"],
                          {"latent": {0: "batch", 2: "latent_height", 3: "latent_width"},
                           "image": {0: "batch", 2: "height", 3: "width"}},
-                         {"image": [2, vae.config.out_channels, case.height // f * f, case.width // f * f]}, meta={"scale_factor": f, "out_channels": vae.config.out_channels})
+                         {"image": [2, vae.config.out_channels, case.height // f * f, case.width // f * f]},
+                         meta={"scale_factor": f, "out_channels": vae.config.out_channels, "dtype": dtype})
 
 
 def encoder_spec(model, case) -> ComponentSpec:

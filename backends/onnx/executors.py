@@ -34,7 +34,7 @@ def make_executor(interface, original: torch.nn.Module, runner: Callable) -> tor
         return DenoiserExecutor(original, runner, list(interface.inputs), interface.meta)
     if interface.role == "encoder":
         return EncoderExecutor(original, runner, list(interface.inputs))
-    return VaeExecutor(original, runner)
+    return VaeExecutor(original, runner, interface.meta.get("dtype"))
 
 
 def weightless_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -164,7 +164,13 @@ class EncoderExecutor(_Executor):
 
 
 class VaeExecutor(_Executor):
-    """`.decode(latents, return_dict=False) -> (image,)`; the encoder is not part of the interface (text-to-image)."""
+    """`.decode(latents, return_dict=False) -> (image,)`; the encoder is not part of the interface (text-to-image).
+    `compute_dtype`: the precision its runner decodes in ("fp32" for SDXL's upcast VAE, whatever the pipeline
+    casts this stand-in to), recorded beside the reference's."""
+
+    def __init__(self, original, runner, compute_dtype: str | None = None):
+        super().__init__(original, runner)
+        self.compute_dtype = compute_dtype
 
     def decode(self, z, return_dict: bool = True, **_):
         image = self.runner({"latent": z})[0].to(z.dtype)

@@ -217,7 +217,9 @@ def export_model(model, case, root: Path, exporter: str = "legacy", components: 
         module = getattr(model.pipeline, spec.component)
         if progress:
             progress(spec.component)
-        export, note = export_component(spec, module, Path(root), model.name, model.dtype, exporter, opset)
+        # a component may run in another dtype than the model's (SDXL's upcast VAE: vae_spec)
+        dtype = spec.meta.get("dtype", model.dtype)
+        export, note = export_component(spec, module, Path(root), model.name, dtype, exporter, opset)
         result.components[spec.component] = export
         if note:
             result.notes.append(note)

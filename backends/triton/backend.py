@@ -201,9 +201,10 @@ class TritonBackend(Backend):
                     name = repo.safe_name(f"{model.name}_{model.dtype}_{component}_onnx_{interface.key[:12]}")
                     spec, model_file = repo.onnx_model(name, interface.path, mode="python", max_batch_size=max_batch,
                                                        threads=threads), interface.path
-                else:
-                    name = repo.safe_name(f"{model.name}_{model.dtype}_{component}_{interface.role}")
-                    spec, model_file = repo.interface_model(name, interface, model.dtype, source=model.source,
+                else:   # served in the dtype the pipeline runs it in (SDXL's VAE: fp32, vae_spec)
+                    dtype = interface.meta.get("dtype", model.dtype)
+                    name = repo.safe_name(f"{model.name}_{dtype}_{component}_{interface.role}")
+                    spec, model_file = repo.interface_model(name, interface, dtype, source=model.source,
                                                             subfolder=component, device=str(model.device),
                                                             threads=threads, max_batch_size=max_batch), None
                 if self.repository is not None:
@@ -238,7 +239,8 @@ class TritonBackend(Backend):
         }}
         if onnx:
             info["triton"]["exporter"] = exports.exporter
-        return Prepared(pipeline=pipeline, executors=executors, build=build, info=info, on_close=[client.close])
+        return Prepared(pipeline=pipeline, executors=executors, build=build, info=info, on_close=[client.close],
+                        weights_outside_torch=True)
 
     def close(self) -> None:
         with self._lock:

@@ -118,6 +118,25 @@ class LoadedModel:
     def vae_scale_factor(self) -> int:
         return int(getattr(self.pipeline, "vae_scale_factor", 8))
 
+    @property
+    def vae_decode_dtype(self) -> str:
+        """The dtype ("fp32", "fp16", "bf16") this pipeline decodes latents in (vae_decode_dtype)."""
+        return vae_decode_dtype(self.pipeline, self.vae)
+
+
+DTYPE_NAMES = {torch_dtype: name for name, torch_dtype in TORCH_DTYPES.items()}
+
+
+def vae_decode_dtype(pipeline, vae: str = "vae") -> str:
+    """The dtype the pipeline decodes latents in: fp32 where it upcasts an fp16 VAE whose config says force_upcast
+    (diffusers 0.42's SDXL pipelines, the ones with an `upcast_vae` method: `needs_upcasting = self.vae.dtype ==
+    torch.float16 and self.vae.config.force_upcast`, then the VAE runs in float32 and goes back to fp16 after the
+    decode), else the VAE's own dtype."""
+    module = getattr(pipeline, vae)
+    upcasts = (hasattr(type(pipeline), "upcast_vae") and module.dtype == torch.float16
+               and bool(getattr(module.config, "force_upcast", False)))
+    return "fp32" if upcasts else DTYPE_NAMES.get(module.dtype, str(module.dtype).removeprefix("torch."))
+
 
 def spec(name: str) -> ModelSpec:
     if name.startswith("path:"):
