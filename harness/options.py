@@ -50,7 +50,8 @@ class Option:
 
 
 SELECTION = (
-    Option("--model", "model (repeatable): tiny-sd, tiny-sd3, sd15, sdxl, sd35-large, flux-dev, path:DIR",
+    Option("--model", "model (repeatable): tiny-sd, tiny-sd3, sd15, sdxl, sd35-large, flux-dev, path:DIR, "
+           "ORG/NAME[@REVISION] (from the local Hugging Face cache)",
            action="append"),
     Option("--backend", "backend[+option...] (repeatable), e.g. torch_compile+max-autotune+fused-qkv",
            action="append"),
@@ -240,8 +241,7 @@ def select_cases(models=None, backends=None, dtypes=None, batches=None, sizes=No
         m.sizes = [parse_size(s) for s in sizes]
     if steps:
         m.steps = list(steps)
-    for name in m.models:
-        zoo.spec(name)
+    m.models = [zoo.case_model(name) for name in m.models]   # a hub id: resolved in the cache now, or exit 2
     def canonical(specs: list[str]) -> list[str]:
         out = []
         for spec in specs:

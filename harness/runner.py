@@ -520,6 +520,7 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
             model = models.load(case.model, case.dtype, backend.load_device(case, options.device))
         memory["load"] = telemetry.end_phase()
         record.notes.extend(model.notes)
+        record.weights = model.weights
         telemetry.begin_phase()
         prepared = backend.prepare(model, case, session.cache_dir)
         stack.callback(prepared.close)

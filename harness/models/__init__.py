@@ -1,5 +1,5 @@
-"""The model zoo: tiny offline models, full-size random-weight architectures, a real sentence-embedding model and
-local checkpoints (path:DIR).
+"""The model zoo: tiny offline models, full-size random-weight architectures, a real sentence-embedding model,
+local checkpoints (path:DIR) and Hugging Face hub ids from the local cache (ORG/NAME[@REVISION], harness/models/hub.py).
 
 Every backend starts from the same fixed inputs per model x shape (MLPerf style): prompts, seed and initial latents
 for text-to-image, the fixed sentence set (harness/models/sentences.py) for text-embedding.
@@ -19,6 +19,7 @@ import torch
 from harness import workloads
 from harness.atomic import atomic_folder, build_lock
 from harness.errors import UserError
+from harness.models import hub
 from harness.models.full import build_full, weights_bytes
 from harness.models.tiny import BUILDERS as TINY_BUILDERS
 
@@ -37,7 +38,7 @@ MANIFEST = "diffbench_manifest.json"
 class ModelSpec:
     name: str
     kind: str              # sd | sdxl | sd3 | flux | embedding
-    source: str            # tiny | full | package | path
+    source: str            # tiny | full | package | path | hub
     description: str
 
     @property
@@ -90,6 +91,7 @@ class LoadedModel:
     source: str = ""
     weights_sha256: str = ""
     notes: list[str] = field(default_factory=list)   # e.g. "cache rebuilt: hash mismatch"
+    weights: dict = field(default_factory=dict)      # which weights ran (the record's `weights`): hub repo + commit...
 
     @property
     def workload(self) -> str:
@@ -119,25 +121,50 @@ class LoadedModel:
         return int(getattr(self.pipeline, "vae_scale_factor", 8))
 
 
+def _pipeline_kind(folder: Path, what: str) -> str:
+    """The kind (sd, sdxl...) of a diffusers pipeline folder, from its model_index.json."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"{what} is not a diffusers model folder (no model_index.json)")
+    try:
+        cls = json.loads(index.read_text()).get("_class_name", "")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise UserError(f"{index} is not valid JSON: {exc}")
+    if cls not in _KIND_BY_PIPELINE:
+        raise UserError(f"{what}: pipeline {cls!r} is not supported; supported: {', '.join(_KIND_BY_PIPELINE)}")
+    return _KIND_BY_PIPELINE[cls]
+
+
+def is_hub_id(name: str) -> bool:
+    return name not in MODELS and not name.startswith("path:") and hub.parse(name) is not None
+
+
+def case_model(name: str) -> str:
+    """The model as case ids name it, validated. A hub id is resolved in the local cache now (exit 2 before any
+    case starts when it is not there) and its revision pinned for the run: `org/name@v1` -> `org--name`."""
+    if is_hub_id(name):
+        resolved = hub.resolve(name)
+        hub.pin(resolved.repo, resolved.revision)
+        return spec(name).name
+    spec(name)
+    return name
+
+
 def spec(name: str) -> ModelSpec:
+    if is_hub_id(name):
+        resolved = hub.resolve(name)
+        kind = _pipeline_kind(resolved.folder, f"{resolved.repo}@{resolved.revision}")
+        return ModelSpec(resolved.case_name, kind, "hub",
+                         f"{resolved.repo} at commit {resolved.commit[:12]} (Hugging Face cache)")
     if name.startswith("path:"):
         folder = Path(name[5:]).expanduser()
         if not folder.is_dir():
             raise UserError(f"model folder {folder} does not exist")
         if workloads.of_model(name) == workloads.TEXT_EMBEDDING:
             return ModelSpec(name, "embedding", "path", f"local embedding model {folder}")
-        index = folder / "model_index.json"
-        if not index.is_file():
-            raise UserError(f"{folder} is not a diffusers model folder (no model_index.json)")
-        try:
-            cls = json.loads(index.read_text()).get("_class_name", "")
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise UserError(f"{index} is not valid JSON: {exc}")
-        if cls not in _KIND_BY_PIPELINE:
-            raise UserError(f"{folder}: pipeline {cls!r} is not supported; supported: {', '.join(_KIND_BY_PIPELINE)}")
-        return ModelSpec(name, _KIND_BY_PIPELINE[cls], "path", f"local checkpoint {folder}")
+        return ModelSpec(name, _pipeline_kind(folder, str(folder)), "path", f"local checkpoint {folder}")
     if name not in MODELS:
-        raise UserError(f"unknown model {name!r}; choose from {', '.join(MODELS)} or path:DIR")
+        raise UserError(f"unknown model {name!r}; choose from {', '.join(MODELS)}, path:DIR or ORG/NAME[@REVISION]")
     return MODELS[name]
 
 
@@ -229,6 +256,7 @@ def load(name: str, dtype: str, device: str = "cpu") -> LoadedModel:
     torch_dtype = TORCH_DTYPES[dtype]
     notes: list[str] = []
     digest = ""
+    weights = {"source": model_spec.source}
     if model_spec.source == "full":
         pipeline = build_full(name, torch_dtype, device)
         source = f"configs/{name} (random weights)"
@@ -239,13 +267,17 @@ def load(name: str, dtype: str, device: str = "cpu") -> LoadedModel:
     else:
         if model_spec.source == "tiny":
             folder, digest, notes = ensure_tiny(name)
+            weights["sha256"] = digest
+        elif model_spec.source == "hub":
+            resolved = hub.resolve(name)
+            folder, weights = resolved.folder, resolved.record()
         else:
             folder = Path(name[5:]).expanduser()
         try:
             pipeline = DiffusionPipeline.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True,
                                                          use_safetensors=True)  # never unpickle weights
         except (OSError, ValueError, EnvironmentError) as exc:
-            if model_spec.source == "path":
+            if model_spec.source in ("path", "hub"):
                 raise UserError(f"{folder} could not be loaded as a diffusers model: {str(exc).splitlines()[0]}")
             raise
         pipeline = pipeline.to(device)
@@ -253,7 +285,7 @@ def load(name: str, dtype: str, device: str = "cpu") -> LoadedModel:
     pipeline.set_progress_bar_config(disable=True)
     text_encoders, denoiser = _component_names(pipeline)
     return LoadedModel(name, model_spec.kind, pipeline, dtype, device, text_encoders, denoiser, "vae",
-                       source=source, weights_sha256=digest, notes=notes)
+                       source=source, weights_sha256=digest, notes=notes, weights=weights)
 
 
 def seed_for(case) -> int:
