@@ -524,7 +524,7 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
         telemetry.begin_phase()
         prepared = backend.prepare(model, case, session.cache_dir)
         stack.callback(prepared.close)
-        record.build = {**build, **prepared.build}
+        record.build = {**build, **model.build, **prepared.build}
         record.env = {**session.env, "precision": precision_facts(), "pid": os.getpid()}
         call = PipelineCall(prepared.pipeline, model, case, cuda)
         stack.callback(call.detach)

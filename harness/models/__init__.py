@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 from harness import workloads
 from harness.atomic import atomic_folder, build_lock
 from harness.errors import UserError
-from harness.models import hub
+from harness.models import hub, lora
 from harness.models.full import build_full, weights_bytes
 from harness.models.tiny import BUILDERS as TINY_BUILDERS
 
@@ -53,6 +53,8 @@ class ModelSpec:
 
     def missing(self) -> str | None:
         """Why this model cannot load here (its package is not installed), or None."""
+        if lora.MARK in self.name and lora.missing():
+            return lora.missing()
         if self.name == "minilm-l6":
             from harness.models.embedding import MINILM_DIST, minilm_folder
             if minilm_folder() is None:
@@ -88,6 +90,7 @@ class LoadedModel:
     denoiser: str = ""                 # "unet" or "transformer"
     vae: str = ""
     encoder: str = ""                  # text-embedding: "encoder"
+    build: dict[str, float] = field(default_factory=dict)   # build steps inside the load (lora_load, lora_fuse)
     source: str = ""
     weights_sha256: str = ""
     notes: list[str] = field(default_factory=list)   # e.g. "cache rebuilt: hash mismatch"
@@ -151,6 +154,14 @@ def case_model(name: str) -> str:
 
 
 def spec(name: str) -> ModelSpec:
+    if lora.MARK in name:
+        choice = lora.parse(name)
+        base = spec(choice.base)
+        if base.workload != workloads.TEXT_TO_IMAGE:
+            raise UserError(f"{name}: LoRA adapters apply to text-to-image models; {base.name} is {base.workload}")
+        return replace(base, name=replace(choice, base=base.name).name,
+                       description=f"{base.description} + LoRA {', '.join(choice.labels)} (scale {choice.scale:g}"
+                                   f"{', fused' if choice.fused else ''})")
     if is_hub_id(name):
         resolved = hub.resolve(name)
         kind = _pipeline_kind(resolved.folder, f"{resolved.repo}@{resolved.revision}")
@@ -187,6 +198,7 @@ def _load_embedding(model_spec: ModelSpec, dtype: str, device: str) -> LoadedMod
 def cpu_memory_problem(name: str, dtype: str, ram_bytes: int) -> str | None:
     """Why a full-size model cannot run in this much RAM, or None. Its weights alone must leave a fifth of the
     memory free for activations, the reference's copy being freed before the measured one is built."""
+    name = lora.base_of(name)
     need = weights_bytes(name, TORCH_DTYPES[dtype])
     if need <= 0.8 * ram_bytes:
         return None
@@ -257,6 +269,8 @@ def load(name: str, dtype: str, device: str = "cpu") -> LoadedModel:
     notes: list[str] = []
     digest = ""
     weights = {"source": model_spec.source}
+    choice = lora.parse(model_spec.name)
+    name = choice.base
     if model_spec.source == "full":
         pipeline = build_full(name, torch_dtype, device)
         source = f"configs/{name} (random weights)"
@@ -283,14 +297,18 @@ def load(name: str, dtype: str, device: str = "cpu") -> LoadedModel:
         pipeline = pipeline.to(device)
         source = str(folder)
     pipeline.set_progress_bar_config(disable=True)
+    build: dict[str, float] = {}
+    if choice.labels:
+        weights["lora"] = lora.apply(pipeline, choice, build)
     text_encoders, denoiser = _component_names(pipeline)
-    return LoadedModel(name, model_spec.kind, pipeline, dtype, device, text_encoders, denoiser, "vae",
-                       source=source, weights_sha256=digest, notes=notes, weights=weights)
+    return LoadedModel(model_spec.name, model_spec.kind, pipeline, dtype, device, text_encoders, denoiser, "vae",
+                       source=source, weights_sha256=digest, notes=notes, weights=weights, build=build)
 
 
 def seed_for(case) -> int:
     """A fixed seed per model x shape, stable across runs and machines."""
-    key = f"{case.model}|{case.batch}|{case.height}x{case.width}" + (f"|seq{case.seq}" if case.seq else "")
+    # a LoRA case starts from its base model's noise: the two images compare
+    key = f"{lora.base_of(case.model)}|{case.batch}|{case.height}x{case.width}" + (f"|seq{case.seq}" if case.seq else "")
     return zlib.crc32(key.encode()) & 0x7FFFFFFF
 
 
