@@ -248,7 +248,7 @@ def capture_first_calls(model: models.LoadedModel):
 def _compute_reference(case: Case, options: RunOptions) -> Reference:
     ref_case = case.with_backend(workloads.reference_backend(case.workload))
     progress.phase("reference")
-    model = models.load(case.model, case.dtype, options.device)
+    model = models.load(models.reference_model(case.model), case.dtype, options.device)
     prepared = registry.get(ref_case.backend).prepare(model, ref_case, models.cache_root())
     try:
         call = PipelineCall(prepared.pipeline, model, ref_case, cuda=False, timed=False)

@@ -195,6 +195,13 @@ def _load_embedding(model_spec: ModelSpec, dtype: str, device: str) -> LoadedMod
                        weights_sha256=digest)
 
 
+def reference_model(name: str) -> str:
+    """The model the eager reference runs: the same, but a fused LoRA is judged against the unfused one (fusing is
+    an optimisation to check, like a backend's)."""
+    choice = lora.parse(name)
+    return replace(choice, fused=False).name if choice.fused else name
+
+
 def cpu_memory_problem(name: str, dtype: str, ram_bytes: int) -> str | None:
     """Why a full-size model cannot run in this much RAM, or None. Its weights alone must leave a fifth of the
     memory free for activations, the reference's copy being freed before the measured one is built."""
