@@ -102,8 +102,7 @@ def test_a_fused_lora_case_passes_parity_against_the_unfused_reference(adapter, 
     finally:
         session.close()
     assert record.status == "passed", (record.reason, record.info.get("traceback"))
+    # fused weights round differently from the unfused layers: close, not identical (the merge happened)
     assert record.parity["verdict"] == "pass" and 0 < record.parity["image"]["max_abs"] < 1e-3
     assert {"load", "lora_load", "lora_fuse"} <= set(record.build)
     assert record.weights["lora"][0]["label"] == "pixel" and record.weights["lora"][0]["fused"]
-    # fused: the LoRA layers are gone, the merged weights stay (the model the case measured)
-    assert not any("lora" in name for name, _ in models.load(case.model, "fp32").pipeline.unet.named_parameters())
