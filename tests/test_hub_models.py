@@ -1,6 +1,7 @@
 """Hugging Face hub ids (ORG/NAME[@REVISION]) from a real cache layout, offline: resolution, the case id, the
 record's commit, the one-line error of a model that is not cached, the gate's note on a moved revision."""
 import json
+import os
 
 import huggingface_hub
 import pytest
@@ -52,7 +53,7 @@ def test_hub_id_resolves_in_the_cache_and_keeps_the_case_id_shape(in_cache):
     assert case.id == "org--tiny-sd/diffusers/fp32/b1/64x64/s4"      # the revision is not in the id
     assert Case.from_id(case.id) == case
     # a worker process gets only the case id: the run's revision travels in the environment
-    assert json.loads(__import__("os").environ[hub.REVISIONS_ENV]) == {"org/tiny-sd": "v1"}
+    assert json.loads(os.environ[hub.REVISIONS_ENV]) == {"org/tiny-sd": "v1"}
     assert hub.resolve(case.model).commit == in_cache["v1"]
     with pytest.raises(UserError, match="conflicting revisions of org/tiny-sd: v1 and main"):
         options.select_cases(["org/tiny-sd@main"], ["diffusers"])

@@ -107,7 +107,10 @@ def locate(source: str) -> LoraFile:
     if path.exists():
         folder = path if path.is_dir() else None
     elif hub.parse(source) is not None:
-        resolved = hub.resolve(source)
+        try:
+            resolved = hub.resolve(source)
+        except UserError as exc:
+            raise UserError(f"--lora {source}: no such file or folder; as a hub id: {exc}")
         folder, record = resolved.folder, {**record, "repo": resolved.repo, "revision": resolved.revision,
                                            "commit": resolved.commit}
     else:
