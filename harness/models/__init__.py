@@ -277,7 +277,7 @@ def load(name: str, dtype: str, device: str = "cpu") -> LoadedModel:
     digest = ""
     weights = {"source": model_spec.source}
     choice = lora.parse(model_spec.name)
-    name = choice.base
+    name = lora.base_of(name)          # as given: a hub id keeps its @REVISION
     if model_spec.source == "full":
         pipeline = build_full(name, torch_dtype, device)
         source = f"configs/{name} (random weights)"
