@@ -20,12 +20,12 @@ from tests.hf_cache import add_to_cache
 def adapter(tmp_path_factory):
     """A rank-4 LoRA on the tiny UNet's attention projections, non-zero (init_lora_weights=False: a fresh peft
     adapter is an identity), saved as a LoRA trainer saves it."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     folder = tmp_path_factory.mktemp("lora") / "pixel"
-    unet = models.load("tiny-sd", "fp32").pipeline.unet
+    unet = UNet2DConditionModel.from_pretrained(str(models.ensure_tiny("tiny-sd")[0]), subfolder="unet")
     torch.manual_seed(7)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                                 init_lora_weights=False))
