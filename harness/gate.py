@@ -228,15 +228,24 @@ def _status_row(case_id: str, dev: str, bs: str, c: dict) -> GateRow:
                    "" if cs == "passed" else "not passed on either side; no metrics compared")
 
 
+def _hub_commits(record: dict) -> dict[str, str]:
+    """repo -> commit of every hub snapshot a record ran: the model's and its LoRAs'."""
+    weights = record.get("weights") or {}
+    entries = [weights, *(weights.get("lora") or [])]
+    return {e.get("repo", "the model"): e["commit"] for e in entries if isinstance(e, dict) and e.get("commit")}
+
+
 def _weights_commit_row(case_id: str, dev: str, b: dict, c: dict) -> GateRow | None:
-    """A hub model resolved to different commits in the baseline and now (a branch moved): the figures compare
-    different weights. Said, not judged: the thresholds still decide the case."""
-    bw, cw = b.get("weights") or {}, c.get("weights") or {}
-    if not (bw.get("commit") and cw.get("commit")) or bw["commit"] == cw["commit"]:
+    """A hub model or LoRA resolved to different commits in the baseline and now (a branch moved): the figures
+    compare different weights. Said, not judged: the thresholds still decide the case."""
+    bc, cc = _hub_commits(b), _hub_commits(c)
+    moved = [(repo, bc[repo], cc[repo]) for repo in sorted(bc.keys() & cc.keys()) if bc[repo] != cc[repo]]
+    if not moved:
         return None
-    return GateRow(case_id, dev, "weights.commit", bw["commit"][:12], cw["commit"][:12], "", "", "PASS",
-                   f"different weights: {cw.get('repo', 'the model')} resolved to commit {bw['commit'][:12]} in the "
-                   f"baseline and {cw['commit'][:12]} now")
+    note = "different weights: " + "; ".join(f"{repo} resolved to commit {old[:12]} in the baseline and {new[:12]} "
+                                             "now" for repo, old, new in moved)
+    return GateRow(case_id, dev, "weights.commit", ", ".join(old[:12] for _, old, _ in moved),
+                   ", ".join(new[:12] for _, _, new in moved), "", "", "PASS", note)
 
 
 def _no_samples_row(case_id: str, dev: str, b: dict | None) -> GateRow:

@@ -87,3 +87,10 @@ def test_gate_says_when_baseline_and_current_ran_different_commits(tmp_path):
                         for r in rows)
     assert not result.regressed and "weights.commit" in result.table() and "different weights" in result.markdown()
     assert not [r for r in gate.compare(base, base).rows if r.metric == "weights.commit"]
+    # a LoRA from the hub cache counts too
+    for record in cur:
+        record["weights"] = {**base[0]["weights"], "lora": [{"repo": "org/style", "commit": "d" * 40}]}
+    for record in base:
+        record["weights"]["lora"] = [{"repo": "org/style", "commit": "c" * 40}]
+    note = next(r.note for r in gate.compare(base, cur).rows if r.metric == "weights.commit")
+    assert note == "different weights: org/style resolved to commit cccccccccccc in the baseline and dddddddddddd now"
