@@ -393,6 +393,7 @@ def cmd_models(_args) -> int:
         where = "GPU; CPU slow" if spec.full_size else "CPU and GPU"
         print(f"{spec.name:<11} {spec.kind:<5} {where:<13} {spec.description}")
     print("path:DIR    a diffusers checkpoint folder on disk")
+    print("ORG/NAME[@REVISION]  a diffusers repository in the local Hugging Face cache (never downloaded)")
     return 0
 
 

@@ -71,7 +71,7 @@ class GateResult:
 
     def table(self, all_rows: bool = False) -> str:
         """Terminal table: the rows that are not PASS (all rows with all_rows), then a summary line."""
-        shown = [r for r in self.rows if all_rows or r.verdict != "PASS"]
+        shown = [r for r in self.rows if all_rows or r.verdict != "PASS" or r.metric == "weights.commit"]
         lines = []
         if shown:
             cols = ("verdict", "case_id", "device_class", "metric", "baseline", "current", "change", "threshold",
@@ -111,7 +111,7 @@ class GateResult:
 def _md_detail(r: GateRow) -> str:
     """One row as markdown text: metric and change (or value); for a row that is not PASS, its verdict, threshold
     and note. Empty for a passed status (the verdict column says it)."""
-    if r.metric == "case":
+    if r.metric in ("case", "weights.commit"):
         return r.note
     if r.metric == "status" and r.verdict == "PASS" and not r.note:
         return ""
@@ -196,6 +196,9 @@ def _compare_case(case_id: str, dev: str, b: dict | None, c: dict, thresholds: d
     bs, cs = (b or {}).get("status"), c["status"]
     if b is not None:
         rows.append(_status_row(case_id, dev, bs, c))
+        commit_row = _weights_commit_row(case_id, dev, b, c)
+        if commit_row is not None:
+            rows.append(commit_row)
     if cs != "passed":
         return rows   # the status rule has spoken; a case that did not pass has no figures to judge
     base = b if bs == "passed" else None   # a baseline that did not pass has no figures to compare with
@@ -223,6 +226,26 @@ def _status_row(case_id: str, dev: str, bs: str, c: dict) -> GateRow:
         return GateRow(case_id, dev, "status", bs, cs, f"{bs}→{cs}", "status", "IMPROVED", "")
     return GateRow(case_id, dev, "status", bs, cs, "", "status", "PASS",
                    "" if cs == "passed" else "not passed on either side; no metrics compared")
+
+
+def _hub_commits(record: dict) -> dict[str, str]:
+    """repo -> commit of every hub snapshot a record ran: the model's and its LoRAs'."""
+    weights = record.get("weights") or {}
+    entries = [weights, *(weights.get("lora") or [])]
+    return {e.get("repo", "the model"): e["commit"] for e in entries if isinstance(e, dict) and e.get("commit")}
+
+
+def _weights_commit_row(case_id: str, dev: str, b: dict, c: dict) -> GateRow | None:
+    """A hub model or LoRA resolved to different commits in the baseline and now (a branch moved): the figures
+    compare different weights. Said, not judged: the thresholds still decide the case."""
+    bc, cc = _hub_commits(b), _hub_commits(c)
+    moved = [(repo, bc[repo], cc[repo]) for repo in sorted(bc.keys() & cc.keys()) if bc[repo] != cc[repo]]
+    if not moved:
+        return None
+    note = "different weights: " + "; ".join(f"{repo} resolved to commit {old[:12]} in the baseline and {new[:12]} "
+                                             "now" for repo, old, new in moved)
+    return GateRow(case_id, dev, "weights.commit", ", ".join(old[:12] for _, old, _ in moved),
+                   ", ".join(new[:12] for _, _, new in moved), "", "", "PASS", note)
 
 
 def _no_samples_row(case_id: str, dev: str, b: dict | None) -> GateRow:

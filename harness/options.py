@@ -50,7 +50,8 @@ class Option:
 
 
 SELECTION = (
-    Option("--model", "model (repeatable): tiny-sd, tiny-sd3, sd15, sdxl, sd35-large, flux-dev, path:DIR",
+    Option("--model", "model (repeatable): tiny-sd, tiny-sd3, sd15, sdxl, sd35-large, flux-dev, path:DIR, "
+           "ORG/NAME[@REVISION] (from the local Hugging Face cache)",
            action="append"),
     Option("--backend", "backend[+option...] (repeatable), e.g. torch_compile+max-autotune+fused-qkv",
            action="append"),
@@ -60,6 +61,12 @@ SELECTION = (
     Option("--steps", "denoising steps (repeatable)", type=int, action="append"),
     Option("--seq", "sequence length in tokens of a text-embedding model's cases (repeatable), e.g. 16 or 128",
            type=int, action="append"),
+    Option("--lora", "LoRA adapter (repeatable) applied to every text-to-image case: a .safetensors file, a folder "
+           "holding one, or ORG/NAME[@REVISION] from the local Hugging Face cache", action="append",
+           metavar="PATH_OR_ORG/NAME"),
+    Option("--lora-scale", "scale of the --lora adapters (default 1.0)", type=float, default=1.0, metavar="S"),
+    Option("--lora-fuse", "fuse the --lora adapters into the weights (a build step) instead of running them "
+           "beside every layer they touch", action="store_true"),
     Option("--matrix", "TOML matrix file (default: the embedded tiny matrix)", metavar="FILE"),
     Option("--gpu", "run on CUDA; stops at once when there is no CUDA device", action="store_true"),
 )
@@ -140,7 +147,7 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
             raise UserError("conflicting options: a --memory-budget on GPU caps the case's own worker process; "
                             "drop --no-isolate")
     cases = select_cases(get("model"), get("backend"), get("dtype"), get("batch"), get("size"), get("steps"),
-                         get("matrix"), get("seq"))
+                         get("matrix"), get("seq"), get("lora"), get("lora_scale"), get("lora_fuse"))
     thresholds = list(get("threshold") or [])
     baseline = get("baseline")
     if thresholds and not baseline:
@@ -220,7 +227,7 @@ def export_backend_settings(settings: Settings) -> None:
 
 
 def select_cases(models=None, backends=None, dtypes=None, batches=None, sizes=None, steps=None, matrix=None,
-                 seqs=None):
+                 seqs=None, loras=None, lora_scale=1.0, lora_fuse=False):
     """The matrix (file or embedded default) with any explicit selection overriding its lists (for every
     workload: an explicit --backend, --dtype or --batch replaces the text-embedding table's too); validated."""
     from backends import base as registry
@@ -240,8 +247,13 @@ def select_cases(models=None, backends=None, dtypes=None, batches=None, sizes=No
         m.sizes = [parse_size(s) for s in sizes]
     if steps:
         m.steps = list(steps)
-    for name in m.models:
-        zoo.spec(name)
+    m.models = [zoo.case_model(name) for name in m.models]   # a hub id: resolved in the cache now, or exit 2
+    if loras:   # a LoRA is part of the model: `tiny-sd+lora:pixel` (harness/models/lora.py)
+        from harness.models import lora
+        scale = 1.0 if lora_scale is None else float(lora_scale)
+        labels = lora.choose(list(loras), scale, bool(lora_fuse))
+        m.models = [zoo.case_model(lora.LoraChoice(name, labels, scale, bool(lora_fuse)).name)
+                    if workloads.of_model(name) == workloads.TEXT_TO_IMAGE else name for name in m.models]
     def canonical(specs: list[str]) -> list[str]:
         out = []
         for spec in specs:

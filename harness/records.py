@@ -65,6 +65,7 @@ class Record:
     seed: int | None = None
     image: str = ""                   # path of the saved output image (relative to the records file)
     notes: list[str] = field(default_factory=list)
+    weights: dict[str, Any] = field(default_factory=dict)   # which weights ran: {source, repo, revision, commit...}
     findings: list[str] = field(default_factory=list)       # worth a look, not failures (e.g. integration cost)
     synthetic: bool = False           # made-up numbers (test fixtures, demos): the report says so in a banner
     timestamp: float = field(default_factory=time.time)

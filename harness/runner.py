@@ -251,7 +251,7 @@ def capture_first_calls(model: models.LoadedModel):
 def _compute_reference(case: Case, options: RunOptions) -> Reference:
     ref_case = case.with_backend(workloads.reference_backend(case.workload))
     progress.phase("reference")
-    model = models.load(case.model, case.dtype, options.device)
+    model = models.load(models.reference_model(case.model), case.dtype, options.device)
     prepared = registry.get(ref_case.backend).prepare(model, ref_case, models.cache_root())
     try:
         call = PipelineCall(prepared.pipeline, model, ref_case, cuda=False, timed=False)
@@ -544,12 +544,13 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
             model = models.load(case.model, case.dtype, backend.load_device(case, options.device))
         memory["load"] = telemetry.end_phase()
         record.notes.extend(model.notes)
+        record.weights = model.weights
         telemetry.begin_phase()
         prepared, after_prepare = prepare_for_measuring(backend, model, case, session.cache_dir, cuda)
         stack.callback(prepared.close)
         if after_prepare:
             memory["after_prepare"] = after_prepare
-        record.build = {**build, **prepared.build}
+        record.build = {**build, **model.build, **prepared.build}
         record.env = {**session.env, "precision": precision_facts(), "pid": os.getpid()}
         call = PipelineCall(prepared.pipeline, model, case, cuda)
         stack.callback(call.detach)

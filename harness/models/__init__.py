@@ -1,5 +1,5 @@
-"""The model zoo: tiny offline models, full-size random-weight architectures, a real sentence-embedding model and
-local checkpoints (path:DIR).
+"""The model zoo: tiny offline models, full-size random-weight architectures, a real sentence-embedding model,
+local checkpoints (path:DIR) and Hugging Face hub ids from the local cache (ORG/NAME[@REVISION], harness/models/hub.py).
 
 Every backend starts from the same fixed inputs per model x shape (MLPerf style): prompts, seed and initial latents
 for text-to-image, the fixed sentence set (harness/models/sentences.py) for text-embedding.
@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 from harness import workloads
 from harness.atomic import atomic_folder, build_lock
 from harness.errors import UserError
+from harness.models import hub, lora
 from harness.models.full import build_full, weights_bytes
 from harness.models.tiny import BUILDERS as TINY_BUILDERS
 
@@ -37,7 +38,7 @@ MANIFEST = "diffbench_manifest.json"
 class ModelSpec:
     name: str
     kind: str              # sd | sdxl | sd3 | flux | embedding
-    source: str            # tiny | full | package | path
+    source: str            # tiny | full | package | path | hub
     description: str
 
     @property
@@ -52,6 +53,8 @@ class ModelSpec:
 
     def missing(self) -> str | None:
         """Why this model cannot load here (its package is not installed), or None."""
+        if lora.MARK in self.name and lora.missing():
+            return lora.missing()
         if self.name == "minilm-l6":
             from harness.models.embedding import MINILM_DIST, minilm_folder
             if minilm_folder() is None:
@@ -87,9 +90,11 @@ class LoadedModel:
     denoiser: str = ""                 # "unet" or "transformer"
     vae: str = ""
     encoder: str = ""                  # text-embedding: "encoder"
+    build: dict[str, float] = field(default_factory=dict)   # build steps inside the load (lora_load, lora_fuse)
     source: str = ""
     weights_sha256: str = ""
     notes: list[str] = field(default_factory=list)   # e.g. "cache rebuilt: hash mismatch"
+    weights: dict = field(default_factory=dict)      # which weights ran (the record's `weights`): hub repo + commit...
 
     @property
     def workload(self) -> str:
@@ -138,25 +143,58 @@ def vae_decode_dtype(pipeline, vae: str = "vae") -> str:
     return "fp32" if upcasts else DTYPE_NAMES.get(module.dtype, str(module.dtype).removeprefix("torch."))
 
 
+def _pipeline_kind(folder: Path, what: str) -> str:
+    """The kind (sd, sdxl...) of a diffusers pipeline folder, from its model_index.json."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"{what} is not a diffusers model folder (no model_index.json)")
+    try:
+        cls = json.loads(index.read_text()).get("_class_name", "")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise UserError(f"{index} is not valid JSON: {exc}")
+    if cls not in _KIND_BY_PIPELINE:
+        raise UserError(f"{what}: pipeline {cls!r} is not supported; supported: {', '.join(_KIND_BY_PIPELINE)}")
+    return _KIND_BY_PIPELINE[cls]
+
+
+def is_hub_id(name: str) -> bool:
+    return name not in MODELS and not name.startswith("path:") and hub.parse(name) is not None
+
+
+def case_model(name: str) -> str:
+    """The model as case ids name it, validated. A hub id is resolved in the local cache now (exit 2 before any
+    case starts when it is not there) and its revision pinned for the run: `org/name@v1` -> `org--name`."""
+    if is_hub_id(name):
+        resolved = hub.resolve(name)
+        hub.pin(resolved.repo, resolved.revision)
+        return spec(name).name
+    spec(name)
+    return name
+
+
 def spec(name: str) -> ModelSpec:
+    if lora.MARK in name:
+        choice = lora.parse(name)
+        base = spec(choice.base)
+        if base.workload != workloads.TEXT_TO_IMAGE:
+            raise UserError(f"{name}: LoRA adapters apply to text-to-image models; {base.name} is {base.workload}")
+        return replace(base, name=replace(choice, base=base.name).name,
+                       description=f"{base.description} + LoRA {', '.join(choice.labels)} (scale {choice.scale:g}"
+                                   f"{', fused' if choice.fused else ''})")
+    if is_hub_id(name):
+        resolved = hub.resolve(name)
+        kind = _pipeline_kind(resolved.folder, f"{resolved.repo}@{resolved.revision}")
+        return ModelSpec(resolved.case_name, kind, "hub",
+                         f"{resolved.repo} at commit {resolved.commit[:12]} (Hugging Face cache)")
     if name.startswith("path:"):
         folder = Path(name[5:]).expanduser()
         if not folder.is_dir():
             raise UserError(f"model folder {folder} does not exist")
         if workloads.of_model(name) == workloads.TEXT_EMBEDDING:
             return ModelSpec(name, "embedding", "path", f"local embedding model {folder}")
-        index = folder / "model_index.json"
-        if not index.is_file():
-            raise UserError(f"{folder} is not a diffusers model folder (no model_index.json)")
-        try:
-            cls = json.loads(index.read_text()).get("_class_name", "")
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise UserError(f"{index} is not valid JSON: {exc}")
-        if cls not in _KIND_BY_PIPELINE:
-            raise UserError(f"{folder}: pipeline {cls!r} is not supported; supported: {', '.join(_KIND_BY_PIPELINE)}")
-        return ModelSpec(name, _KIND_BY_PIPELINE[cls], "path", f"local checkpoint {folder}")
+        return ModelSpec(name, _pipeline_kind(folder, str(folder)), "path", f"local checkpoint {folder}")
     if name not in MODELS:
-        raise UserError(f"unknown model {name!r}; choose from {', '.join(MODELS)} or path:DIR")
+        raise UserError(f"unknown model {name!r}; choose from {', '.join(MODELS)}, path:DIR or ORG/NAME[@REVISION]")
     return MODELS[name]
 
 
@@ -176,9 +214,17 @@ def _load_embedding(model_spec: ModelSpec, dtype: str, device: str) -> LoadedMod
                        weights_sha256=digest)
 
 
+def reference_model(name: str) -> str:
+    """The model the eager reference runs: the same, but a fused LoRA is judged against the unfused one (fusing is
+    an optimisation to check, like a backend's)."""
+    choice = lora.parse(name)
+    return replace(choice, fused=False).name if choice.fused else name
+
+
 def cpu_memory_problem(name: str, dtype: str, ram_bytes: int) -> str | None:
     """Why a full-size model cannot run in this much RAM, or None. Its weights alone must leave a fifth of the
     memory free for activations, the reference's copy being freed before the measured one is built."""
+    name = lora.base_of(name)
     need = weights_bytes(name, TORCH_DTYPES[dtype])
     if need <= 0.8 * ram_bytes:
         return None
@@ -248,6 +294,9 @@ def load(name: str, dtype: str, device: str = "cpu") -> LoadedModel:
     torch_dtype = TORCH_DTYPES[dtype]
     notes: list[str] = []
     digest = ""
+    weights = {"source": model_spec.source}
+    choice = lora.parse(model_spec.name)
+    name = lora.base_of(name)          # as given: a hub id keeps its @REVISION
     if model_spec.source == "full":
         pipeline = build_full(name, torch_dtype, device)
         source = f"configs/{name} (random weights)"
@@ -258,26 +307,34 @@ def load(name: str, dtype: str, device: str = "cpu") -> LoadedModel:
     else:
         if model_spec.source == "tiny":
             folder, digest, notes = ensure_tiny(name)
+            weights["sha256"] = digest
+        elif model_spec.source == "hub":
+            resolved = hub.resolve(name)
+            folder, weights = resolved.folder, resolved.record()
         else:
             folder = Path(name[5:]).expanduser()
         try:
             pipeline = DiffusionPipeline.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True,
                                                          use_safetensors=True)  # never unpickle weights
         except (OSError, ValueError, EnvironmentError) as exc:
-            if model_spec.source == "path":
+            if model_spec.source in ("path", "hub"):
                 raise UserError(f"{folder} could not be loaded as a diffusers model: {str(exc).splitlines()[0]}")
             raise
         pipeline = pipeline.to(device)
         source = str(folder)
     pipeline.set_progress_bar_config(disable=True)
+    build: dict[str, float] = {}
+    if choice.labels:
+        weights["lora"] = lora.apply(pipeline, choice, build)
     text_encoders, denoiser = _component_names(pipeline)
-    return LoadedModel(name, model_spec.kind, pipeline, dtype, device, text_encoders, denoiser, "vae",
-                       source=source, weights_sha256=digest, notes=notes)
+    return LoadedModel(model_spec.name, model_spec.kind, pipeline, dtype, device, text_encoders, denoiser, "vae",
+                       source=source, weights_sha256=digest, notes=notes, weights=weights, build=build)
 
 
 def seed_for(case) -> int:
     """A fixed seed per model x shape, stable across runs and machines."""
-    key = f"{case.model}|{case.batch}|{case.height}x{case.width}" + (f"|seq{case.seq}" if case.seq else "")
+    # a LoRA case starts from its base model's noise: the two images compare
+    key = f"{lora.base_of(case.model)}|{case.batch}|{case.height}x{case.width}" + (f"|seq{case.seq}" if case.seq else "")
     return zlib.crc32(key.encode()) & 0x7FFFFFFF
 
 
