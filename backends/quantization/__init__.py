@@ -212,11 +212,12 @@ def quantize(model, scheme: Scheme, case, build: dict[str, float]) -> dict:
     """Quantise the model's denoiser in place with `scheme` (time added to build["quantize"]); the facts the record
     names: which components, how, with which library versions, and the user's load-time equivalent."""
     denoiser_name = model.denoiser
-    dtype = getattr(model.pipeline, denoiser_name).dtype
+    denoiser = getattr(model.pipeline, denoiser_name)
+    dtype = getattr(denoiser, "dtype", None) or next(denoiser.parameters()).dtype
     config = scheme.config(dtype)
     with timed(build, "quantize"):
         if scheme.library == "torchao":
-            layers = _quantize_torchao(getattr(model.pipeline, denoiser_name), config)
+            layers = _quantize_torchao(denoiser, config)
         else:
             layers = _reload_bitsandbytes(model, config)
     return {"scheme": scheme.name, "library": f"{scheme.library} {importlib.metadata.version(scheme.library)}",
