@@ -138,3 +138,11 @@ def test_torch_compile_quantises_before_it_compiles(tmp_path):
     finally:
         prepared.close()
         backend.close()
+
+
+def test_the_reports_memory_table_shows_the_weights_as_stored():
+    from reports.render import _memory_row
+    record = {"case_id": "tiny-sd/diffusers+int8wo/fp32/b1/64x64/s4", "status": "passed",
+              "memory": {"peak_mb": 900.0, "weights_mb": {"text_encoder": 0.262, "unet": 3.862, "total": 8.049}}}
+    assert _memory_row(record)["weights MB"] == "8.049"
+    assert "weights MB" not in _memory_row({**record, "memory": {"peak_mb": 900.0}})    # older records
