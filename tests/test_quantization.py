@@ -59,6 +59,45 @@ def test_torchao_torch_pairing():
     assert "not installed" in q.pairing_problem(None, (2, 13, 0))
 
 
+def test_every_scheme_builds_its_real_diffusers_config_without_a_gpu():
+    built = {name: scheme.config(torch.bfloat16) for name, scheme in q.SCHEMES.items() if scheme.library == "torchao"}
+    assert {name: type(c.quant_type).__name__ for name, c in built.items()} == {
+        "int8wo": "Int8WeightOnlyConfig", "int8dq": "Int8DynamicActivationInt8WeightConfig",
+        "fp8dq": "Float8DynamicActivationFloat8WeightConfig", "nvfp4": "NVFP4DynamicActivationNVFP4WeightConfig",
+        "mxfp8": "MXDynamicActivationMXWeightConfig"}
+    assert type(built["fp8dq"].quant_type.granularity[0]).__name__ == "PerRow"     # per-row scales, as published
+    assert built["mxfp8"].quant_type.weight_dtype == torch.float8_e4m3fn
+    for name, config in built.items():
+        assert type(config.quant_type).__name__ in q.SCHEMES[name].config_text
+    # bitsandbytes is not installed here: nf4 is refused before its config is ever built
+    assert "bitsandbytes not installed" in DiffusersBackend().support(Case("tiny-sd", "diffusers", "nf4"),
+                                                                       _gpu("9.0")).reason
+
+
+def test_quantising_the_loaded_denoiser_equals_diffusers_load_time_quantisation():
+    """What quantize() does after loading is bit for bit what PipelineQuantizationConfig does while loading."""
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig, TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+    from harness import models
+    folder, _, _ = models.ensure_tiny("tiny-sd")
+    config = PipelineQuantizationConfig(quant_mapping={"unet": TorchAoConfig(Int8WeightOnlyConfig())})
+    at_load = DiffusionPipeline.from_pretrained(str(folder), quantization_config=config, dtype=torch.float32,
+                                                local_files_only=True, use_safetensors=True).unet
+    model = models.load("tiny-sd", "fp32", "cpu")
+    facts = q.quantize(model, q.SCHEMES["int8wo"], Case("tiny-sd", "diffusers", "int8wo"), {})
+    after = dict(model.pipeline.unet.named_parameters())
+    quantised = 0
+    for name, expected in at_load.named_parameters():
+        got = after[name]
+        assert type(got) is type(expected), name
+        if hasattr(expected, "__tensor_flatten__"):
+            quantised += 1
+            assert all(torch.equal(getattr(got, t), getattr(expected, t)) for t in expected.__tensor_flatten__()[0])
+        else:
+            assert torch.equal(got, expected), name
+    assert quantised == facts["components"]["unet"]["linear_layers"] > 0
+
+
 def test_a_quantised_weight_is_counted_at_its_stored_size():
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
     linear = torch.nn.Linear(256, 256)
