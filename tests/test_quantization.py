@@ -54,7 +54,10 @@ def test_one_scheme_per_case_and_not_with_layerwise_fp8():
 
 def test_torchao_torch_pairing():
     assert q.pairing_problem((0, 18, 0), (2, 13, 0)) is None
-    assert "pairs with torch 2.11+" in q.pairing_problem((0, 18, 0), (2, 10, 1))
+    assert q.pairing_problem((0, 18, 0), (2, 11, 0)) is None
+    assert "torchao 0.18.0 pairs with torch >=2.11.0" in q.pairing_problem((0, 18, 0), (2, 10, 1))
+    assert q.pairing_problem((0, 16, 0), (2, 10, 0)) is None
+    assert "pairs with torch 2.10.0 (" in q.pairing_problem((0, 16, 0), (2, 13, 0))       # ABI: exactly that one
     assert "0.15+" in q.pairing_problem((0, 14, 1), (2, 13, 0))
     assert "not installed" in q.pairing_problem(None, (2, 13, 0))
 

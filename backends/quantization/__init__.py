@@ -116,7 +116,7 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
            tolerance_source=_FORMAT_ONLY.format(gpu="Blackwell GPU", fmt="float8 e4m3 (fp8dq's)")),
     Scheme("nf4", "bitsandbytes", "4-bit NormalFloat weights (bitsandbytes through diffusers' BitsAndBytesConfig)",
            _nf4, 'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=...)',
-           min_capability=(5, 0), capability_reason="nf4 needs a CUDA GPU: diffusers 0.42's bitsandbytes quantizer "
+           capability_reason="nf4 needs a CUDA GPU: diffusers 0.42's bitsandbytes quantizer "
            "refuses to quantise without one (\"No GPU found. A GPU is needed for quantization.\")",
            tolerance=ImageTolerance(20.0, 0.80), denoiser_tolerance={"atol": 1.0, "rtol": 1.0, "statistic": "p99"},
            tolerance_source=_FORMAT_ONLY.format(gpu="CUDA GPU", fmt="4-bit NormalFloat (16 levels per 64-weight "
@@ -124,14 +124,13 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
 )}
 OPTIONS = tuple(SCHEMES)
 
-# The lowest torch each torchao release's prebuilt extensions were built for (torchao/__init__.py: older torch makes
-# torchao skip its C++/CUDA extensions); diffusers 0.42's TorchAoConfig needs torchao 0.15+.
-TORCHAO_MIN_TORCH = {(0, 15): (2, 9), (0, 16): (2, 10), (0, 17): (2, 10), (0, 18): (2, 11)}
+# The torch each torchao release's prebuilt C++/CUDA extensions were built for, from each wheel's torchao/__init__.py:
+# 0.15 and 0.16 load them only on exactly the torch they were built against (ABI, pytorch/ao#2919), 0.17 and later
+# on that torch or newer; otherwise torchao logs "Skipping import of cpp extensions" and its kernels are missing.
+# diffusers 0.42's TorchAoConfig needs torchao 0.15+.
+TORCHAO_TORCH = {(0, 15): ("==", (2, 9, 1)), (0, 16): ("==", (2, 10, 0)), (0, 17): (">=", (2, 11, 0)),
+                 (0, 18): (">=", (2, 11, 0))}
 DIFFUSERS_MIN_TORCHAO = (0, 15)
-
-# what each model's recipes quantise: the denoiser; text encoders and the VAE stay in the case dtype, as in
-# sayakpaul/diffusers-torchao (transformer only) and the diffusers-quantization blog (transformer)
-COMPONENTS = "denoiser"
 
 
 def scheme_of(variant: str) -> Scheme | None:
@@ -159,10 +158,14 @@ def pairing_problem(torchao: tuple[int, ...] | None, torch_version: tuple[int, .
     if torchao[:2] < DIFFUSERS_MIN_TORCHAO:
         return (f"torchao {'.'.join(map(str, torchao))} is older than diffusers' TorchAoConfig needs "
                 f"({'.'.join(map(str, DIFFUSERS_MIN_TORCHAO))}+)")
-    need = TORCHAO_MIN_TORCH.get(torchao[:2])
-    if need and torch_version and torch_version[:2] < need:
-        return (f"torchao {'.'.join(map(str, torchao))} pairs with torch {need[0]}.{need[1]}+ (its prebuilt "
-                f"extensions), this is torch {'.'.join(map(str, torch_version))}")
+    pairing = TORCHAO_TORCH.get(torchao[:2])
+    if pairing and torch_version:
+        op, built = pairing
+        ok = torch_version[:3] == built if op == "==" else torch_version[:3] >= built
+        if not ok:
+            return (f"torchao {'.'.join(map(str, torchao))} pairs with torch {'' if op == '==' else '>='}"
+                    f"{'.'.join(map(str, built))} (its prebuilt extensions), this is torch "
+                    f"{'.'.join(map(str, torch_version))}")
     return None
 
 
