@@ -29,8 +29,9 @@ def test_each_scheme_is_judged_on_each_gpu_before_the_model_loads(backend):
         return backend.support(Case("tiny-sd", backend.name, option), env)
 
     assert verdict("int8wo", CPU) and verdict("int8dq", CPU)
-    for option, needs in (("fp8dq", "needs compute capability 8.9+ (sm_89)"), ("nvfp4", "needs a Blackwell GPU (sm_100)"),
-                          ("mxfp8", "sm_100/sm_103"), ("nf4", "needs a CUDA GPU")):
+    for option, needs in (("fp8dq", "needs compute capability 8.9+ (sm_89)"),
+                          ("nvfp4", "needs a Blackwell GPU (sm_100)"), ("mxfp8", "sm_100/sm_103"),
+                          ("nf4", "needs a CUDA GPU")):
         refused = verdict(option, CPU)
         assert not refused and needs in refused.reason and "CPU" in refused.reason, refused.reason
     assert "this GPU is sm_86" in verdict("fp8dq", _gpu("8.6")).reason           # A10 / RTX 3090

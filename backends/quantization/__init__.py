@@ -38,7 +38,7 @@ class Scheme:
     config_text: str               # how a user writes it
     cpu: bool = False              # runs on a CPU
     min_capability: tuple[int, int] | None = None          # lowest CUDA compute capability
-    capabilities: tuple[tuple[int, int], ...] = ()         # only these (major, any minor) families, if set
+    capabilities: tuple[tuple[int, int], ...] = ()         # only these exact capabilities, if set
     capability_reason: str = ""    # the sentence a refusal says
     calibration: bool = False      # needs calibration data (static scales)
     tolerance: ImageTolerance = ImageTolerance(30.0, 0.95)
@@ -72,7 +72,8 @@ def _nf4(dtype: torch.dtype):
 
 
 _MEASURED_INT8 = ("measured here on tiny-sd 64x64, 4 steps, fp32 (docs/quantization.md): image PSNR {psnr} against the "
-                  "unquantised reference; held {margin} below it, far above a broken model's noise (< 15 dB)")
+                  "unquantised reference; held {margin} below it, far above a blank, shifted or garbage image "
+                  "(< 10 dB, docs/variants.md)")
 _FORMAT_ONLY = ("not yet measured here (no {gpu} on these machines): the {fmt} bound, to be replaced by the error "
                 "measured on a correct GPU run (docs/quantization.md)")
 
@@ -81,7 +82,8 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
            _torchao("Int8WeightOnlyConfig"), "TorchAoConfig(Int8WeightOnlyConfig())", cpu=True,
            tolerance=ImageTolerance(50.0, 0.999), denoiser_tolerance={"atol": 5e-3, "rtol": 5e-2, "statistic": "p99"},
            tolerance_source=_MEASURED_INT8.format(psnr="66.5 dB", margin="~16 dB")),
-    Scheme("int8dq", "torchao", "int8 dynamic activations + int8 weights (torchao Int8DynamicActivationInt8WeightConfig)",
+    Scheme("int8dq", "torchao",
+           "int8 dynamic activations + int8 weights (torchao Int8DynamicActivationInt8WeightConfig)",
            _torchao("Int8DynamicActivationInt8WeightConfig"), "TorchAoConfig(Int8DynamicActivationInt8WeightConfig())",
            cpu=True, tolerance=ImageTolerance(45.0, 0.998),
            denoiser_tolerance={"atol": 1e-2, "rtol": 1e-1, "statistic": "p99"},
@@ -97,14 +99,16 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
                                                 "34.5 dB on tiny-sd, held to 30 dB)")),
     Scheme("nvfp4", "torchao", "NVFP4 dynamic activations + weights (torchao prototype "
            "NVFP4DynamicActivationNVFP4WeightConfig; e2m1 values, e4m3 scales per 16, a per-tensor scale)",
-           _torchao("NVFP4DynamicActivationNVFP4WeightConfig"), "TorchAoConfig(NVFP4DynamicActivationNVFP4WeightConfig())",
+           _torchao("NVFP4DynamicActivationNVFP4WeightConfig"),
+           "TorchAoConfig(NVFP4DynamicActivationNVFP4WeightConfig())",
            min_capability=(10, 0), capabilities=((10, 0), (10, 3), (12, 0)),
            capability_reason="nvfp4 needs a Blackwell GPU (sm_100): NVFP4 matmuls run on sm_100/sm_103 (sm_120 "
            "partially)",
            tolerance=ImageTolerance(20.0, 0.80), denoiser_tolerance={"atol": 1.0, "rtol": 1.0, "statistic": "p99"},
            tolerance_source=_FORMAT_ONLY.format(gpu="Blackwell GPU", fmt="4-bit e2m1 (1 mantissa bit, ~12 % relative "
                                                 "rounding error per value)")),
-    Scheme("mxfp8", "torchao", "MXFP8 dynamic activations + weights (torchao prototype MXDynamicActivationMXWeightConfig, "
+    Scheme("mxfp8", "torchao",
+           "MXFP8 dynamic activations + weights (torchao prototype MXDynamicActivationMXWeightConfig, "
            "e4m3 values, e8m0 scales per 32)",
            _torchao("MXDynamicActivationMXWeightConfig", activation_dtype=torch.float8_e4m3fn,
                     weight_dtype=torch.float8_e4m3fn),
