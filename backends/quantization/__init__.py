@@ -262,8 +262,8 @@ def _reload_bitsandbytes(model, config) -> int:
         raise Unsupported(f"nf4: diffusers quantises with bitsandbytes while loading a checkpoint; {model.name} "
                           "has no checkpoint folder (random full-size weights)")
     old = getattr(model.pipeline, model.denoiser)
-    new = type(old).from_pretrained(str(folder), subfolder=model.denoiser, quantization_config=config,
-                                    torch_dtype=old.dtype, local_files_only=True, use_safetensors=True)
+    new = type(old).from_pretrained(str(folder), subfolder=model.denoiser, quantization_config=config, dtype=old.dtype,
+                                    local_files_only=True, use_safetensors=True)   # diffusers puts it on the GPU
     setattr(model.pipeline, model.denoiser, new)
     import bitsandbytes as bnb
     return sum(isinstance(m, bnb.nn.Linear4bit) for m in new.modules())
