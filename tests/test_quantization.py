@@ -41,6 +41,10 @@ def test_each_scheme_is_judged_on_each_gpu_before_the_model_loads(backend):
     for option, capability in (("fp8dq", "8.9"), ("fp8dq", "9.0"), ("nvfp4", "10.0"), ("nvfp4", "12.0"),
                                ("mxfp8", "10.0"), ("int8wo", "7.5")):
         assert verdict(option, _gpu(capability)), (option, capability)
+    # a described stack is judged with its own versions (diffbench backends --stack), not this machine's
+    described = {**_gpu("9.0"), "stack": {"torch": "2.10.0+cu128"}, "versions": {"torchao": "0.18.0"}}
+    assert "torchao 0.18.0 pairs with torch >=2.11.0" in verdict("fp8dq", described).reason
+    assert verdict("fp8dq", {**described, "stack": {"torch": "2.12.1+cu130"}})
     if "text-embedding" in backend.workloads:
         embedding = backend.support(Case("minilm-l6", backend.name, "int8wo", seq=16), CPU)
         assert "quantises a diffusion denoiser" in embedding.reason

@@ -144,10 +144,15 @@ def scheme_of(variant: str) -> Scheme | None:
 
 
 def _version(dist: str) -> tuple[int, ...] | None:
+    """The installed distribution's version as numbers, or None."""
     try:
-        text = importlib.metadata.version(dist)
+        return _parse(importlib.metadata.version(dist))
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _parse(text: str) -> tuple[int, ...]:
+    """Version text to numbers: 2.13.0+cpu -> (2, 13, 0)."""
     parts = []
     for piece in text.split("+")[0].split(".")[:3]:
         digits = "".join(c for c in piece if c.isdigit())
@@ -201,9 +206,13 @@ def support(variant: str, case, env: dict) -> Support:
         return Support.no(problem)
     if scheme.calibration:
         return Support.no(f"{scheme.name} needs calibration data (static scales): diffbench ships none yet")
+    # a described stack (diffbench backends --stack) names its own versions; a live run's env names the installed ones
+    versions = (env.get("versions") or {}) if isinstance(env, dict) else {}
+    stack_torch = preflight.Stack.from_env(env).torch
     if scheme.library == "torchao":
-        problem = pairing_problem(_version("torchao"), _version("torch"))
-    elif _version(scheme.library) is None:
+        torchao = _parse(versions["torchao"]) if versions.get("torchao") else _version("torchao")
+        problem = pairing_problem(torchao, _parse(stack_torch) if stack_torch else _version("torch"))
+    elif not (versions.get(scheme.library) or _version(scheme.library)):
         problem = f"{scheme.library} not installed (pip install {scheme.library})"
     if problem:
         return Support.no(problem)
