@@ -16,6 +16,10 @@ A variant that would do nothing for a case is unsupported for it, with the reaso
 worked: offloading without a GPU, VAE slicing at batch 1, VAE tiling where the latent fits in one tile, attention
 slicing where no component's attention processors take slices.
 
+  int8wo, int8dq, fp8dq, nvfp4, mxfp8, nf4
+                       the denoiser quantised with torchao (through diffusers' TorchAoConfig) or bitsandbytes
+                       (BitsAndBytesConfig): backends/quantization/ holds the scheme table, its GPU rules and
+                       tolerances (docs/quantization.md)
   tf32                 TF32 matmuls and convolutions (GPU; the runner sets strict fp32 before every case, prepare
                        turns TF32 on, close restores it)
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from backends import quantization
 from backends.base import Backend, Prepared, Support, Unsupported, enable_tf32, variant_options
 from harness.compare import ImageTolerance
 
@@ -47,8 +52,9 @@ VARIANT_TOLERANCES = {
 
 class DiffusersBackend(Backend):
     name = "diffusers"
-    options = (*OFFLOAD, "vae-tiling", "vae-slicing", "attention-slicing", "layerwise-fp8", "tf32")
-    exclusive = (OFFLOAD,)
+    options = (*OFFLOAD, "vae-tiling", "vae-slicing", "attention-slicing", "layerwise-fp8", *quantization.OPTIONS,
+               "tf32")
+    exclusive = (OFFLOAD, ("layerwise-fp8", *quantization.OPTIONS))    # one way to store the denoiser's weights
     description = "eager PyTorch diffusers pipeline (the reference), and diffusers' memory-saving features"
 
     def support(self, case, env) -> Support:
@@ -73,7 +79,7 @@ class DiffusersBackend(Backend):
                                   "(only UNet attention processors do)")
         if "layerwise-fp8" in chosen and not hasattr(torch, "float8_e4m3fn"):
             return Support.no(f"layerwise-fp8 needs torch.float8_e4m3fn (torch {torch.__version__} has none)")
-        return Support.yes()
+        return quantization.support(case.variant, case, env)
 
     def load_device(self, case, device: str) -> str:
         # offloading starts from weights in CPU memory; loading them onto the GPU first would only add a spike
@@ -82,7 +88,9 @@ class DiffusersBackend(Backend):
     def prepare(self, model, case, cache) -> Prepared:
         pipeline = model.pipeline
         chosen = variant_options(case.variant)
-        applied = {}
+        applied, build = {}, {}
+        scheme = quantization.scheme_of(case.variant)
+        quantized = quantization.quantize(model, scheme, case, build) if scheme else None
         if chosen:
             applied = _apply(pipeline, model, case, chosen)
         executors = {name: getattr(pipeline, name) for name in model.components}
@@ -90,13 +98,17 @@ class DiffusersBackend(Backend):
         info = {"attention": "SDPA (torch default)", "tf32": tf32}
         if applied:
             info["memory_features"] = applied
+        if quantized:
+            info["quantization"] = quantized
         image_tol, overrides = None, {}
-        for name in chosen & set(VARIANT_TOLERANCES):
-            tol, components = VARIANT_TOLERANCES[name]
+        tolerances = {name: VARIANT_TOLERANCES[name] for name in chosen & set(VARIANT_TOLERANCES)}
+        if scheme:
+            tolerances[scheme.name] = quantization.tolerance(scheme)
+        for tol, components in tolerances.values():
             image_tol = tol if image_tol is None else ImageTolerance(min(image_tol.min_psnr_db, tol.min_psnr_db),
                                                                      min(image_tol.min_ssim, tol.min_ssim))
             overrides.update(components)
-        return Prepared(pipeline=pipeline, executors=executors, info=info, output_tolerance=image_tol,
+        return Prepared(pipeline=pipeline, executors=executors, build=build, info=info, output_tolerance=image_tol,
                         tolerance_overrides=overrides or None, on_close=[enable_tf32()] if tf32 else [])
 
 

@@ -11,7 +11,9 @@ Options (a variant merges its options' entries of OPTION_TABLE):
   recipe: the public diffusers "fast" recipe as one preset (fullgraph, max-autotune without CUDA graphs, fused QKV
     projections, channels-last, and the inductor flags of diffusion-fast / diffusers-torchao), so our figures can
     be set beside the published ones (docs/backends.md has the sources);
-  tf32: TF32 matmuls and convolutions (the runner sets strict fp32 before every case; restored at close).
+  tf32: TF32 matmuls and convolutions (the runner sets strict fp32 before every case; restored at close);
+  int8wo, int8dq, fp8dq, nvfp4, mxfp8, nf4: the denoiser quantised before it is compiled (backends/quantization/,
+    the scheme table shared with the diffusers backend); build["quantize"] apart from build["compile"].
 Inductor config is process-global: what a case changes is undone at close.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from backends import quantization
 from backends.base import Backend, Prepared, Support, enable_tf32, timed, variant_options
 
 # the inductor flags of the diffusers fast recipe (huggingface/diffusion-fast README and utils/pipeline_utils.py;
@@ -48,7 +51,7 @@ _COMPILE_KEYS = ("mode", "fullgraph", "dynamic")
 
 def knobs_for(variant: str) -> dict:
     knobs: dict = {}
-    for name in variant_options(variant):
+    for name in variant_options(variant) & set(OPTION_TABLE):
         knobs.update(OPTION_TABLE[name])
     return knobs
 
@@ -116,10 +119,10 @@ def apply_inductor_config(values: dict) -> Callable[[], None]:
 class TorchCompileBackend(Backend):
     name = "torch_compile"
     workloads = ("text-to-image", "text-embedding")
-    options = tuple(OPTION_TABLE)
-    # one mode; and the recipe already holds fullgraph, channels-last and fused QKV
+    options = (*OPTION_TABLE, *quantization.OPTIONS)
+    # one mode; and the recipe already holds fullgraph, channels-last and fused QKV; one quantisation scheme
     exclusive = (("max-autotune", "reduce-overhead", "recipe"), ("recipe", "fullgraph"), ("recipe", "channels-last"),
-                 ("recipe", "fused-qkv"))
+                 ("recipe", "fused-qkv"), quantization.OPTIONS)
     description = ("torch.compile (TorchInductor) of the denoiser and VAE decoder; modes, fullgraph, dynamic, knobs, "
                    "the diffusers fast recipe, tf32")
 
@@ -137,7 +140,7 @@ class TorchCompileBackend(Backend):
         if diffusion_only and case.workload != "text-to-image":
             return Support.no(f"{', '.join(diffusion_only)}: knobs of diffusion denoisers and VAEs (convolutions, "
                               "diffusers' QKV fusion), not of a text encoder")
-        return Support.yes()
+        return quantization.support(case.variant, case, env)
 
     def prepare(self, model, case, cache) -> Prepared:
         undo: list[Callable[[], None]] = []
@@ -173,6 +176,9 @@ class TorchCompileBackend(Backend):
                 executors = {model.encoder: compiled}
                 info["compiled"] = [model.encoder]
             else:
+                scheme = quantization.scheme_of(case.variant)
+                if scheme:   # quantised first, as the published recipes do: the compiled graph holds its kernels
+                    info["quantization"] = quantization.quantize(model, scheme, case, build)
                 denoiser = getattr(pipeline, model.denoiser)
                 vae = getattr(pipeline, model.vae)
                 if knobs.get("fuse_qkv"):
@@ -196,7 +202,11 @@ class TorchCompileBackend(Backend):
             for fn in reversed(undo):
                 fn()
             raise
-        return self._prepared(pipeline, executors, build, info, undo)
+        prepared = self._prepared(pipeline, executors, build, info, undo)
+        scheme = quantization.scheme_of(case.variant)
+        if scheme:
+            prepared.output_tolerance, prepared.tolerance_overrides = quantization.tolerance(scheme)
+        return prepared
 
     @staticmethod
     def _prepared(pipeline, executors, build, info, undo) -> Prepared:

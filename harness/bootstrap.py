@@ -37,8 +37,8 @@ PY = VENV / "bin" / "python"
 STAMP = VENV / ".diffbench-installed"
 TORCH = "2.13.0"                                   # the CPU path's torch, installed first from the local wheel
 BUILD_REQUIRES = ["setuptools>=68"]                # pyproject.toml [build-system] requires (a test checks it)
-CPU_EXTRAS = ("dev", "onnx", "triton", "embedding", "lora")  # every extra that runs on CPU: what CI installs
-GPU_EXTRAS = ("dev", "gpu", "embedding", "lora")
+CPU_EXTRAS = ("dev", "onnx", "triton", "embedding", "lora", "quant")  # every extra that runs on CPU: what CI installs
+GPU_EXTRAS = ("dev", "gpu", "embedding", "lora", "quant")
 # The repository's top-level packages, installed under these generic names (the layout is fixed): diffbench
 # refuses an environment where another distribution already provides one of them.
 TOP_LEVEL = ("harness", "backends", "reports")

@@ -11,7 +11,7 @@ import platform
 from importlib import metadata
 
 LIBRARIES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt",
-             "tritonclient", "nvidia-pytriton", "numpy")
+             "tritonclient", "nvidia-pytriton", "numpy", "torchao", "bitsandbytes")
 
 # (major, minor) -> family. Blackwell has two families: datacenter (sm_100/sm_103) and workstation/consumer (sm_120).
 _ARCH = {

@@ -443,3 +443,45 @@ def cuda_memory_snapshot() -> dict:
 if __name__ == "__main__":
     settings = json.loads(sys.argv[1])
     _sampler_main(settings["pid"], _Pipe(), settings["gpu"], settings["interval_s"])
+
+
+# -- weights as stored ------------------------------------------------------------------------------------------
+def stored_bytes(tensors, seen: set | None = None) -> int:
+    """Bytes of storage actually held by these tensors, each storage once. A tensor subclass that wraps others (a
+    torchao quantised weight reports its original dtype's element size and shape) is counted through its inner
+    tensors (`__tensor_flatten__`, PyTorch's protocol for wrapper subclasses): int8 data plus its scales."""
+    seen = set() if seen is None else seen
+    total = 0
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        if hasattr(tensor, "__tensor_flatten__"):
+            names, _ = tensor.__tensor_flatten__()
+            total += stored_bytes([getattr(tensor, name) for name in names], seen)
+            continue
+        if getattr(tensor, "is_meta", False):
+            continue
+        storage = tensor.untyped_storage()
+        key = (tensor.device.type, storage.data_ptr(), storage.nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def weights_mb(pipeline, components: list[str]) -> dict[str, float]:
+    """{total, <component>: MB}: the parameters and buffers each torch component holds, as stored (quantised
+    weights at their real size). Components that hold no torch tensors (an ONNX Runtime session, a TensorRT engine,
+    a Triton client) are left out rather than counted as 0."""
+    import torch
+    seen: set = set()
+    out: dict[str, float] = {}
+    for name in components:
+        module = getattr(pipeline, name, None)
+        if not isinstance(module, torch.nn.Module):
+            continue
+        tensors = [*module.parameters(), *module.buffers()]
+        if tensors:
+            out[name] = round(stored_bytes(tensors, seen) / MB, 3)
+    out["total"] = round(sum(out.values()), 3)
+    return out

@@ -29,7 +29,7 @@ from harness.models import embedding
 from harness.models.sentences import texts_for
 from harness.cases import Case
 from harness.errors import UserError
-from harness.memory import Telemetry, cuda_memory_snapshot, energy_record, release_torch_cache
+from harness.memory import Telemetry, cuda_memory_snapshot, energy_record, release_torch_cache, weights_mb
 from harness.records import Record, RecordWriter, git_info, new_run_id, recorded_case_ids, sanitize
 from harness.timing import StageTimer, measure, stats
 
@@ -551,6 +551,7 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
         if after_prepare:
             memory["after_prepare"] = after_prepare
         record.build = {**build, **model.build, **prepared.build}
+        weights = {} if model.encoder else {"weights_mb": weights_mb(prepared.pipeline, model.components)}
         record.env = {**session.env, "precision": precision_facts(), "pid": os.getpid()}
         call = PipelineCall(prepared.pipeline, model, case, cuda)
         stack.callback(call.detach)
@@ -586,7 +587,7 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
         record.samples = {"e2e": list(call.timer.samples["e2e"])}
         joules = end_j - energy["start_j"] if end_j is not None and energy.get("start_j") is not None else None
         record.energy = energy_record(telemetry, joules, seconds, record.e2e["n"])
-        record.memory = {**memory, "peak_mb": memory["inference"]["peak_mb"],
+        record.memory = {**memory, **weights, "peak_mb": memory["inference"]["peak_mb"],
                          "sampler_interval_ms": telemetry.interval_s * 1000}
         call.detach()
         record.info.update(prepared.info)

@@ -143,6 +143,8 @@ def _memory_row(r: dict) -> dict:
     row = {"case": r["case_id"], "status": r["status"], "peak MB (inference)": fmt(memory["peak_mb"], 5)}
     for phase in ("load", "build"):
         row[f"{phase} peak MB"] = fmt(get(memory, phase, "peak_mb"), 5) if memory.get(phase) else None
+    if num(get(memory, "weights_mb", "total")) is not None:   # as stored: quantised weights at their real size
+        row["weights MB"] = fmt(memory["weights_mb"]["total"], 5)
     inference = memory.get("inference") or {}
     for key, label in _PHASE_FIELDS:
         if num(inference.get(key)) is not None:
