@@ -73,6 +73,8 @@ class Prepared:
     output_tolerance / tolerance_overrides: parity bounds for a variant whose output differs from the reference by
         design (VAE tiling, fp8 storage, int8 weights), set from the error measured on correct runs; None = the
         dtype's defaults (an ImageTolerance or EmbeddingTolerance, by workload).
+    unjudged_components: component -> why its own outputs cannot be compared with the reference's (a served
+        model that returns pooled embeddings has no hidden state to compare); the pipeline's output still is.
     """
     pipeline: Any
     executors: dict[str, Any]
@@ -82,6 +84,7 @@ class Prepared:
     after_measure: Callable[[], dict] | None = None
     output_tolerance: Any = None
     tolerance_overrides: dict | None = None
+    unjudged_components: dict[str, str] = field(default_factory=dict)
 
     def close(self) -> None:
         while self.on_close:

@@ -87,6 +87,8 @@ MEASURING = (
            metavar="HOST:PORT"),
     Option("--triton-metrics-url", "metrics endpoint of the --triton-url server (default: "
            "http://its host:8002/metrics)", metavar="URL"),
+    Option("--triton-model", "benchmark NAME, a model the --triton-url server already serves, as the encoder of "
+           "--model (a text-embedding model: its local reference judges the served outputs)", metavar="NAME"),
 )
 OUTPUT = (
     Option("--results-dir", "parent folder of results/<run-id>/", default="results", metavar="DIR"),
@@ -131,6 +133,7 @@ class Settings:
     expected_s: dict[str, float] = field(default_factory=dict)   # case id -> seconds, from --durations-from
     triton_grpc_url: str | None = None
     triton_metrics_url: str | None = None
+    triton_model: str | None = None
 
 
 def settings_from(get: Callable[[str], Any]) -> Settings:
@@ -160,8 +163,10 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
     if triton_url:
         check_triton_url(triton_url)
     triton_grpc_url, triton_metrics_url = get("triton_grpc_url"), get("triton_metrics_url")
-    if (triton_grpc_url or triton_metrics_url) and not triton_url:
-        raise UserError("conflicting options: --triton-grpc-url / --triton-metrics-url need --triton-url")
+    triton_model = get("triton_model")
+    if (triton_grpc_url or triton_metrics_url or triton_model) and not triton_url:
+        raise UserError("conflicting options: --triton-grpc-url / --triton-metrics-url / --triton-model need "
+                        "--triton-url")
     if triton_grpc_url:
         check_triton_url(triton_grpc_url, "--triton-grpc-url")
     if triton_metrics_url:
@@ -175,7 +180,7 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
         cases = select(cases, shard, expected)
     return Settings(device, cases, run_options, Path(get("results_dir")), not get("no_report"), baseline,
                     thresholds, triton_url, shard, selected, expected, triton_grpc_url=triton_grpc_url,
-                    triton_metrics_url=triton_metrics_url)
+                    triton_metrics_url=triton_metrics_url, triton_model=triton_model)
 
 
 def expected_from(paths, cases, run_options) -> dict[str, float]:
@@ -231,7 +236,8 @@ def export_backend_settings(settings: Settings) -> None:
     import os
     for variable, value in (("DIFFBENCH_TRITON_URL", settings.triton_url),
                             ("DIFFBENCH_TRITON_GRPC_URL", settings.triton_grpc_url),
-                            ("DIFFBENCH_TRITON_METRICS_URL", settings.triton_metrics_url)):
+                            ("DIFFBENCH_TRITON_METRICS_URL", settings.triton_metrics_url),
+                            ("DIFFBENCH_TRITON_MODEL", settings.triton_model)):
         if value:
             os.environ[variable] = value
 

@@ -25,6 +25,7 @@ import torch
 
 from backends.base import Backend, Prepared, Support, module_available, timed
 from backends.triton import repository as repo
+from backends.triton import served as user_served
 from backends.onnx.components import component_specs
 from backends.onnx.executors import make_executor
 from backends.onnx.export import export_model
@@ -177,6 +178,13 @@ class TritonBackend(Backend):
         if spec.kind == "flux":
             return Support.no("flux denoiser is not served by the triton backend yet (its ids have no batch "
                               "dimension)")
+        if os.environ.get(user_served.MODEL_ENV):
+            if case.workload != "text-embedding":
+                return Support.no("--triton-model stands in for a text-embedding encoder; text-to-image models are "
+                                  "served as diffbench writes them (drop --triton-model)")
+            if case.variant not in ("", "http", "grpc"):
+                return Support.no(f"variant {case.variant}: --triton-model serves the model as it is; only the "
+                                  "protocol (http, grpc) can be chosen")
         if case.variant.endswith("onnx"):
             for name in ("onnx", "onnxruntime"):
                 found = module_available(name)
@@ -222,6 +230,8 @@ class TritonBackend(Backend):
 
     # -- prepare --------------------------------------------------------------------------------------------------
     def prepare(self, model, case, cache) -> Prepared:
+        if os.environ.get(user_served.MODEL_ENV):
+            return self.prepare_served(model, case, cache, os.environ[user_served.MODEL_ENV])
         protocol, onnx = protocol_of(case.variant), case.variant.endswith("onnx")
         build: dict[str, float] = {}
         pipeline = model.pipeline
@@ -292,6 +302,29 @@ class TritonBackend(Backend):
         if onnx:
             info["triton"]["exporter"] = exports.exporter
         return Prepared(pipeline=pipeline, executors=executors, build=build, info=info, on_close=[client.close])
+
+    def prepare_served(self, model, case, cache, name: str) -> Prepared:
+        """The user's own served model (--triton-model) as the case's encoder: nothing written, loaded or
+        unloaded; its interface read from the server and fitted to the encoder's (backends.triton.served)."""
+        build: dict[str, float] = {}
+        with timed(build, "server_start"):
+            server = self.ensure_server(cache)
+        (interface,) = component_specs(model, case, [model.encoder])
+        metadata, config = user_served.describe(server, name)
+        fitted = user_served.fit_encoder(metadata, config, list(interface.inputs))
+        protocol = protocol_of(case.variant)
+        client = Client(server, protocol)
+        runner = user_served.RenamingRunner(TritonRunner(client, fitted.served, model.device), fitted)
+        executor = make_executor(interface, getattr(model.pipeline, model.encoder), runner)
+        setattr(model.pipeline, model.encoder, executor)
+        info = {"triton": {
+            "protocol": protocol, "served": {model.encoder: name}, "server": "external", "url": server.http_url,
+            "grpc_url": server.grpc_url, "metrics_url": server.metrics_url, "server_version": server_version(server),
+            "delivery": "the server's own model (--triton-model)", **fitted.description}}
+        unjudged = {model.encoder: f"{name} returns pooled embeddings, not the hidden state: its embeddings and "
+                                   "ranking are judged"} if fitted.pooled else {}
+        return Prepared(pipeline=model.pipeline, executors={model.encoder: executor}, build=build, info=info,
+                        on_close=[client.close], unjudged_components=unjudged)
 
     def close(self) -> None:
         with self._lock:
