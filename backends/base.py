@@ -75,6 +75,8 @@ class Prepared:
         dtype's defaults (an ImageTolerance or EmbeddingTolerance, by workload).
     weights_outside_torch: the executors run the components' weights outside torch (ONNX Runtime sessions,
         TensorRT engines, a Triton server): the runner then empties torch's caching allocator after prepare.
+    unjudged_components: component -> why its own outputs cannot be compared with the reference's (a served
+        model that returns pooled embeddings has no hidden state to compare); the pipeline's output still is.
     """
     pipeline: Any
     executors: dict[str, Any]
@@ -85,6 +87,7 @@ class Prepared:
     output_tolerance: Any = None
     tolerance_overrides: dict | None = None
     weights_outside_torch: bool = False
+    unjudged_components: dict[str, str] = field(default_factory=dict)
 
     def close(self) -> None:
         while self.on_close:

@@ -90,6 +90,12 @@ MEASURING = (
     Option("--isolate", "measure each case in a fresh worker process, so allocator pools, compile caches, arenas "
            "and the peak RSS of one case cannot leak into the next (default: on with --gpu, off on CPU)",
            action=argparse.BooleanOptionalAction),
+    Option("--triton-grpc-url", "gRPC endpoint of the --triton-url server (default: its host, port 8001)",
+           metavar="HOST:PORT"),
+    Option("--triton-metrics-url", "metrics endpoint of the --triton-url server (default: "
+           "http://its host:8002/metrics)", metavar="URL"),
+    Option("--triton-model", "benchmark NAME, a model the --triton-url server already serves, as the encoder of "
+           "--model (a text-embedding model: its local reference judges the served outputs)", metavar="NAME"),
 )
 OUTPUT = (
     Option("--results-dir", "parent folder of results/<run-id>/", default="results", metavar="DIR"),
@@ -132,6 +138,9 @@ class Settings:
     shard: Any = None                       # harness.shard.Shard, or None: every selected case
     selected: int = 0                       # cases selected before sharding
     expected_s: dict[str, float] = field(default_factory=dict)   # case id -> seconds, from --durations-from
+    triton_grpc_url: str | None = None
+    triton_metrics_url: str | None = None
+    triton_model: str | None = None
 
 
 def settings_from(get: Callable[[str], Any]) -> Settings:
@@ -160,6 +169,15 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
     triton_url = get("triton_url")
     if triton_url:
         check_triton_url(triton_url)
+    triton_grpc_url, triton_metrics_url = get("triton_grpc_url"), get("triton_metrics_url")
+    triton_model = get("triton_model")
+    if (triton_grpc_url or triton_metrics_url or triton_model) and not triton_url:
+        raise UserError("conflicting options: --triton-grpc-url / --triton-metrics-url / --triton-model need "
+                        "--triton-url")
+    if triton_grpc_url:
+        check_triton_url(triton_grpc_url, "--triton-grpc-url")
+    if triton_metrics_url:
+        check_triton_url(triton_metrics_url, "--triton-metrics-url")
     selected = len(cases)
     expected = expected_from(get("durations_from"), cases, run_options)
     shard = None
@@ -168,7 +186,8 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
         shard = parse_shard(get("shard"))
         cases = select(cases, shard, expected)
     return Settings(device, cases, run_options, Path(get("results_dir")), not get("no_report"), baseline,
-                    thresholds, triton_url, shard, selected, expected)
+                    thresholds, triton_url, shard, selected, expected, triton_grpc_url=triton_grpc_url,
+                    triton_metrics_url=triton_metrics_url, triton_model=triton_model)
 
 
 def expected_from(paths, cases, run_options) -> dict[str, float]:
@@ -222,8 +241,12 @@ def export_backend_settings(settings: Settings) -> None:
     """Settings that belong to a backend travel in the environment: harness/ never imports a backend by name, and
     A/B or isolated workers inherit it."""
     import os
-    if settings.triton_url:
-        os.environ["DIFFBENCH_TRITON_URL"] = settings.triton_url
+    for variable, value in (("DIFFBENCH_TRITON_URL", settings.triton_url),
+                            ("DIFFBENCH_TRITON_GRPC_URL", settings.triton_grpc_url),
+                            ("DIFFBENCH_TRITON_METRICS_URL", settings.triton_metrics_url),
+                            ("DIFFBENCH_TRITON_MODEL", settings.triton_model)):
+        if value:
+            os.environ[variable] = value
 
 
 def select_cases(models=None, backends=None, dtypes=None, batches=None, sizes=None, steps=None, matrix=None,
@@ -295,14 +318,14 @@ def build_run_options(device: str, quick: bool, warmup: int | None, repeats: int
     return options
 
 
-def check_triton_url(url: str) -> None:
+def check_triton_url(url: str, flag: str = "--triton-url") -> None:
     import socket
     from urllib.parse import urlparse
     parsed = urlparse(url if "://" in url else f"http://{url}")
     if not parsed.hostname or not parsed.port:
-        raise UserError(f"--triton-url {url!r} must be host:port")
+        raise UserError(f"{flag} {url!r} must be host:port")
     try:
         with socket.create_connection((parsed.hostname, parsed.port), timeout=3):
             pass
     except OSError as exc:
-        raise UserError(f"--triton-url {url} is unreachable: {exc.strerror or exc}")
+        raise UserError(f"{flag} {url} is unreachable: {exc.strerror or exc}")

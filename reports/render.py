@@ -226,7 +226,8 @@ def _correctness(records: list[dict]) -> dict | None:
         for name, c in (parity.get("components") or {}).items():
             if isinstance(c, dict):
                 mark = "✓" if c.get("passed") else "✗"
-                comps.append(f"{name} {mark} (max abs {fmt(c.get('max_abs'))}, cos {fmt(c.get('cosine'), 6)})")
+                comps.append(f"{name} not compared ({c['skipped']})" if c.get("skipped") else
+                             f"{name} {mark} (max abs {fmt(c.get('max_abs'))}, cos {fmt(c.get('cosine'), 6)})")
         rows.append({"case": r["case_id"], "device": r["_device"], "verdict": parity.get("verdict", "–"),
                      "PSNR dB": ("∞ (identical)" if psnr is None and "psnr" in image and not image.get("error")
                                  else fmt(psnr, 4)),
@@ -256,7 +257,7 @@ def _embedding(records: list[dict], pngs: charts.PngWriter) -> list[dict]:
         latency = pd.DataFrame([{"backend": r["_backend"], "batch": r["batch"], "status": r["status"],
                                  "p50 ms": ms(get(r, "e2e", "p50")), "p90 ms": ms(get(r, "e2e", "p90")),
                                  "p99 ms": ms(get(r, "e2e", "p99")),
-                                 "embeddings/s": fmt(get(r, "throughput", "per_s"), 4)}
+                                 "embeddings/s": fmt(get(r, "throughput", "per_s"), 4), "served by": _served_by(r)}
                                 for r in sorted(rows, key=lambda r: (r["batch"], r["_backend"]))])
         parity = pd.DataFrame([{"backend": r["_backend"], "batch": r["batch"],
                                 "verdict": get(r, "parity", "verdict", default="–"),
@@ -271,6 +272,17 @@ def _embedding(records: list[dict], pngs: charts.PngWriter) -> list[dict]:
         out.append({"title": title, "png": charts.throughput_by_batch(series, title, pngs) if series else None,
                     "latency": table(latency), "parity": table(parity) if len(parity) else None})
     return out
+
+
+def _served_by(r: dict) -> str:
+    """Which server measured a case it did not start (--triton-url), and which served model and version."""
+    triton = get(r, "info", "triton") or {}
+    if triton.get("server") != "external":
+        return "–"
+    model = triton.get("served_model") or ", ".join((triton.get("served") or {}).values())
+    versions = "/".join(triton.get("served_versions") or [])
+    return f"{model}{' v' + versions if versions else ''} on {triton.get('server_version') or 'triton'} " \
+           f"at {triton.get('url')}"
 
 
 def _last_call(parity: dict) -> str:

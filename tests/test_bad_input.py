@@ -76,6 +76,7 @@ BAD = {
     "resume of a non-run": (["run", "--resume", "/nonexistent/run"], "no records.jsonl"),
     "unreachable triton url": (["run", "--triton-url", "127.0.0.1:1"], "unreachable"),
     "triton url without port": (["run", "--triton-url", "localhost"], "must be host:port"),
+    "triton grpc url without triton url": (["run", "--triton-grpc-url", "127.0.0.1:1"], "need --triton-url"),
     "unknown option": (["run", "--frobnicate"], "unrecognized arguments: --frobnicate"),
     "non-integer batch": (["run", "--batch", "two"], "invalid int value"),
     "no command": ([], "required: command"),

@@ -8,7 +8,6 @@ import torch
 
 from backends import base
 from backends.triton import server as srv
-from backends.triton.backend import TritonBackend
 from backends.onnx.executors import DenoiserExecutor
 from backends.triton.server import TritonServerError
 from harness import models
@@ -87,24 +86,6 @@ def test_executor_contract(session):
         assert unet.conv_in.in_channels == 4 and unet.conv_in.weight.device.type == "meta"
     finally:
         prepared.close()
-
-
-def test_external_url(session, monkeypatch):
-    running = base.get("triton").server
-    monkeypatch.setenv("DIFFBENCH_TRITON_URL", f"http://{running.http_url}")
-    monkeypatch.setenv("DIFFBENCH_TRITON_GRPC_URL", running.grpc_url)
-    external = TritonBackend()
-    model = models.load("tiny-sd", "fp32")
-    prepared = external.prepare(model, Case("tiny-sd", "triton", "grpc"), models.cache_root())
-    try:
-        assert prepared.info["triton"]["server"] == "external"
-        assert external.server.proc is None and external.repository is None
-        out = prepared.pipeline(**models.pipeline_inputs(model, Case("tiny-sd", "triton", "grpc"))).images
-        assert out.shape == (1, 64, 64, 3)
-    finally:
-        prepared.close()
-        external.close()
-    assert running.alive()   # closing the external backend leaves the server alone
 
 
 def test_dead_server_raises_with_log_tail(session):

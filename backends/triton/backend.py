@@ -1,7 +1,9 @@
 """TritonBackend: pipeline components served by a real Triton Inference Server, called with tritonclient.
 
-prepare() writes the model repository, starts one local tritonserver per session (or uses DIFFBENCH_TRITON_URL),
-loads the component models and swaps executors into the pipeline. Variants pick the protocol (http default, grpc)
+prepare() writes the model repository, starts one local tritonserver per session and loads the component models
+from it -- or, with --triton-url (DIFFBENCH_TRITON_URL), sends them to that server through Triton's model-load API
+(the config and the model files, weights included, in the request) and unloads them at close() -- then swaps
+executors into the pipeline. Variants pick the protocol (http default, grpc)
 and what is served:
   "" / http / grpc      the denoiser, run with torch in the python backend (from_pretrained of the model folder)
   http-all / grpc-all   + the text encoders and the VAE decoder
@@ -23,6 +25,7 @@ import torch
 
 from backends.base import Backend, Prepared, Support, module_available, timed
 from backends.triton import repository as repo
+from backends.triton import served as user_served
 from backends.onnx.components import component_specs
 from backends.onnx.executors import make_executor
 from backends.onnx.export import export_model
@@ -30,6 +33,8 @@ from backends.triton.client import Client, failure
 from backends.triton.server import ExternalServer, TritonServer, missing_reason
 
 URL_ENV = "DIFFBENCH_TRITON_URL"
+GRPC_URL_ENV = "DIFFBENCH_TRITON_GRPC_URL"         # --triton-grpc-url
+METRICS_URL_ENV = "DIFFBENCH_TRITON_METRICS_URL"   # --triton-metrics-url
 LOG_DIR_ENV = "DIFFBENCH_TRITON_LOG_DIR"
 LOAD_TIMEOUT_S = 300.0
 
@@ -69,6 +74,19 @@ class TritonRunner:
         return [torch.from_numpy(np.array(out[n])).to(self.device) for n in self.outputs]
 
 
+def server_version(server) -> str | None:
+    """The server's own name and version (server metadata), as the record names what was measured."""
+    import tritonclient.http as httpclient
+    client = httpclient.InferenceServerClient(server.http_url, connection_timeout=10, network_timeout=10)
+    try:
+        meta = client.get_server_metadata()
+        return f"{meta.get('name', 'triton')} {meta.get('version', '?')}"
+    except Exception:
+        return None
+    finally:
+        client.close()
+
+
 def _prune(base: Path, keep: int) -> None:
     """Keep the newest `keep` session folders (repository + server log) under .cache/triton."""
     import shutil
@@ -77,16 +95,44 @@ def _prune(base: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_model(server, name: str, timeout_s: float = LOAD_TIMEOUT_S) -> None:
+def load_model(server, name: str, timeout_s: float = LOAD_TIMEOUT_S, request: tuple[str, dict] | None = None) -> None:
     """Load one model (explicit model control) over gRPC: thread-safe and with a real client timeout, so loads
-    can run in parallel threads (tritonclient's sync HTTP client must not be shared or used that way)."""
+    can run in parallel threads (tritonclient's sync HTTP client must not be shared or used that way).
+    `request`: (config JSON, {"file:<path>": bytes}) for a server that does not see our repository."""
+    import tritonclient.grpc as grpcclient
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    config, files = request or (None, None)
+    try:
+        client.load_model(name, config=config, files=files, client_timeout=timeout_s)
+    except Exception as exc:
+        raise failure(server, f"tritonserver {server.http_url} refused to load model {name}"
+                      f"{refusal_reason(exc)}", exc) from exc
+    finally:
+        client.close()
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """Why a server refuses a load, in words, for the refusals a user can fix on the server's side."""
+    import re
+    message = str(exc.message() if callable(getattr(exc, "message", None)) else exc)
+    if "explicit model load / unload is not allowed" in message:
+        return " (its model control mode is not explicit: start it with --model-control-mode=explicit)"
+    lacking = re.search(r"unable to find backend library for backend '([^']+)'", message)
+    if lacking:
+        return f" (the server has no {lacking.group(1)} backend)"
+    return ""
+
+
+def unload_models(server, names) -> None:
+    """Unload what we loaded, and wait until it is gone: nothing of ours stays loaded on someone's server."""
     import tritonclient.grpc as grpcclient
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
-        if not (server.external and client.is_model_ready(name)):
-            client.load_model(name, client_timeout=timeout_s)
-    except Exception as exc:
-        raise failure(server, f"tritonserver failed to load model {name}", exc) from exc
+        for name in names:
+            client.unload_model(name, client_timeout=60)
+        deadline = time.monotonic() + 60
+        while any(client.is_model_ready(n) for n in names) and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         client.close()
 
@@ -104,6 +150,7 @@ class TritonBackend(Backend):
         self.server: TritonServer | ExternalServer | None = None
         self.repository: Path | None = None
         self.loaded: set[str] = set()
+        self.requests: dict[str, tuple[str, dict]] = {}   # external server: what its model-load requests carry
         self.server_start_s: float | None = None
         self._lock = threading.Lock()
 
@@ -131,6 +178,13 @@ class TritonBackend(Backend):
         if spec.kind == "flux":
             return Support.no("flux denoiser is not served by the triton backend yet (its ids have no batch "
                               "dimension)")
+        if os.environ.get(user_served.MODEL_ENV):
+            if case.workload != "text-embedding":
+                return Support.no("--triton-model stands in for a text-embedding encoder; text-to-image models are "
+                                  "served as diffbench writes them (drop --triton-model)")
+            if case.variant not in ("", "http", "grpc"):
+                return Support.no(f"variant {case.variant}: --triton-model serves the model as it is; only the "
+                                  "protocol (http, grpc) can be chosen")
         if case.variant.endswith("onnx"):
             for name in ("onnx", "onnxruntime"):
                 found = module_available(name)
@@ -150,17 +204,17 @@ class TritonBackend(Backend):
             if self.server is not None:   # it died: start afresh, forget what it had loaded
                 self.server.stop()
                 self.loaded.clear()
+            base = Path(cache or tempfile.gettempdir()) / "triton"
+            base.mkdir(parents=True, exist_ok=True)
+            _prune(base, keep=10)
+            session = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=base))
+            # the repository: served by the local server, or where the load requests to an external one are staged
+            self.repository = session / "repository"
+            self.repository.mkdir()
             url = os.environ.get(URL_ENV)
             if url:
-                self.server = ExternalServer(url)
-                self.repository = None
+                self.server = ExternalServer(url, os.environ.get(GRPC_URL_ENV), os.environ.get(METRICS_URL_ENV))
             else:
-                base = Path(cache or tempfile.gettempdir()) / "triton"
-                base.mkdir(parents=True, exist_ok=True)
-                _prune(base, keep=10)
-                session = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=base))
-                self.repository = session / "repository"
-                self.repository.mkdir()
                 log_dir = Path(os.environ.get(LOG_DIR_ENV) or session)
                 self.server = TritonServer(self.repository, log_dir).start()
             self.server_start_s = self.server.start_s
@@ -170,12 +224,14 @@ class TritonBackend(Backend):
         """Load a model by name (explicit model control); a failure carries the server's message."""
         if name in self.loaded:
             return
-        load_model(self.server, name)
+        load_model(self.server, name, request=self.requests.pop(name, None))
         with self._lock:
             self.loaded.add(name)
 
     # -- prepare --------------------------------------------------------------------------------------------------
     def prepare(self, model, case, cache) -> Prepared:
+        if os.environ.get(user_served.MODEL_ENV):
+            return self.prepare_served(model, case, cache, os.environ[user_served.MODEL_ENV])
         protocol, onnx = protocol_of(case.variant), case.variant.endswith("onnx")
         build: dict[str, float] = {}
         pipeline = model.pipeline
@@ -187,6 +243,7 @@ class TritonBackend(Backend):
             interfaces = component_specs(model, case, served_components(model, case.variant))
         with timed(build, "server_start"):
             server = self.ensure_server(cache)
+        shipped = server.external   # the server never saw our files: the weights travel in the load request
         # the client blocks while the server computes: each served model gets one instance and every core of
         # this process (the local server inherits its affinity); nothing else computes meanwhile
         threads = repo.model_threads(None)
@@ -204,11 +261,15 @@ class TritonBackend(Backend):
                 else:   # served in the dtype the pipeline runs it in (SDXL's VAE: fp32, vae_spec)
                     dtype = interface.meta.get("dtype", model.dtype)
                     name = repo.safe_name(f"{model.name}_{dtype}_{component}_{interface.role}")
-                    spec, model_file = repo.interface_model(name, interface, dtype, source=model.source,
+                    source = repo.SHIPPED_SOURCE if shipped else model.source
+                    spec, model_file = repo.interface_model(name, interface, dtype, source=source,
                                                             subfolder=component, device=str(model.device),
                                                             threads=threads, max_batch_size=max_batch), None
-                if self.repository is not None:
-                    repo.write_model(self.repository, spec, model_file)
+                folder = repo.write_model(self.repository, spec, model_file)
+                if shipped and spec.name not in self.loaded:
+                    self.requests[spec.name] = repo.load_request(
+                        folder, source=None if onnx else model.source,
+                        subfolder="" if model.encoder else component)
                 served[component] = (interface, spec)
         with timed(build, "model_load"):
             # in parallel: each python model spends seconds importing torch in its own stub process
@@ -224,7 +285,10 @@ class TritonBackend(Backend):
         info = {"triton": {
             "protocol": protocol, "served": {c: spec.name for c, (_, spec) in served.items()},
             "server": "external" if server.external else "local", "url": server.http_url,
-            "grpc_url": server.grpc_url, "log": str(server.log_path) if server.log_path else None,
+            "grpc_url": server.grpc_url, "metrics_url": server.metrics_url,
+            "server_version": server_version(server),
+            "delivery": "model-load request (config and files, weights included)" if shipped else "repository",
+            "log": str(server.log_path) if server.log_path else None,
             "repository": str(self.repository) if self.repository else None,
             "server_start_s": self.server_start_s,
             "backend": "python (onnxruntime CPU)" if onnx else "python (torch)",
@@ -234,16 +298,44 @@ class TritonBackend(Backend):
             "threads": {"model_threads": threads, "process_cores": repo.process_cores(),
                         "client_torch_threads": torch.get_num_threads(),
                         "ort_spinning": False if onnx else None,
-                        "applies_to": "local server" if self.repository is not None else
-                                      "not applied: external server's own configuration"},
+                        "applies_to": "external server (sent with the model)" if shipped else "local server"},
         }}
         if onnx:
             info["triton"]["exporter"] = exports.exporter
         return Prepared(pipeline=pipeline, executors=executors, build=build, info=info, on_close=[client.close],
                         weights_outside_torch=True)
 
+    def prepare_served(self, model, case, cache, name: str) -> Prepared:
+        """The user's own served model (--triton-model) as the case's encoder: nothing written, loaded or
+        unloaded; its interface read from the server and fitted to the encoder's (backends.triton.served)."""
+        build: dict[str, float] = {}
+        with timed(build, "server_start"):
+            server = self.ensure_server(cache)
+        (interface,) = component_specs(model, case, [model.encoder])
+        metadata, config = user_served.describe(server, name)
+        fitted = user_served.fit_encoder(metadata, config, list(interface.inputs))
+        protocol = protocol_of(case.variant)
+        client = Client(server, protocol)
+        runner = user_served.RenamingRunner(TritonRunner(client, fitted.served, model.device), fitted)
+        executor = make_executor(interface, getattr(model.pipeline, model.encoder), runner)
+        setattr(model.pipeline, model.encoder, executor)
+        info = {"triton": {
+            "protocol": protocol, "served": {model.encoder: name}, "server": "external", "url": server.http_url,
+            "grpc_url": server.grpc_url, "metrics_url": server.metrics_url, "server_version": server_version(server),
+            "delivery": "the server's own model (--triton-model)", **fitted.description}}
+        unjudged = {model.encoder: f"{name} returns pooled embeddings, not the hidden state: its embeddings and "
+                                   "ranking are judged"} if fitted.pooled else {}
+        return Prepared(pipeline=model.pipeline, executors={model.encoder: executor}, build=build, info=info,
+                        on_close=[client.close], unjudged_components=unjudged)
+
     def close(self) -> None:
         with self._lock:
+            if self.server is not None and self.server.external and self.loaded:
+                try:
+                    unload_models(self.server, sorted(self.loaded))
+                except Exception as exc:   # the run's results stand; say what may be left on the server
+                    import warnings
+                    warnings.warn(f"could not unload {sorted(self.loaded)} from {self.server.http_url}: {exc}")
             if self.server is not None:
                 self.server.stop()
             self.server = None

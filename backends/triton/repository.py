@@ -200,6 +200,31 @@ def write_model(repository: str | Path, model: ServedModel, model_file: str | Pa
     return folder
 
 
+# -- a server that never saw our files: Triton's model-load API ----------------------------------------------------
+SHIPPED_SOURCE = "1/source"   # python model.py: a relative `source` is a folder inside the served model's own folder
+
+
+def load_request(folder: str | Path, source: str | Path | None = None, subfolder: str = "") -> tuple[str, dict]:
+    """A model folder written by write_model as Triton's model-load API takes it (model repository extension,
+    "load" with parameters): the config as JSON, and every file of the model keyed "file:<path in the model
+    folder>" with its bytes. With `source`, the component's weights travel too, under SHIPPED_SOURCE (its
+    model_index.json and `subfolder`, or the encoder folder's own files): config and weights only."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+    folder = Path(folder)
+    config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    files = {f"file:{p.relative_to(folder).as_posix()}": p.read_bytes()
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "config.pbtxt"}
+    if source is not None:
+        source = Path(source)
+        wanted = [source / "model_index.json", *sorted((source / subfolder).iterdir())] if subfolder else \
+            sorted(source.iterdir())
+        for path in wanted:
+            if path.is_file() and (path.suffix in (".json", ".safetensors")):
+                files[f"file:{SHIPPED_SOURCE}/{path.relative_to(source).as_posix()}"] = path.read_bytes()
+    return json_format.MessageToJson(config), files
+
+
 def _copy_if_changed(src: Path, dst: Path) -> None:
     if dst.is_file() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
         return

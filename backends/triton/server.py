@@ -321,19 +321,16 @@ class TritonServer:
 
 
 class ExternalServer:
-    """A server someone else runs (DIFFBENCH_TRITON_URL): nothing to start or stop, no log of ours."""
+    """A server someone else runs (--triton-url): nothing to start or stop, no log of ours. Its gRPC and metrics
+    endpoints default to Triton's ports 8001 and 8002 on the same host."""
 
     external = True
 
-    def __init__(self, url: str):
-        url = url.strip().rstrip("/")
-        for prefix in ("http://", "https://"):
-            if url.startswith(prefix):
-                url = url[len(prefix):]
-        self.http_url = url
-        host = url.rsplit(":", 1)[0]
-        self.grpc_url = os.environ.get("DIFFBENCH_TRITON_GRPC_URL", f"{host}:8001")
-        self.metrics_url = os.environ.get("DIFFBENCH_TRITON_METRICS_URL", f"http://{host}:8002/metrics")
+    def __init__(self, url: str, grpc_url: str | None = None, metrics_url: str | None = None):
+        self.http_url = _host_port(url)
+        host = self.http_url.rsplit(":", 1)[0]
+        self.grpc_url = _host_port(grpc_url) if grpc_url else f"{host}:8001"
+        self.metrics_url = metrics_url or f"http://{host}:8002/metrics"
         self.start_s = 0.0
         self.proc = None
         self.log_path = None
@@ -349,3 +346,11 @@ class ExternalServer:
 
     def stop(self, timeout: float = 0) -> None:
         return None
+
+
+def _host_port(url: str) -> str:
+    """host:port, as tritonclient takes it, from a URL with or without a scheme."""
+    url = url.strip().rstrip("/")
+    for prefix in ("http://", "https://", "grpc://"):
+        url = url.removeprefix(prefix)
+    return url

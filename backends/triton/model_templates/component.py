@@ -52,8 +52,9 @@ class TritonPythonModel:
         self.role, self.interface = params["role"], json.loads(params["interface"])
         self.dtype = getattr(torch, DTYPES[params["dtype"]])
         self.device = torch.device(params.get("device") or "cpu")
-        self.module = load_component(params["source"], params["subfolder"], params["dtype"],
-                                     self.role).to(self.device)
+        # a relative source was sent with the model (model-load API): it lies inside this model's folder
+        source = os.path.join(args["model_repository"], params["source"])
+        self.module = load_component(source, params["subfolder"], params["dtype"], self.role).to(self.device)
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]
 
