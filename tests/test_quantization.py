@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from backends import quantization as q
+from backends.base import DESCRIBED
 from backends.diffusers import DiffusersBackend
 from backends.torch_compile import TorchCompileBackend
 from harness.cases import Case
@@ -45,6 +46,10 @@ def test_each_scheme_is_judged_on_each_gpu_before_the_model_loads(backend):
     described = {**_gpu("9.0"), "stack": {"torch": "2.10.0+cu128"}, "versions": {"torchao": "0.18.0"}}
     assert "torchao 0.18.0 pairs with torch >=2.11.0" in verdict("fp8dq", described).reason
     assert verdict("fp8dq", {**described, "stack": {"torch": "2.12.1+cu130"}})
+    # a described stack without torchao has none, whatever this machine holds
+    without = {**_gpu("9.0"), "stack": {"torch": "2.12.1+cu130"}, "versions": {}, DESCRIBED: "stack.json"}
+    assert "torchao not installed" in verdict("fp8dq", without).reason
+    assert "bitsandbytes not installed" in verdict("nf4", without).reason
     if "text-embedding" in backend.workloads:
         embedding = backend.support(Case("minilm-l6", backend.name, "int8wo", seq=16), CPU)
         assert "quantises a diffusion denoiser" in embedding.reason

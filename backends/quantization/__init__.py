@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from backends.base import Support, Unsupported, timed, variant_options
+from backends.base import DESCRIBED, Support, Unsupported, timed, variant_options
 from harness.compare import ImageTolerance
 
 
@@ -207,12 +207,15 @@ def support(variant: str, case, env: dict) -> Support:
     if scheme.calibration:
         return Support.no(f"{scheme.name} needs calibration data (static scales): diffbench ships none yet")
     # a described stack (diffbench backends --stack) names its own versions; a live run's env names the installed ones
+    # (a described stack that names no torchao has none: this machine's must not stand in for it)
     versions = (env.get("versions") or {}) if isinstance(env, dict) else {}
+    described = isinstance(env, dict) and bool(env.get(DESCRIBED))
     stack_torch = preflight.Stack.from_env(env).torch
     if scheme.library == "torchao":
-        torchao = _parse(versions["torchao"]) if versions.get("torchao") else _version("torchao")
+        torchao = (_parse(versions["torchao"]) if versions.get("torchao")
+                   else None if described else _version("torchao"))
         problem = pairing_problem(torchao, _parse(stack_torch) if stack_torch else _version("torch"))
-    elif not (versions.get(scheme.library) or _version(scheme.library)):
+    elif not (versions.get(scheme.library) or (not described and _version(scheme.library))):
         problem = f"{scheme.library} not installed (pip install {scheme.library})"
     if problem:
         return Support.no(problem)
