@@ -73,6 +73,8 @@ class Prepared:
     output_tolerance / tolerance_overrides: parity bounds for a variant whose output differs from the reference by
         design (VAE tiling, fp8 storage, int8 weights), set from the error measured on correct runs; None = the
         dtype's defaults (an ImageTolerance or EmbeddingTolerance, by workload).
+    remote: set (to what it is) when the pipeline is a remote service called whole: its components cannot be
+        reached, so component parity, component timing and stage hooks are skipped (e2e only).
     """
     pipeline: Any
     executors: dict[str, Any]
@@ -82,6 +84,7 @@ class Prepared:
     after_measure: Callable[[], dict] | None = None
     output_tolerance: Any = None
     tolerance_overrides: dict | None = None
+    remote: str = ""
 
     def close(self) -> None:
         while self.on_close:
@@ -204,6 +207,7 @@ _REGISTRY: dict[str, str] = {
     "onnxruntime": "backends.onnxruntime:OnnxRuntimeBackend",
     "tensorrt": "backends.tensorrt:TensorRTBackend",
     "triton": "backends.triton:TritonBackend",
+    "http": "backends.http:HttpBackend",
 }
 _INSTANCES: dict[str, Backend] = {}
 REFERENCE = "diffusers"

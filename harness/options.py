@@ -77,6 +77,10 @@ MEASURING = (
            metavar="S"),
     Option("--triton-url", "use an existing Triton server (host:port) instead of starting one",
            metavar="HOST:PORT"),
+    Option("--endpoint", "the http backend's service: its base URL, e.g. http://127.0.0.1:8000 (an endpoint that "
+           "does not answer is an error row)", metavar="URL"),
+    Option("--concurrency", "the http backend's load sweep: concurrency levels, e.g. 1,2,4 (default 1,2,4)",
+           metavar="N,N,..."),
     Option("--memory-budget", "hold each case to this much memory, e.g. 12GB: on GPU a real allocator cap in the "
            "case's worker, on CPU its measured inference peak (process tree); above it the case is over_budget",
            metavar="SIZE"),
@@ -122,6 +126,8 @@ class Settings:
     baseline: str | None = None
     thresholds: list[str] = field(default_factory=list)
     triton_url: str | None = None
+    endpoint: str | None = None             # the http backend's service
+    concurrency: str | None = None          # the http backend's sweep levels, "1,2,4"
     shard: Any = None                       # harness.shard.Shard, or None: every selected case
     selected: int = 0                       # cases selected before sharding
     expected_s: dict[str, float] = field(default_factory=dict)   # case id -> seconds, from --durations-from
@@ -153,6 +159,11 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
     triton_url = get("triton_url")
     if triton_url:
         check_triton_url(triton_url)
+    endpoint, concurrency = get("endpoint"), get("concurrency")
+    if endpoint:
+        check_endpoint(endpoint)
+    if concurrency:
+        check_concurrency(concurrency)
     selected = len(cases)
     expected = expected_from(get("durations_from"), cases, run_options)
     shard = None
@@ -161,7 +172,7 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
         shard = parse_shard(get("shard"))
         cases = select(cases, shard, expected)
     return Settings(device, cases, run_options, Path(get("results_dir")), not get("no_report"), baseline,
-                    thresholds, triton_url, shard, selected, expected)
+                    thresholds, triton_url, endpoint, concurrency, shard, selected, expected)
 
 
 def expected_from(paths, cases, run_options) -> dict[str, float]:
@@ -217,6 +228,10 @@ def export_backend_settings(settings: Settings) -> None:
     import os
     if settings.triton_url:
         os.environ["DIFFBENCH_TRITON_URL"] = settings.triton_url
+    if settings.endpoint:
+        os.environ["DIFFBENCH_HTTP_ENDPOINT"] = settings.endpoint
+    if settings.concurrency:
+        os.environ["DIFFBENCH_HTTP_SWEEP"] = settings.concurrency
 
 
 def select_cases(models=None, backends=None, dtypes=None, batches=None, sizes=None, steps=None, matrix=None,
@@ -294,3 +309,20 @@ def check_triton_url(url: str) -> None:
             pass
     except OSError as exc:
         raise UserError(f"--triton-url {url} is unreachable: {exc.strerror or exc}")
+
+
+def check_endpoint(url: str) -> None:
+    """The form of --endpoint only: whether it answers is the case's question (a dead one is an error row)."""
+    from urllib.parse import urlparse
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UserError(f"--endpoint {url!r} must be an http(s) URL, e.g. http://127.0.0.1:8000")
+
+
+def check_concurrency(levels: str) -> None:
+    try:
+        values = [int(v) for v in levels.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UserError(f"--concurrency {levels!r}: expected positive integers separated by commas, e.g. 1,2,4")
