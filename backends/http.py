@@ -249,16 +249,20 @@ def liveness(idle: dict, levels: list[dict], generation_s: float | None) -> dict
     for level in levels:
         health = level.get("health") or {}
         if health.get("failures"):
+            example = health["failure_examples"][0]
+            timed_out = "Timeout" in example
             verdict["blocked"] = True
-            verdict["reason"] = (f"health check failed under load at concurrency {level['concurrency']}: "
-                                 f"{health['failures']} of {health.get('n', 0)} GET /health did not answer 200 "
-                                 f"({health['failure_examples'][0]})")
+            verdict["error_class"] = "BlockedHealthCheck" if timed_out else "FailedHealthCheck"
+            verdict["reason"] = (f"health check {'blocked' if timed_out else 'failed'} under load at concurrency "
+                                 f"{level['concurrency']}: {health['failures']} of {health.get('n', 0)} GET /health "
+                                 f"{f'got no answer within {HEALTH_TIMEOUT_S:g} s' if timed_out else 'failed'} "
+                                 f"({example})")
             return verdict
         p50 = health.get("p50")
         if p50 is None or not generation_s or not idle.get("p50"):
             continue
         if p50 > BLOCKED_SHARE_OF_GENERATION * generation_s and p50 > BLOCKED_TIMES_IDLE * idle["p50"]:
-            verdict["blocked"] = True
+            verdict["blocked"], verdict["error_class"] = True, "BlockedHealthCheck"
             verdict["reason"] = (f"health check blocked under load: GET /health p50 {p50 * 1e3:.0f} ms at "
                                  f"concurrency {level['concurrency']} (idle {idle['p50'] * 1e3:.1f} ms, median "
                                  f"generation {generation_s * 1e3:.0f} ms): the event loop waits for generations")
@@ -288,7 +292,8 @@ def load_sweep(url: str, protocol, request: ImageRequest, levels=DEFAULT_LEVELS,
         serving["health"] = {"idle": idle, "interval_s": HEALTH_INTERVAL_S}
         serving["liveness"] = liveness(idle, results, generation_s)
         if serving["liveness"]["blocked"]:
-            serving["failure"] = {"error_class": "BlockedHealthCheck", "reason": serving["liveness"]["reason"]}
+            serving["failure"] = {"error_class": serving["liveness"]["error_class"],
+                                  "reason": serving["liveness"]["reason"]}
     else:
         serving["liveness"] = {"blocked": None, "reason": "the service has no GET /health: liveness not probed"}
     return serving

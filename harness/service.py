@@ -15,6 +15,7 @@ the event loop (health checks wait for generations). It exists so the http backe
 
 import asyncio
 import base64
+import contextlib
 import io
 import secrets
 import threading
@@ -99,8 +100,14 @@ def create_app(generate, blocking: bool = False, workers: int = 1, max_queue: in
         guidance: float | None = None
         negative_prompt: str = ""
 
-    app = FastAPI(title="diffbench reference image service")
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pipeline")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        pool.shutdown(wait=False, cancel_futures=True)   # queued generations are dropped at shutdown
+
+    app = FastAPI(title="diffbench reference image service", lifespan=lifespan)
     slots = threading.BoundedSemaphore(workers + max_queue)   # in flight + waiting: a full queue answers 503
     served = {"model": getattr(generate, "name", None), "dtype": getattr(generate, "dtype", None),
               "mode": "blocking" if blocking else "worker", "workers": workers, "max_queue": max_queue}
@@ -139,7 +146,6 @@ def create_app(generate, blocking: bool = False, workers: int = 1, max_queue: in
                 "guidance": guidance, "negative_prompt": request.negative_prompt,
                 "server_s": time.perf_counter() - start}   # queue + generation
 
-    app.router.on_shutdown.append(lambda: pool.shutdown(wait=False, cancel_futures=True))
     return app
 
 

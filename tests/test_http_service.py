@@ -35,6 +35,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def die_with_parent() -> None:
+    """In the child: SIGTERM when the test process dies, so a killed test run leaves no service behind (Linux)."""
+    import ctypes
+    import signal
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+
+
 @contextlib.contextmanager
 def service(log: Path, *flags: str):
     """`diffbench service --model tiny-sd` in its own process until /health answers; stopped by its pid."""
@@ -42,7 +50,8 @@ def service(log: Path, *flags: str):
     url = f"http://127.0.0.1:{port}"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "service", "--model", "tiny-sd", "--port",
-                                 str(port), *flags], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+                                 str(port), *flags], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=die_with_parent)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -128,12 +137,16 @@ def test_liveness_rule():
     """Blocked only when health p50 under load is above half the generation time AND 10x its idle p50."""
     idle = {"p50": 0.002}
 
-    def level(p50, failures=0):
+    def level(p50, failures=0, example="ReadTimeout: timed out"):
         return {"concurrency": 2, "health": {"p50": p50, "n": 10, "failures": failures,
-                                             "failure_examples": ["ReadTimeout"] if failures else []}}
+                                             "failure_examples": [example] if failures else []}}
     assert not http_backend.liveness(idle, [level(0.01)], generation_s=0.4)["blocked"]    # fast health
     assert not http_backend.liveness(idle, [level(0.3)], generation_s=1.0)["blocked"]     # slow, not blocked
     assert not http_backend.liveness({"p50": 0.1}, [level(0.3)], generation_s=0.4)["blocked"]   # slow at idle too
     verdict = http_backend.liveness(idle, [level(0.35)], generation_s=0.4)
     assert verdict["blocked"] and "GET /health p50 350 ms at concurrency 2" in verdict["reason"]
-    assert http_backend.liveness(idle, [level(0.01, failures=1)], generation_s=0.4)["blocked"]
+    timed_out = http_backend.liveness(idle, [level(0.01, failures=1)], generation_s=0.4)   # a probe never answered
+    assert timed_out["blocked"] and timed_out["error_class"] == "BlockedHealthCheck"
+    assert timed_out["reason"].startswith("health check blocked under load at concurrency 2: 1 of 10 GET /health")
+    refused = http_backend.liveness(idle, [level(0.01, 1, "HTTP 500: boom")], generation_s=0.4)
+    assert refused["blocked"] and refused["error_class"] == "FailedHealthCheck"
