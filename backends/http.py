@@ -276,10 +276,16 @@ def load_sweep(url: str, protocol, request: ImageRequest, levels=DEFAULT_LEVELS,
     """The record's `serving`: idle health, one entry per concurrency level, the liveness verdict and, when the
     health check was blocked, `failure` (the row's status is then failed)."""
     import httpx
+
+    from harness import progress
+    progress.phase("idle health")
     with httpx.Client(base_url=url, timeout=HEALTH_TIMEOUT_S) as client:
         idle = idle_health(client) if probe else {}
-    results = [asyncio.run(_level(url, protocol, request, c, requests_per_level(c), budget_s, timeout_s, probe))
-               for c in levels]
+    results = []
+    for c in levels:
+        progress.phase(f"load sweep, concurrency {c}")
+        results.append(asyncio.run(_level(url, protocol, request, c, requests_per_level(c), budget_s, timeout_s,
+                                          probe)))
     # the service's own time for one generation: the median latency with one request in flight
     single = next((r["latency"].get("p50") for r in results if r["concurrency"] == 1 and r["ok"]), None)
     generation_s = single or generation_s

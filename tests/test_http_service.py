@@ -77,7 +77,7 @@ def service(log: Path, *flags: str):
 def session(tmp_path_factory):
     """One session: the eager reference of tiny-sd is computed once for every case of the module."""
     session = Session(tmp_path_factory.mktemp("runs"),
-                      RunOptions(warmup=0, repeats=2, timeout_s=900.0, save_images=False, time_components=False))
+                      RunOptions(warmup=0, repeats=1, timeout_s=900.0, save_images=False, time_components=False))
     yield session
     session.close()
 
