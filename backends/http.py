@@ -223,7 +223,7 @@ async def _level(url: str, protocol, request: ImageRequest, concurrency: int, re
     ok = len(latencies)
     return {"concurrency": concurrency, "sent": ok + len(errors) + timeouts, "ok": ok, "errors": len(errors),
             "timeouts": timeouts, "error_examples": sorted(set(errors))[:3], "wall_s": wall,
-            "requests_per_s": ok / wall if wall else 0.0, "images_per_s": ok * request.n / wall if wall else 0.0,
+            "throughput_rps": ok / wall if wall else 0.0, "images_per_s": ok * request.n / wall if wall else 0.0,
             "latency": latency_stats(latencies),
             "health": {**latency_stats(health), "failures": len(health_failures),
                        "failure_examples": sorted(set(health_failures))[:3]} if probe else None}
