@@ -314,17 +314,14 @@ class HttpBackend(Backend):
     description = "a deployed image-generation service over HTTP (OpenAI images API), with load sweep and liveness"
 
     def available(self) -> Support:
-        found = module_available("httpx")
-        if not found:
-            return Support.no(f"{found.reason}: pip install 'diffbench[service]'")
-        if not endpoint():
-            return Support.no("no service endpoint: give --endpoint URL")
-        return Support.yes()
+        return module_available("httpx")   # `diffbench backends` names the [service] extra
 
     def support(self, case, env) -> Support:
         basic = super().support(case, env)
         if not basic:
             return basic
+        if not endpoint():
+            return Support.no("no service endpoint: give --endpoint URL")
         if case.batch != 1:
             return Support.no("the OpenAI images API takes one prompt per request: batch 1 only "
                               "(load comes from the sweep's concurrency)")
