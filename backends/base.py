@@ -77,6 +77,8 @@ class Prepared:
         TensorRT engines, a Triton server): the runner then empties torch's caching allocator after prepare.
     unjudged_components: component -> why its own outputs cannot be compared with the reference's (a served
         model that returns pooled embeddings has no hidden state to compare); the pipeline's output still is.
+    remote: set (to what it is) when the pipeline is a remote service called whole: its components cannot be
+        reached, so component parity, component timing and stage hooks are skipped (e2e only).
     """
     pipeline: Any
     executors: dict[str, Any]
@@ -88,6 +90,7 @@ class Prepared:
     tolerance_overrides: dict | None = None
     weights_outside_torch: bool = False
     unjudged_components: dict[str, str] = field(default_factory=dict)
+    remote: str = ""
 
     def close(self) -> None:
         while self.on_close:
@@ -230,6 +233,7 @@ _REGISTRY: dict[str, str] = {
     "onnxruntime": "backends.onnxruntime:OnnxRuntimeBackend",
     "tensorrt": "backends.tensorrt:TensorRTBackend",
     "triton": "backends.triton:TritonBackend",
+    "http": "backends.http:HttpBackend",
 }
 _INSTANCES: dict[str, Backend] = {}
 REFERENCE = "diffusers"

@@ -13,8 +13,8 @@ Where diffbench is installed:
              (pinned by constraints.txt). No .venv.
 Options of the bootstrap itself (everything else goes to `diffbench run` / pytest):
   --use-env | --venv    choose the place, overriding the CUDA-torch rule
-  --extras a,b          the extras to install (default: dev,onnx,triton,embedding,lora;
-                        with a CUDA torch: dev,gpu,embedding,lora)
+  --extras a,b          the extras to install (default: dev,onnx,triton,embedding,lora,quant,service;
+                        with a CUDA torch: dev,gpu,embedding,lora,quant,service)
   --wheelhouse DIR      install from DIR only, no index (the same as PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR)
 """
 from __future__ import annotations
@@ -37,8 +37,8 @@ PY = VENV / "bin" / "python"
 STAMP = VENV / ".diffbench-installed"
 TORCH = "2.13.0"                                   # the CPU path's torch, installed first from the local wheel
 BUILD_REQUIRES = ["setuptools>=68"]                # pyproject.toml [build-system] requires (a test checks it)
-CPU_EXTRAS = ("dev", "onnx", "triton", "embedding", "lora", "quant")  # every extra that runs on CPU: what CI installs
-GPU_EXTRAS = ("dev", "gpu", "embedding", "lora", "quant")
+CPU_EXTRAS = ("dev", "onnx", "triton", "embedding", "lora", "quant", "service")  # every extra that runs on CPU: what CI installs
+GPU_EXTRAS = ("dev", "gpu", "embedding", "lora", "quant", "service")
 # The repository's top-level packages, installed under these generic names (the layout is fixed): diffbench
 # refuses an environment where another distribution already provides one of them.
 TOP_LEVEL = ("harness", "backends", "reports")

@@ -1,4 +1,4 @@
-"""`diffbench run | list | merge | ab | backends | models | report | gate | baseline save` -- thin; calls what the
+"""`diffbench run | list | merge | ab | backends | models | report | gate | baseline save | service` -- thin; calls what the
 suites call."""
 from __future__ import annotations
 
@@ -90,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--warmup", type=int, default=1)
     fit.add_argument("--repeats", type=int, default=3)
     options.add_to_argparse(fit, ["--gpu", "--results-dir", "--case-timeout"])
+
+    service = sub.add_parser("service", help="serve a model as the reference image service (OpenAI images API, "
+                                             "FastAPI + uvicorn on 127.0.0.1): what `--backend http` measures")
+    service.add_argument("--model", required=True, help="model name or path:DIR")
+    service.add_argument("--port", type=int, required=True)
+    service.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    service.add_argument("--workers", type=int, default=1, help="pipeline worker threads (default 1)")
+    service.add_argument("--max-queue", type=int, default=8,
+                         help="requests that may wait for a worker; beyond it the service answers 503 (default 8)")
+    service.add_argument("--blocking", action="store_true",
+                         help="the broken wrapper: run the pipeline inside the async route (blocks the event loop)")
 
     backends = sub.add_parser("backends", help="list backends, whether each is available here, and why not; "
                                                 "--stack judges another machine's stack without its GPU")
@@ -346,6 +357,16 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_service(args) -> int:
+    from harness import models, service
+    models.spec(args.model)
+    if args.workers < 1 or args.max_queue < 0:
+        raise UserError("--workers must be >= 1 and --max-queue >= 0")
+    service.serve(args.model, args.port, args.dtype, blocking=args.blocking, workers=args.workers,
+                  max_queue=args.max_queue)
+    return 0
+
+
 def cmd_backends(args) -> int:
     from backends import base as registry
     from harness import device as devinfo, preflight, stacks
@@ -484,7 +505,7 @@ def cmd_baseline(args) -> int:
 
 COMMANDS = {"run": cmd_run, "list": cmd_list, "merge": cmd_merge, "ab": cmd_ab, "fit": cmd_fit,
             "backends": cmd_backends, "models": cmd_models, "report": cmd_report, "gate": cmd_gate,
-            "baseline": cmd_baseline}
+            "baseline": cmd_baseline, "service": cmd_service}
 
 
 def main(argv: list[str] | None = None) -> int:

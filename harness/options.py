@@ -84,6 +84,10 @@ MEASURING = (
            metavar="S"),
     Option("--triton-url", "use an existing Triton server (host:port) instead of starting one",
            metavar="HOST:PORT"),
+    Option("--endpoint", "the http backend's service: its base URL, e.g. http://127.0.0.1:8000 (an endpoint that "
+           "does not answer is an error row)", metavar="URL"),
+    Option("--concurrency", "the http backend's load sweep: concurrency levels, e.g. 1,2,4 (default 1,2,4)",
+           metavar="N,N,..."),
     Option("--memory-budget", "hold each case to this much memory, e.g. 12GB: on GPU a real allocator cap in the "
            "case's worker, on CPU its measured inference peak (process tree); above it the case is over_budget",
            metavar="SIZE"),
@@ -141,6 +145,8 @@ class Settings:
     triton_grpc_url: str | None = None
     triton_metrics_url: str | None = None
     triton_model: str | None = None
+    endpoint: str | None = None             # the http backend's service
+    concurrency: str | None = None          # the http backend's sweep levels, "1,2,4"
 
 
 def settings_from(get: Callable[[str], Any]) -> Settings:
@@ -178,6 +184,11 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
         check_triton_url(triton_grpc_url, "--triton-grpc-url")
     if triton_metrics_url:
         check_triton_url(triton_metrics_url, "--triton-metrics-url")
+    endpoint, concurrency = get("endpoint"), get("concurrency")
+    if endpoint:
+        check_endpoint(endpoint)
+    if concurrency:
+        check_concurrency(concurrency)
     selected = len(cases)
     expected = expected_from(get("durations_from"), cases, run_options)
     shard = None
@@ -187,7 +198,8 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
         cases = select(cases, shard, expected)
     return Settings(device, cases, run_options, Path(get("results_dir")), not get("no_report"), baseline,
                     thresholds, triton_url, shard, selected, expected, triton_grpc_url=triton_grpc_url,
-                    triton_metrics_url=triton_metrics_url, triton_model=triton_model)
+                    triton_metrics_url=triton_metrics_url, triton_model=triton_model, endpoint=endpoint,
+                    concurrency=concurrency)
 
 
 def expected_from(paths, cases, run_options) -> dict[str, float]:
@@ -247,6 +259,10 @@ def export_backend_settings(settings: Settings) -> None:
                             ("DIFFBENCH_TRITON_MODEL", settings.triton_model)):
         if value:
             os.environ[variable] = value
+    if settings.endpoint:
+        os.environ["DIFFBENCH_HTTP_ENDPOINT"] = settings.endpoint
+    if settings.concurrency:
+        os.environ["DIFFBENCH_HTTP_SWEEP"] = settings.concurrency
 
 
 def select_cases(models=None, backends=None, dtypes=None, batches=None, sizes=None, steps=None, matrix=None,
@@ -329,3 +345,20 @@ def check_triton_url(url: str, flag: str = "--triton-url") -> None:
             pass
     except OSError as exc:
         raise UserError(f"{flag} {url} is unreachable: {exc.strerror or exc}")
+
+
+def check_endpoint(url: str) -> None:
+    """The form of --endpoint only: whether it answers is the case's question (a dead one is an error row)."""
+    from urllib.parse import urlparse
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UserError(f"--endpoint {url!r} must be an http(s) URL, e.g. http://127.0.0.1:8000")
+
+
+def check_concurrency(levels: str) -> None:
+    try:
+        values = [int(v) for v in levels.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UserError(f"--concurrency {levels!r}: expected positive integers separated by commas, e.g. 1,2,4")

@@ -556,7 +556,7 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
         record.build = {**build, **model.build, **prepared.build}
         weights = {} if model.encoder else {"weights_mb": weights_mb(prepared.pipeline, model.components)}
         record.env = {**session.env, "precision": precision_facts(), "pid": os.getpid()}
-        call = PipelineCall(prepared.pipeline, model, case, cuda)
+        call = PipelineCall(prepared.pipeline, model, case, cuda, timed=not prepared.remote)
         stack.callback(call.detach)
         record.prompt, record.seed = call.prompts, models.seed_for(case)
 
@@ -597,7 +597,7 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
         if prepared.after_measure is not None:
             record.info.update(prepared.after_measure())
         record.notes.extend(record.info.pop("notes", []) or [])
-        if "serving" in prepared.info:
+        if "serving" in record.info:   # from info, or counted by after_measure (an http service's load sweep)
             record.serving = record.info.pop("serving")
 
         progress.phase("parity")
@@ -608,7 +608,8 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
         check = compare.check_embeddings if embeddings else compare.check_image
         results = {which: check(reference.output, output, tolerance) for which, output in outputs.items()}
         overrides = {**(prepared.tolerance_overrides or {}), **(options.tolerance_overrides or {})}
-        components = component_parity(prepared, model, reference, case.dtype, options.device, overrides or None)
+        components = {} if prepared.remote else component_parity(prepared, model, reference, case.dtype,
+                                                                   options.device, overrides or None)
         what = "embedding" if embeddings else "image"
         record.parity = {"reference": workloads.reference_backend(case.workload), what: results["first call"],
                          f"{what}_last": results["last measured call"], "components": components}
@@ -616,24 +617,30 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
             record.parity["ranking"] = results["ranking"] = compare.check_ranking(
                 reference.sentence_set, embedding.embed(prepared.pipeline, texts_for(case.seq), case.seq))
             record.throughput = {"per_s": case.batch / record.e2e["p50"], "batch": case.batch}
-        if model.vae:   # like with like: which precision each side's VAE decoded in
+        if model.vae and not prepared.remote:   # like with like: which precision each side's VAE decoded in
             record.parity["vae_decode"] = vae_decode_precision(model, prepared.pipeline, reference.components)
             if record.parity["vae_decode"]["reference"] != record.parity["vae_decode"]["backend"]:
                 record.notes.append(f"VAE decoded in {record.parity['vae_decode']['backend']} by the backend, in "
                                     f"{record.parity['vae_decode']['reference']} by the reference")
+        if prepared.remote:
+            record.parity["components_skipped"] = f"{prepared.remote}: components cannot be reached"
         verdict, error_class, reason = parity_verdict(results, components, what)
         record.parity["verdict"] = verdict
         if options.save_images and not embeddings:
             record.image = _save_image(outputs["last measured call"], session.run_dir, case)
+        serving_failure = record.serving.get("failure") if record.serving else None
         if verdict != "pass":
             record.status, record.error_class, record.reason = "failed", error_class, reason
+        elif serving_failure:   # right images from a service that fails its users otherwise (a blocked health check)
+            record.status, record.error_class, record.reason = ("failed", serving_failure["error_class"],
+                                                                serving_failure["reason"])
         elif options.memory_budget_mb:
             record.budget = budget_facts(options, record.memory["peak_mb"])
             if record.budget["peak_mb"] is not None and record.budget["peak_mb"] > options.memory_budget_mb:
                 record.status, record.error_class = "over_budget", "OverBudget"
                 record.reason = (f"inference peak {record.budget['peak_mb']:.0f} MB is over the "
                                  f"{options.memory_budget_mb:g} MB budget")
-        if record.status == "passed" and options.time_components:
+        if record.status == "passed" and options.time_components and not prepared.remote:
             alone = time_components_alone(prepared, model, reference, options.device, options.warmup,
                                           options.repeats)
             record.findings.extend(stages_alone(record.stages, alone, model, call.timer.calls_per_run))

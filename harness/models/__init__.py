@@ -338,12 +338,13 @@ def seed_for(case) -> int:
     return zlib.crc32(key.encode()) & 0x7FFFFFFF
 
 
-def initial_latents(model: LoadedModel, case) -> torch.Tensor:
-    """The same starting noise for every backend: drawn on the CPU in fp32 from the fixed seed."""
+def initial_latents(model: LoadedModel, case, seed: int | None = None) -> torch.Tensor:
+    """The same starting noise for every backend: drawn on the CPU in fp32 from the fixed seed (or `seed`: a
+    service draws a request's noise the same way)."""
     f = model.vae_scale_factor
     h, w = case.height // f, case.width // f
     denoiser_config = getattr(model.pipeline, model.denoiser).config
-    generator = torch.Generator("cpu").manual_seed(seed_for(case))
+    generator = torch.Generator("cpu").manual_seed(seed_for(case) if seed is None else seed)
     if model.kind == "flux":
         channels = denoiser_config.in_channels // 4
         noise = torch.randn((case.batch, channels, h, w), generator=generator)
