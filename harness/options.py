@@ -70,7 +70,8 @@ SPLITTING = (   # one CI job per shard; `diffbench list` shows the split
            "the time left", action="append", nargs="+", metavar="RECORDS"),
 )
 MEASURING = (
-    Option("--quick", f"{QUICK_WARMUP} warm-up call, {QUICK_REPEATS} measured calls per case", action="store_true"),
+    Option("--quick", f"a quick look: one batch and one shape per model (the smallest selected), "
+           f"{QUICK_WARMUP} warm-up call, {QUICK_REPEATS} measured calls per case", action="store_true"),
     Option("--warmup", f"warm-up calls per case, discarded (default {DEFAULT_WARMUP})", type=int),
     Option("--repeats", f"measured calls per case (default {DEFAULT_REPEATS})", type=int),
     Option("--case-timeout", "per-case timeout in seconds (0: none)", type=float, default=DEFAULT_CASE_TIMEOUT_S,
@@ -140,7 +141,7 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
             raise UserError("conflicting options: a --memory-budget on GPU caps the case's own worker process; "
                             "drop --no-isolate")
     cases = select_cases(get("model"), get("backend"), get("dtype"), get("batch"), get("size"), get("steps"),
-                         get("matrix"), get("seq"))
+                         get("matrix"), get("seq"), quick=bool(get("quick")))
     thresholds = list(get("threshold") or [])
     baseline = get("baseline")
     if thresholds and not baseline:
@@ -220,9 +221,10 @@ def export_backend_settings(settings: Settings) -> None:
 
 
 def select_cases(models=None, backends=None, dtypes=None, batches=None, sizes=None, steps=None, matrix=None,
-                 seqs=None):
+                 seqs=None, quick=False):
     """The matrix (file or embedded default) with any explicit selection overriding its lists (for every
-    workload: an explicit --backend, --dtype or --batch replaces the text-embedding table's too); validated."""
+    workload: an explicit --backend, --dtype or --batch replaces the text-embedding table's too); validated.
+    quick: only each model's smallest batch and shape (harness.cases.quick_look)."""
     from backends import base as registry
     from harness import models as zoo, workloads
     from harness.cases import load_matrix, parse_backend_spec, parse_size
@@ -252,6 +254,9 @@ def select_cases(models=None, backends=None, dtypes=None, batches=None, sizes=No
     m.backends = canonical(m.backends)
     if m.embedding.get("backends") and any(workloads.of_model(name) == workloads.TEXT_EMBEDDING for name in m.models):
         m.embedding["backends"] = canonical(m.embedding["backends"])
+    if quick:
+        from harness.cases import quick_look
+        return quick_look(m.expand())
     return m.expand()
 
 
