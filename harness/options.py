@@ -79,10 +79,12 @@ MEASURING = (
     Option("--triton-url", "use an existing Triton server (host:port) instead of starting one",
            metavar="HOST:PORT"),
     Option("--memory-budget", "hold each case to this much memory, e.g. 12GB: on GPU a real allocator cap in the "
-           "case's worker, on CPU its measured inference peak (process tree); above it the case is over_budget",
+           "case's worker, on CPU its measured inference peak (process tree); above it the case is over_budget; "
+           "each case in its own worker unless --no-isolate",
            metavar="SIZE"),
     Option("--isolate", "measure each case in a fresh worker process, so allocator pools, compile caches, arenas "
-           "and the peak RSS of one case cannot leak into the next (default: on with --gpu, off on CPU)",
+           "and the peak RSS of one case cannot leak into the next (default: on with --gpu or --memory-budget, off "
+           "on CPU: records say memory.isolated)",
            action=argparse.BooleanOptionalAction),
 )
 OUTPUT = (
@@ -134,7 +136,8 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
     device = resolve_device(get("gpu"))
     run_options = build_run_options(device, get("quick"), get("warmup"), get("repeats"), get("case_timeout"))
     isolate = get("isolate")
-    run_options.isolate = device == "cuda" if isolate is None else bool(isolate)
+    # a budget asks whether a case fits: only a peak measured in the case's own process answers it
+    run_options.isolate = (device == "cuda" or bool(get("memory_budget"))) if isolate is None else bool(isolate)
     if get("memory_budget"):
         run_options.memory_budget_mb = parse_memory_size(get("memory_budget"), "--memory-budget")
         if device == "cuda" and not run_options.isolate:

@@ -88,3 +88,12 @@ def test_quick_is_one_batch_and_one_shape_per_model_on_every_backend(capsys):
                                             for b in ("diffusers", "onnxruntime")]
     assert len(listed("--model", "tiny-sd", "--batch", "1", "--batch", "2")) == 2 * len(listed("--model", "tiny-sd",
                                                                                               "--quick"))
+
+
+def test_a_memory_budget_isolates_each_case_unless_told_not_to():
+    values = {o.dest: (list(o.default) if o.action == "append" and o.default is not None else o.default)
+              for o in options.OPTIONS}
+    values.update(model=["tiny-sd"], backend=["diffusers"])
+    assert not options.settings_from(values.get).run_options.isolate            # the CPU default: one process
+    assert options.settings_from({**values, "memory_budget": "2GB"}.get).run_options.isolate
+    assert not options.settings_from({**values, "memory_budget": "2GB", "isolate": False}.get).run_options.isolate
