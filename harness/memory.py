@@ -366,7 +366,12 @@ def measured_in(isolated: bool, cases_before: int) -> dict:
     """How a case's memory figures were measured (the record's memory.isolated, cases_before, includes)."""
     if isolated:
         includes = ("this case alone: a fresh worker process (the interpreter, its imports, the model, the case's "
-                    "work) and the child processes the case uses")
+                    "work; the first worker of a shape also computes the reference there) and the child processes "
+                    "the case uses")
+    elif cases_before == 0:
+        includes = ("the first case of a process the run's later cases share: the interpreter, its imports, the "
+                    "reference of its shape, the model, the case's work; child processes only where the case uses "
+                    "them")
     else:
         includes = (f"a process shared with the {cases_before} case(s) measured before it: what they left in it "
                     "(memory freed but kept in its RSS, allocator pools, compiled code, imports) counts too; "
