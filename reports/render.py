@@ -146,7 +146,9 @@ def measured_in(r: dict) -> str:
     if where:
         return "own worker process"
     before = get(r, "memory", "cases_before")
-    return "shared process" + (f", after {before} case(s)" if isinstance(before, int) else "")
+    if not isinstance(before, int):
+        return "shared process"
+    return "shared process, its first case" if before == 0 else f"shared process, after {before} case(s)"
 
 
 def _memory_row(r: dict) -> dict:
