@@ -184,6 +184,11 @@ class Backend:
     def close(self) -> None:
         """Release what the backend holds across cases (servers, sessions)."""
 
+    def foreign_processes(self, case) -> dict[int, str]:
+        """Processes this backend keeps alive across cases (a shared server and its workers) that `case` does not
+        use: pid -> what it is. The memory sampler leaves them, with their children, out of the case's figures."""
+        return {}
+
 
 def enable_tf32() -> Callable[[], None]:
     """TF32 for float32 matmuls (cuBLAS) and convolutions (cuDNN), for a `+tf32` option; returns the function that
@@ -282,6 +287,17 @@ def get(name: str) -> Backend:
             cls = target
         _INSTANCES[name] = cls()
     return _INSTANCES[name]
+
+
+def foreign_processes(case) -> dict[int, str]:
+    """Every live backend's processes that `case` does not use (Backend.foreign_processes)."""
+    out: dict[int, str] = {}
+    for inst in list(_INSTANCES.values()):
+        try:
+            out.update(inst.foreign_processes(case))
+        except Exception:   # a backend that cannot tell leaves its processes counted, as before
+            pass
+    return out
 
 
 def close_all() -> None:

@@ -155,6 +155,19 @@ class Matrix:
         return unique
 
 
+def quick_look(cases: list[Case]) -> list[Case]:
+    """`--quick`: one batch and one shape per model, the smallest it was selected with (text-to-image: the smallest
+    batch, the smallest size, the fewest steps; text-embedding: the smallest batch, the shortest sequence), on
+    every selected backend and dtype."""
+    smallest: dict[str, tuple] = {}
+    for model in dict.fromkeys(c.model for c in cases):
+        mine = [c for c in cases if c.model == model]
+        size = min(((c.height * c.width, c.height, c.width) for c in mine))
+        smallest[model] = (min(c.batch for c in mine), size[1], size[2], min(c.steps for c in mine),
+                           min(c.seq for c in mine))
+    return [c for c in cases if (c.batch, c.height, c.width, c.steps, c.seq) == smallest[c.model]]
+
+
 def _check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")

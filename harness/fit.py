@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from harness.cases import Case
+from harness.memory import isolated
 
 DEFAULT_MAX_BATCH = 64
 DEFAULT_TIME_CAP_S = 1800.0
@@ -44,10 +45,13 @@ class Trial:
     e2e_p50_s: float | None
     limit_mb: float | None = None        # the cap it ran under (GPU), None when measured without one
     reason: str = ""
+    isolated: bool | None = True         # False: measured in a process shared with earlier cases
 
     def fits(self, budget_mb: float) -> bool:
         if self.status != "passed" or self.peak_mb is None:
             return False
+        if self.isolated is False:
+            return False                   # its peak holds what earlier cases left: it cannot tell what fits
         if self.limit_mb is not None and self.limit_mb != budget_mb:
             return False                   # ran under another budget's cap: says nothing about this one
         return self.peak_mb <= budget_mb
@@ -59,7 +63,7 @@ def trial_from_record(record: dict) -> Trial:
     return Trial(record["case_id"], spec, record["batch"], record["status"],
                  (record.get("memory") or {}).get("peak_mb") or budget.get("peak_mb"),
                  (record.get("e2e") or {}).get("p50"), budget.get("limit_mb") if budget.get("capped") else None,
-                 record.get("reason") or "")
+                 record.get("reason") or "", isolated(record))
 
 
 # -- the search ----------------------------------------------------------------------------------------------------

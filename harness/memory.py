@@ -2,7 +2,9 @@
 
 A sampler runs in its own process (so it never holds the GIL of the timed code) and every 10 ms (GPU) or 100 ms
 (CPU, see SAMPLE_INTERVAL_S) reads:
-  - RSS of the harness process and of every child process (a Triton server is a child), via psutil;
+  - RSS of the harness process and of every child process (a Triton server is a child), via psutil; a process
+    another backend keeps for its own cases (a shared Triton server, while a diffusers case runs) is left out
+    and sampled apart (`left_out_mb`): backends name theirs (Backend.foreign_processes);
   - on GPU, NVML per-process GPU memory of the same process tree, and the device's used memory.
 In this process, at each phase boundary (never inside the timed region), the meter also reads what only this
 process can know exactly: the peak RSS (VmHWM, reset per phase through /proc/self/clear_refs) and torch's
@@ -11,8 +13,8 @@ total-energy counter read just before and after the measured calls, with the dev
 once per process before any work in it, once the reading has settled, from NVML's instantaneous power field where the
 driver has it (isolated workers take their run's figure).
 
-Per phase: {peak_mb, rss_mb, children_mb, gpu_process_mb, gpu_device_mb, torch_allocated_mb, torch_reserved_mb,
-torch_reserved_unallocated_mb}.
+Per phase: {peak_mb, rss_mb, children_mb, left_out_mb, gpu_process_mb, gpu_device_mb, torch_allocated_mb,
+torch_reserved_mb, torch_reserved_unallocated_mb}.
 `peak_mb` is the phase's peak of the whole process tree: on CPU the larger of the sampled tree RSS and this
 process's exact high-water mark; on GPU the process tree's NVML memory (falling back to the device's used memory
 above its idle level where NVML cannot attribute memory to processes, e.g. inside some containers, and to torch's
@@ -130,9 +132,13 @@ class _Pipe:
 
 def _sampler_main(pid: int, conn, gpu: str | None, interval_s: float) -> None:
     """Sample the process tree of `pid` until told to stop. Commands: ["phase"] starts new peaks and answers the
-    finished phase's peaks; ["pause"] samples nothing until the next command."""
+    finished phase's peaks; ["pause"] samples nothing until the next command; ["leave_out", [pid, ...]] (no
+    answer): from now on those processes and their children are not the case's (a shared server another backend
+    keeps), sampled apart."""
     root = psutil.Process(pid)
     me = os.getpid()              # the sampler is a child of the harness too: never count it
+    leave_out: set[int] = set()
+    others: list[psutil.Process] = []
     nvml = None
     if gpu is not None:
         try:
@@ -144,7 +150,7 @@ def _sampler_main(pid: int, conn, gpu: str | None, interval_s: float) -> None:
 
     def reset():
         nonlocal peaks, samples
-        peaks, samples = {"rss_mb": 0.0, "children_mb": 0.0, "tree_mb": 0.0}, 0
+        peaks, samples = {"rss_mb": 0.0, "children_mb": 0.0, "tree_mb": 0.0, "left_out_mb": 0.0}, 0
         if nvml is not None:
             peaks.update(gpu_process_mb=None, gpu_device_mb=0.0)
     reset()
@@ -161,14 +167,19 @@ def _sampler_main(pid: int, conn, gpu: str | None, interval_s: float) -> None:
             if command[0] == "phase":
                 conn.send({**peaks, "samples": samples, "nvml": nvml is not None})
                 reset()
+            elif command[0] == "leave_out":
+                leave_out, listed_at = set(command[1]), 0.0     # list the tree afresh at the next sample
             continue
         now = time.monotonic()
         if now - listed_at > CHILDREN_REFRESH_S:
             try:
-                tree = [root, *(p for p in root.children(recursive=True) if p.pid != me)]
-                listed_at = now
+                children = [p for p in root.children(recursive=True) if p.pid != me]
             except psutil.Error:
                 return   # the harness process is gone
+            left = _with_descendants(leave_out)
+            tree = [root, *(p for p in children if p.pid not in left)]
+            others = [p for p in children if p.pid in left]
+            listed_at = now
         main, children = 0.0, 0.0
         for p in tree:
             try:
@@ -179,7 +190,12 @@ def _sampler_main(pid: int, conn, gpu: str | None, interval_s: float) -> None:
                 main = rss
             else:
                 children += rss
+        left_out = 0.0
+        for p in others:
+            with contextlib.suppress(psutil.Error):
+                left_out += p.memory_info().rss / MB
         samples += 1
+        peaks["left_out_mb"] = max(peaks["left_out_mb"], left_out)
         peaks["rss_mb"] = max(peaks["rss_mb"], main)
         peaks["children_mb"] = max(peaks["children_mb"], children)
         peaks["tree_mb"] = max(peaks["tree_mb"], main + children)
@@ -228,6 +244,14 @@ def idle_power(nvml: _Nvml, **settle) -> dict:
     return {**settled_power(read, **settle), "source": source}
 
 
+def _with_descendants(pids: set[int]) -> set[int]:
+    out = set(pids)
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            out.update(p.pid for p in psutil.Process(pid).children(recursive=True))
+    return out
+
+
 # -- this process -------------------------------------------------------------------------------------------------
 def _reset_peak_rss() -> bool:
     """Linux: writing 5 to clear_refs resets VmHWM (the peak RSS), so each phase gets its own exact peak."""
@@ -262,6 +286,7 @@ class Telemetry:
         self._nvml: _Nvml | None = None
         self._nvml_opened = False
         self._hwm_resettable = False
+        self.left_out: dict[int, str] = {}
 
     def _open_nvml(self) -> _Nvml | None:
         if not self._nvml_opened:
@@ -329,8 +354,13 @@ class Telemetry:
                 self.proc.wait()
             self.proc = self.conn = None
 
-    def begin_phase(self) -> None:
-        """Start a phase: the sampler's peaks, VmHWM and torch's peaks all start afresh."""
+    def begin_phase(self, leave_out: dict[int, str] | None = None) -> None:
+        """Start a phase: the sampler's peaks, VmHWM and torch's peaks all start afresh. leave_out: pid -> what it
+        is, processes (with their children) that are not the case's own -- a server another backend keeps for its
+        own cases -- sampled apart (`left_out_mb`) and not counted in the phase's figures."""
+        self.left_out = dict(leave_out or {})
+        if self.proc is not None and self.proc.poll() is None:
+            self.conn.send(("leave_out", sorted(self.left_out)))
         self._end_sampler_phase()
         self._hwm_resettable = _reset_peak_rss()
         if self.cuda:
@@ -344,7 +374,9 @@ class Telemetry:
         hwm = _peak_rss_mb() if self._hwm_resettable else None
         rss = max(filter(None, (hwm, sampled.get("rss_mb"))), default=None)
         out = {"rss_mb": rss, "children_mb": sampled.get("children_mb"),
-               "samples": sampled.get("samples", 0)}
+               "samples": sampled.get("samples", 0), "left_out_mb": sampled.get("left_out_mb")}
+        if self.left_out:
+            out["left_out"] = sorted(set(self.left_out.values()))
         tree = max(filter(None, (sampled.get("tree_mb"), hwm)), default=None)
         if self.cuda:
             import torch
@@ -431,6 +463,44 @@ def release_torch_cache(cuda: bool) -> dict | None:
     allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     return {"torch_cache_emptied": True, "torch_allocated_mb": allocated / MB, "torch_reserved_mb": reserved / MB,
             "torch_reserved_unallocated_mb": (reserved - allocated) / MB}
+
+
+def measured_in(isolated: bool, cases_before: int) -> dict:
+    """How a case's memory figures were measured (the record's memory.isolated, cases_before, includes)."""
+    if isolated:
+        includes = ("this case alone: a fresh worker process (the interpreter, its imports, the model, the case's "
+                    "work; the first worker of a shape also computes the reference there) and the child processes "
+                    "the case uses")
+    elif cases_before == 0:
+        includes = ("the first case of a process the run's later cases share: the interpreter, its imports, the "
+                    "reference of its shape, the model, the case's work; child processes only where the case uses "
+                    "them")
+    else:
+        includes = (f"a process shared with the {cases_before} case(s) measured before it: what they left in it "
+                    "(memory freed but kept in its RSS, allocator pools, compiled code, imports) counts too; "
+                    "child processes only where the case uses them")
+    return {"isolated": isolated, "cases_before": cases_before, "includes": includes}
+
+
+def isolated(record: dict) -> bool | None:
+    """Whether a record's memory was measured in its own worker process (memory.isolated; records written before
+    it existed say so in timing.isolated); None when the record does not say."""
+    for section in ("memory", "timing"):
+        value = (record.get(section) or {}).get("isolated")
+        if isinstance(value, bool):
+            return value
+    return None
+
+
+def scope_mismatch(baseline: dict, current: dict) -> str:
+    """Why two records' peaks cannot be compared ('' when they can): one measured in its own worker process, the
+    other in a process shared with earlier cases."""
+    b, c = isolated(baseline), isolated(current)
+    if b is None or c is None or b == c:
+        return ""
+    where = {True: "an isolated worker", False: "a process shared with earlier cases"}
+    return (f"not compared: the baseline's peak was measured in {where[b]}, the current one in {where[c]}; "
+            "measure both the same way (--isolate or --no-isolate)")
 
 
 def cuda_memory_snapshot() -> dict:

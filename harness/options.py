@@ -77,7 +77,8 @@ SPLITTING = (   # one CI job per shard; `diffbench list` shows the split
            "the time left", action="append", nargs="+", metavar="RECORDS"),
 )
 MEASURING = (
-    Option("--quick", f"{QUICK_WARMUP} warm-up call, {QUICK_REPEATS} measured calls per case", action="store_true"),
+    Option("--quick", f"a quick look: one batch and one shape per model (the smallest selected), "
+           f"{QUICK_WARMUP} warm-up call, {QUICK_REPEATS} measured calls per case", action="store_true"),
     Option("--warmup", f"warm-up calls per case, discarded (default {DEFAULT_WARMUP})", type=int),
     Option("--repeats", f"measured calls per case (default {DEFAULT_REPEATS})", type=int),
     Option("--case-timeout", "per-case timeout in seconds (0: none)", type=float, default=DEFAULT_CASE_TIMEOUT_S,
@@ -89,10 +90,12 @@ MEASURING = (
     Option("--concurrency", "the http backend's load sweep: concurrency levels, e.g. 1,2,4 (default 1,2,4)",
            metavar="N,N,..."),
     Option("--memory-budget", "hold each case to this much memory, e.g. 12GB: on GPU a real allocator cap in the "
-           "case's worker, on CPU its measured inference peak (process tree); above it the case is over_budget",
+           "case's worker, on CPU its measured inference peak (process tree); above it the case is over_budget; "
+           "each case in its own worker unless --no-isolate",
            metavar="SIZE"),
     Option("--isolate", "measure each case in a fresh worker process, so allocator pools, compile caches, arenas "
-           "and the peak RSS of one case cannot leak into the next (default: on with --gpu, off on CPU)",
+           "and the peak RSS of one case cannot leak into the next (default: on with --gpu or --memory-budget, off "
+           "on CPU: records say memory.isolated)",
            action=argparse.BooleanOptionalAction),
     Option("--triton-grpc-url", "gRPC endpoint of the --triton-url server (default: its host, port 8001)",
            metavar="HOST:PORT"),
@@ -155,14 +158,16 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
     device = resolve_device(get("gpu"))
     run_options = build_run_options(device, get("quick"), get("warmup"), get("repeats"), get("case_timeout"))
     isolate = get("isolate")
-    run_options.isolate = device == "cuda" if isolate is None else bool(isolate)
+    # a budget asks whether a case fits: only a peak measured in the case's own process answers it
+    run_options.isolate = (device == "cuda" or bool(get("memory_budget"))) if isolate is None else bool(isolate)
     if get("memory_budget"):
         run_options.memory_budget_mb = parse_memory_size(get("memory_budget"), "--memory-budget")
         if device == "cuda" and not run_options.isolate:
             raise UserError("conflicting options: a --memory-budget on GPU caps the case's own worker process; "
                             "drop --no-isolate")
     cases = select_cases(get("model"), get("backend"), get("dtype"), get("batch"), get("size"), get("steps"),
-                         get("matrix"), get("seq"), get("lora"), get("lora_scale"), get("lora_fuse"))
+                         get("matrix"), get("seq"), get("lora"), get("lora_scale"), get("lora_fuse"),
+                         quick=bool(get("quick")))
     thresholds = list(get("threshold") or [])
     baseline = get("baseline")
     if thresholds and not baseline:
@@ -266,9 +271,10 @@ def export_backend_settings(settings: Settings) -> None:
 
 
 def select_cases(models=None, backends=None, dtypes=None, batches=None, sizes=None, steps=None, matrix=None,
-                 seqs=None, loras=None, lora_scale=1.0, lora_fuse=False):
+                 seqs=None, loras=None, lora_scale=1.0, lora_fuse=False, quick=False):
     """The matrix (file or embedded default) with any explicit selection overriding its lists (for every
-    workload: an explicit --backend, --dtype or --batch replaces the text-embedding table's too); validated."""
+    workload: an explicit --backend, --dtype or --batch replaces the text-embedding table's too); validated.
+    quick: only each model's smallest batch and shape (harness.cases.quick_look)."""
     from backends import base as registry
     from harness import models as zoo, workloads
     from harness.cases import load_matrix, parse_backend_spec, parse_size
@@ -303,6 +309,9 @@ def select_cases(models=None, backends=None, dtypes=None, batches=None, sizes=No
     m.backends = canonical(m.backends)
     if m.embedding.get("backends") and any(workloads.of_model(name) == workloads.TEXT_EMBEDDING for name in m.models):
         m.embedding["backends"] = canonical(m.embedding["backends"])
+    if quick:
+        from harness.cases import quick_look
+        return quick_look(m.expand())
     return m.expand()
 
 

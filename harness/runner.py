@@ -29,7 +29,8 @@ from harness.models import embedding
 from harness.models.sentences import texts_for
 from harness.cases import Case
 from harness.errors import UserError
-from harness.memory import Telemetry, cuda_memory_snapshot, energy_record, release_torch_cache, weights_mb
+from harness.memory import (Telemetry, cuda_memory_snapshot, energy_record, measured_in, release_torch_cache,
+                            weights_mb)
 from harness.records import Record, RecordWriter, git_info, new_run_id, recorded_case_ids, sanitize
 from harness.timing import StageTimer, measure, stats
 
@@ -92,6 +93,7 @@ class Session:
         self.telemetry = Telemetry(self.options.device == "cuda")   # its sampler starts with the first case
         self.telemetry.sample_idle()        # GPU: before any work in this process (energy subtracts it)
         self.cases: list[Case] = []
+        self.measured_here = 0   # cases measured in this process so far: what a shared-process peak carries
 
     # -- records ---------------------------------------------------------------------------------------------
     def write(self, record: Record) -> None:
@@ -539,16 +541,18 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
     if cuda and options.memory_budget_mb:
         cap_cuda_memory(options.memory_budget_mb)
     memory: dict[str, dict] = {}
+    scope = measured_in(_is_worker(), session.measured_here)
+    session.measured_here += 1
     cold_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         build: dict[str, float] = {}
-        telemetry.begin_phase()
+        telemetry.begin_phase(registry.foreign_processes(case))
         with registry.timed(build, "load"):
             model = models.load(case.model, case.dtype, backend.load_device(case, options.device))
         memory["load"] = telemetry.end_phase()
         record.notes.extend(model.notes)
         record.weights = model.weights
-        telemetry.begin_phase()
+        telemetry.begin_phase(registry.foreign_processes(case))
         prepared, after_prepare = prepare_for_measuring(backend, model, case, session.cache_dir, cuda)
         stack.callback(prepared.close)
         if after_prepare:
@@ -578,7 +582,7 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
             progress.tick()   # counts calls only: outside the clock, like the rest of setup
             call.setup()
         progress.calls(options.warmup, options.repeats)
-        telemetry.begin_phase()
+        telemetry.begin_phase(registry.foreign_processes(case))
         last_image = measure(call.timer, call, options.warmup, options.repeats, loop, setup)
         seconds = time.perf_counter() - energy.get("start_s", time.perf_counter())
         end_j = telemetry.energy_j()
@@ -591,7 +595,7 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
         joules = end_j - energy["start_j"] if end_j is not None and energy.get("start_j") is not None else None
         record.energy = energy_record(telemetry, joules, seconds, record.e2e["n"])
         record.memory = {**memory, **weights, "peak_mb": memory["inference"]["peak_mb"],
-                         "sampler_interval_ms": telemetry.interval_s * 1000}
+                         "sampler_interval_ms": telemetry.interval_s * 1000, **scope}
         call.detach()
         record.info.update(prepared.info)
         if prepared.after_measure is not None:
@@ -640,6 +644,9 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
                 record.status, record.error_class = "over_budget", "OverBudget"
                 record.reason = (f"inference peak {record.budget['peak_mb']:.0f} MB is over the "
                                  f"{options.memory_budget_mb:g} MB budget")
+                if not record.memory["isolated"]:
+                    record.reason += (f" (measured in a process shared with {record.memory['cases_before']} "
+                                      "earlier case(s): what they left counts too; --isolate for its own peak)")
         if record.status == "passed" and options.time_components and not prepared.remote:
             alone = time_components_alone(prepared, model, reference, options.device, options.warmup,
                                           options.repeats)
@@ -660,7 +667,7 @@ def budget_facts(options: RunOptions, peak_mb: float | None = None) -> dict:
     enforced = ("cuda allocator cap (set_per_process_memory_fraction) + measured peak"
                 if options.device == "cuda" else "measured inference peak of the process tree")
     return {"limit_mb": options.memory_budget_mb, "peak_mb": peak_mb, "enforced": enforced,
-            "capped": options.device == "cuda"}
+            "capped": options.device == "cuda", "isolated": _is_worker()}
 
 
 # -- isolation: each case in a fresh worker process ----------------------------------------------------------------

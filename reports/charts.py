@@ -112,12 +112,17 @@ def cold_build(rows: list[dict], steps: list[str], title: str, pngs: PngWriter) 
 
 
 def peak_memory(rows: list[dict], title: str, pngs: PngWriter) -> str:
-    """Peak memory bars; cases that did not pass in red."""
+    """Peak memory bars; cases that did not pass in red; hatched where measured in a process shared with earlier
+    cases (their leftovers count too)."""
+    from harness.memory import isolated
     labels = [f"{shape_label(r)} · {r['_backend']}" for r in rows]
     peaks = [num(r["memory"]["peak_mb"]) for r in rows]
     fig = Figure(figsize=(8, 1.0 + 0.35 * len(rows)))
     ax = fig.add_subplot()
-    ax.barh(labels, peaks, color=["#4e79a7" if r["status"] == "passed" else "#e15759" for r in rows])
+    bars = ax.barh(labels, peaks, color=["#4e79a7" if r["status"] == "passed" else "#e15759" for r in rows])
+    for bar, r in zip(bars, rows):
+        if isolated(r) is False:
+            bar.set_hatch("//")
     for y, v in enumerate(peaks):
         ax.text(v, y, f" {v:.0f}", va="center", fontsize=7)
     ax.invert_yaxis()

@@ -137,10 +137,25 @@ _PHASE_FIELDS = (("rss_mb", "this process"), ("children_mb", "children"), ("gpu_
                  ("gpu_device_mb", "GPU device"), ("torch_reserved_mb", "torch reserved"))
 
 
+def measured_in(r: dict) -> str:
+    """Where a record's memory was measured: its own worker process, or a process shared with earlier cases."""
+    from harness.memory import isolated
+    where = isolated(r)
+    if where is None:
+        return "not recorded"
+    if where:
+        return "own worker process"
+    before = get(r, "memory", "cases_before")
+    if not isinstance(before, int):
+        return "shared process"
+    return "shared process, its first case" if before == 0 else f"shared process, after {before} case(s)"
+
+
 def _memory_row(r: dict) -> dict:
     """Peak of the process tree per phase, the inference phase's parts, energy per call (GPU)."""
     memory = r["memory"]
-    row = {"case": r["case_id"], "status": r["status"], "peak MB (inference)": fmt(memory["peak_mb"], 5)}
+    row = {"case": r["case_id"], "status": r["status"], "peak MB (inference)": fmt(memory["peak_mb"], 5),
+           "measured in": measured_in(r)}
     for phase in ("load", "build"):
         row[f"{phase} peak MB"] = fmt(get(memory, phase, "peak_mb"), 5) if memory.get(phase) else None
     if num(get(memory, "weights_mb", "total")) is not None:   # as stored: quantised weights at their real size
@@ -149,6 +164,8 @@ def _memory_row(r: dict) -> dict:
     for key, label in _PHASE_FIELDS:
         if num(inference.get(key)) is not None:
             row[f"{label} MB"] = fmt(inference[key], 5)
+    if num(inference.get("left_out_mb")):
+        row["left out MB"] = f"{fmt(inference['left_out_mb'], 5)} ({'; '.join(inference.get('left_out') or [])})"
     if inference.get("peak_source"):
         row["peak from"] = inference["peak_source"]
     if num(get(r, "budget", "limit_mb")) is not None:

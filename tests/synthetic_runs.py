@@ -73,6 +73,7 @@ def write_synthetic_run(run_dir: str | Path, *, env: dict | None = None, run_id:
     rng = np.random.default_rng(seed)
     path = run_dir / "records.jsonl"
     on_gpu = bool(env.get("gpu"))
+    measured = 0
     with RecordWriter(path) as writer:
         for model_i, model in enumerate(models):
             ref = reference_image(model_i)
@@ -95,7 +96,10 @@ def write_synthetic_run(run_dir: str | Path, *, env: dict | None = None, run_id:
                                         "children_mb": children},
                               "inference": {"peak_mb": peak, "rss_mb": peak - children, "children_mb": children,
                                             "peak_source": "process tree RSS", "samples": 40},
-                              "peak_mb": peak, "sampler_interval_ms": 10.0}
+                              "peak_mb": peak, "sampler_interval_ms": 10.0,
+                              # as measured: isolated on GPU, one shared process on CPU (the defaults)
+                              "isolated": on_gpu, "cases_before": 0 if on_gpu else measured}
+                measured += 1
                 # the component alone: onnxruntime's step is made to look slowed down by the pipeline around it
                 step = rec.stages["denoise_step"]
                 slowed = 1.8 if backend == "onnxruntime" else 1.05

@@ -79,6 +79,17 @@ def test_fit_table_redraws_from_merged_records_of_two_runs():
     assert table[0]["largest_batch"] == ">= 8" and table[0]["success_rate"] == 1.0
 
 
+def test_a_peak_measured_in_a_shared_process_never_fits():
+    """Records merged from a default CPU run (one process for every case) say nothing about what fits: their peaks
+    hold what earlier cases left. Only peaks measured in the case's own worker count."""
+    plan = fit.FitPlan("m", ["diffusers"], [2000.0], max_batch=8, confirm=0)
+    records = fit.run_fit(plan, _fake_measure({"diffusers": 100.0}), "cpu", log=lambda _l: None)["records"]
+    shared = [{**r, "memory": {**r["memory"], "isolated": False, "cases_before": 3}} for r in records]
+    assert fit.table_from_records(shared, [2000.0], 8)[0]["configuration"] == "nothing fits"
+    own = [{**r, "memory": {**r["memory"], "isolated": True, "cases_before": 0}} for r in records]
+    assert fit.table_from_records(own + shared, [2000.0], 8)[0]["largest_batch"] == ">= 8"
+
+
 def test_pareto_front():
     points = [(100, 50), (200, 40), (150, 60), (300, 30), (300, 45)]
     assert fit.pareto_front(points) == [0, 1, 3]

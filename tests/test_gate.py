@@ -458,3 +458,21 @@ def test_gate_cli_markdown_and_bounds(runs, tmp_path, capsys):
     capsys.readouterr()
     assert main(["gate", "--baseline", str(path), "--current", str(path), "--format", "html"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_an_isolated_peak_is_never_compared_with_a_shared_process_one():
+    """A peak measured in a process shared with earlier cases holds what they left there: comparing it with a peak
+    measured in the case's own worker would flag (or hide) a change neither build made."""
+    base = {"schema": 1, "run_id": "a", "case_id": "m/diffusers/fp32/b1/64x64/s4", "model": "m",
+            "backend": "diffusers", "variant": "", "dtype": "fp32", "batch": 1, "height": 64, "width": 64,
+            "steps": 4, "status": "passed", "env": CPU_ENV, "e2e": {"p50": 0.1, "n": 10},
+            "memory": {"peak_mb": 500.0, "isolated": True, "cases_before": 0}}
+    shared = json.loads(json.dumps(base))
+    shared["memory"] = {"peak_mb": 740.0, "isolated": False, "cases_before": 5}
+    for b, c in ((base, shared), (shared, base)):
+        (row,) = _rows(gate.compare([b], [c], ["memory.peak:+5%"]), "memory.peak")
+        assert row.verdict == "PASS" and row.note.startswith("not compared") and "--isolate" in row.note
+    # measured the same way, compared as ever; records from before memory.isolated fall back on timing.isolated
+    older = {**base, "memory": {"peak_mb": 600.0}, "timing": {"isolated": True}}
+    (row,) = _rows(gate.compare([base], [older], ["memory.peak:+5%"]), "memory.peak")
+    assert row.verdict == "REGRESSED"

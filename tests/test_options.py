@@ -1,6 +1,7 @@
 """One declaration of every run option: `diffbench run` and `pytest suites/` offer the same ones, with the same
 names, defaults and help."""
 import argparse
+import json
 
 import pytest
 
@@ -66,3 +67,33 @@ def test_run_exit_code_fails_on_failed_or_errored_cases_only():
     assert run_exit_code([record("passed"), record("failed")]) == 1
     assert run_exit_code([record("error")]) == 1
     assert run_exit_code([record("error")], allow_failures=True) == 0
+
+
+def test_quick_is_one_batch_and_one_shape_per_model_on_every_backend(capsys):
+    from harness.cli import main
+
+    def listed(*args):
+        assert main(["list", "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+    def backends(rows):
+        return [r["backend"] + (f"+{r['variant']}" if r["variant"] else "") for r in rows]
+    rows = listed("--model", "minilm-l6", "--quick")
+    assert sorted(backends(rows)) == sorted(set(backends(listed("--model", "minilm-l6"))))   # one case each
+    assert {(r["batch"], r["seq"]) for r in rows} == {(1, 16)}     # the matrix's smallest batch, shortest sequence
+    # the smallest of the selection: batch, size and steps chosen separately, per model
+    rows = listed("--model", "tiny-sd", "--model", "tiny-sd3", "--backend", "diffusers", "--backend", "onnxruntime",
+                  "--batch", "4", "--batch", "2", "--size", "128x128", "--size", "64x96", "--steps", "8",
+                  "--steps", "3", "--quick")
+    assert [r["case_id"] for r in rows] == [f"{m}/{b}/fp32/b2/64x96/s3" for m in ("tiny-sd", "tiny-sd3")
+                                            for b in ("diffusers", "onnxruntime")]
+    assert len(listed("--model", "tiny-sd", "--batch", "1", "--batch", "2")) == 2 * len(listed("--model", "tiny-sd",
+                                                                                              "--quick"))
+
+
+def test_a_memory_budget_isolates_each_case_unless_told_not_to():
+    values = {o.dest: (list(o.default) if o.action == "append" and o.default is not None else o.default)
+              for o in options.OPTIONS}
+    values.update(model=["tiny-sd"], backend=["diffusers"])
+    assert not options.settings_from(values.get).run_options.isolate            # the CPU default: one process
+    assert options.settings_from({**values, "memory_budget": "2GB"}.get).run_options.isolate
+    assert not options.settings_from({**values, "memory_budget": "2GB", "isolate": False}.get).run_options.isolate

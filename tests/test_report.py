@@ -237,6 +237,8 @@ def test_integration_memory_phases_budget_and_compat_reasons(full):
     assert "denoise_step: in-pipeline p50 is 1.80x the component alone" in text
     # memory per phase, the children of the process (the Triton server) counted
     assert "load peak MB" in text and "children MB" in text and "peak from" in text
+    # how each figure was measured: its own worker (the GPU run) or a process shared with the cases before it
+    assert "measured in" in text and "own worker process" in text and "shared process, after 3 case(s)" in text
     # over_budget is its own status, neither passed nor failed, with its budget
     assert "over_budget" in text and "budget MB" in text
     # the heatmap says why in the cell, and the stack per device class heads its column

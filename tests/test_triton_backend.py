@@ -61,6 +61,23 @@ def test_every_sd3_component_served_with_torch(session):
     assert all(c["passed"] for c in components.values())
 
 
+def test_a_case_of_another_backend_counts_no_triton_memory(session):
+    """The shared server is the triton cases' alone: a diffusers case measured after them in the same process
+    counts none of it (left out, sampled apart); a triton case counts the server and the stubs of its own models,
+    not those of models earlier cases loaded."""
+    session.result(Case("tiny-sd", "triton", "http"))          # the server is up, tiny-sd's denoiser loaded
+    sd3 = session.result(Case("tiny-sd3", "triton", "grpc-all"))
+    record = session.result(Case("tiny-sd", "diffusers"))
+    assert record.status == "passed", record.reason
+    for phase in ("load", "build", "inference"):
+        figures = record.memory[phase]
+        assert figures["children_mb"] < 20 and figures["left_out_mb"] > 50, (phase, figures)
+        assert figures["left_out"] == ["tritonserver shared by the triton cases"]
+    assert record.memory["peak_mb"] < record.memory["inference"]["rss_mb"] + 20
+    own, other = sd3.memory["inference"]["children_mb"], sd3.memory["inference"]["left_out_mb"]
+    assert own > 50 and other > 50, sd3.memory["inference"]     # its five stubs; tiny-sd's denoiser stub
+
+
 def test_executor_contract(session):
     backend = base.get("triton")
     model = models.load("tiny-sd", "fp32")

@@ -152,6 +152,7 @@ class TritonBackend(Backend):
         self.loaded: set[str] = set()
         self.requests: dict[str, tuple[str, dict]] = {}   # external server: what its model-load requests carry
         self.server_start_s: float | None = None
+        self.models_of: dict[str, set[str]] = {}    # case id -> the served models it calls
         self._lock = threading.Lock()
 
     # -- support --------------------------------------------------------------------------------------------------
@@ -282,6 +283,7 @@ class TritonBackend(Backend):
             executors[component] = make_executor(interface, getattr(pipeline, component), runner)
             setattr(pipeline, component, executors[component])
         specs = [spec for _, spec in served.values()]
+        self.models_of[case.id] = {spec.name for spec in specs}
         info = {"triton": {
             "protocol": protocol, "served": {c: spec.name for c, (_, spec) in served.items()},
             "server": "external" if server.external else "local", "url": server.http_url,
@@ -327,6 +329,19 @@ class TritonBackend(Backend):
                                    "ranking are judged"} if fitted.pooled else {}
         return Prepared(pipeline=model.pipeline, executors={model.encoder: executor}, build=build, info=info,
                         on_close=[client.close], unjudged_components=unjudged)
+
+    def foreign_processes(self, case) -> dict[int, str]:
+        """The shared local server belongs to the triton cases: to another backend's case, the whole server (its
+        stubs are its children); to a triton case, the stubs of models it does not call (loaded by earlier
+        cases; before its own prepare(), every stub)."""
+        server = self.server
+        if server is None or server.external or not server.alive():
+            return {}
+        if case.backend != self.name:
+            return {server.proc.pid: "tritonserver shared by the triton cases"}
+        mine = self.models_of.get(case.id, set())
+        return {pid: "tritonserver stubs of other cases' models" for pid, model in server.stubs().items()
+                if model not in mine}
 
     def close(self) -> None:
         with self._lock:

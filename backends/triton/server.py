@@ -201,6 +201,27 @@ class TritonServer:
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         return tail(self.log_path, lines)
 
+    def stubs(self) -> dict[int, str]:
+        """pid -> model name of the python backend's stub processes (one per model instance, children of the
+        server): a stub is started with its model's file, <repository>/<model>/<version>/model.py."""
+        import psutil
+        out = {}
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except (psutil.Error, AttributeError):
+            return out
+        for child in children:
+            try:
+                args = child.cmdline()
+            except psutil.Error:
+                continue
+            for arg in args[1:]:
+                path = Path(arg)
+                if path.is_absolute() and path.is_relative_to(self.repository):
+                    out[child.pid] = path.relative_to(self.repository).parts[0]
+                    break
+        return out
+
     def error(self, summary: str) -> TritonServerError:
         """An exception carrying the server's key error line and its log tail."""
         log = self.log_tail()
