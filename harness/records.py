@@ -16,10 +16,10 @@ from typing import Any, Iterable
 
 from harness.errors import UserError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # versions the loader reads: older records are upgraded in memory (upgrade()), so baselines kept for months still
 # load and compare
-READABLE_SCHEMAS = (1, 2)
+READABLE_SCHEMAS = (1, 2, 3)
 # over_budget: measured and correct, but above the run's --memory-budget (an answer, not a failure)
 STATUSES = ("passed", "failed", "unsupported", "over_budget", "error", "interrupted")
 # fields every record must carry (the loader refuses files without them)
@@ -152,6 +152,11 @@ def upgrade(record: dict) -> dict:
         upgraded.setdefault("budget", {})
         upgraded.setdefault("throughput", {})
         upgraded.setdefault("seq", 0)
+    if version in (1, 2):
+        # v3 added `weights` (what was loaded: hub repo and commit, tiny-model digest, LoRA adapters) and, inside
+        # existing fields, memory.{isolated, cases_before, includes, weights_mb}, parity.vae_decode, energy.idle;
+        # a record without memory.isolated was measured as its timing.isolated says (harness.memory.isolated)
+        upgraded.setdefault("weights", {})
     upgraded["schema_written"], upgraded["schema"] = version, SCHEMA_VERSION
     return upgraded
 

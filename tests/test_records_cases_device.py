@@ -115,6 +115,23 @@ def test_schema_1_records_still_load_and_gate():
     assert not result.regressed and result.counts()["PASS"] > 0
 
 
+def test_schema_2_records_still_load_and_gate_with_memory_not_compared_across_scopes():
+    """A records file written by the schema-2 release (a real tiny run of 2026-12-02, images dropped) loads as today's
+    schema: `weights` at its default, and its memory judged by how it was measured then (one shared process)."""
+    from pathlib import Path
+
+    from harness import gate
+    from harness.memory import isolated
+    from harness.records import SCHEMA_VERSION
+    v2 = Path(__file__).parent / "fixtures" / "records-v2.jsonl"
+    records = read_records(v2)
+    assert SCHEMA_VERSION == 3 and {r["schema_written"] for r in records} == {2}
+    assert all(r["schema"] == SCHEMA_VERSION and r["weights"] == {} for r in records)
+    assert not any(isolated(r) for r in records if r["status"] == "passed")
+    result = gate.compare(records, records)
+    assert not result.regressed and result.counts()["PASS"] > 0
+
+
 def test_variant_options_have_one_canonical_order():
     """a+b and b+a name one case everywhere (gate, merge, resume)."""
     from harness.options import select_cases
