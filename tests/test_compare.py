@@ -98,13 +98,13 @@ def test_a_declared_override_names_who_declared_it():
 @pytest.mark.parametrize("magnitude", [1e-2, 1.0, 1e3])
 @pytest.mark.parametrize("side", [8, 128])
 def test_relative_tolerance_follows_the_outputs_magnitude_and_size(magnitude, side):
-    """fp32 rounding noise (4u x max|ref| x sqrt(n), the largest measured) passes at any magnitude and size; a 1 %
+    """fp32 rounding noise (4.6u x max|ref| x sqrt(n), the largest measured) passes at any magnitude and size; a 1 %
     error fails at any magnitude and size, naming the tolerance that would have passed."""
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((2, 3, side, side)) * magnitude
     n, ref_max = 3 * side * side, np.abs(ref).max()
     tol = compare.tolerance_for("vae", "fp32")
-    noise = ref + rng.uniform(-1, 1, ref.shape) * 4 * compare.UNIT_ROUNDOFF["fp32"] * ref_max * np.sqrt(n)
+    noise = ref + rng.uniform(-1, 1, ref.shape) * 4.6 * compare.UNIT_ROUNDOFF["fp32"] * ref_max * np.sqrt(n)
     ok = compare.check_tensor(ref, noise, tol)
     assert ok["passed"] and ok["tolerance"]["n"] == n and ok["tolerance"]["max_ref"] == pytest.approx(ref_max)
     assert ok["tolerance"]["atol"] == pytest.approx(tol.atol * ref_max * np.sqrt(n)) and ok["tolerance"]["source"]
