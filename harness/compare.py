@@ -179,7 +179,7 @@ def reference_scale(ref: np.ndarray, relative_to: str | None) -> tuple[float, di
     ref_max = float(np.abs(ref).max()) if ref.size else 0.0
     if relative_to == "max|ref|":
         return ref_max, {"max_ref": ref_max}
-    n = ref.size // ref.shape[0] if ref.ndim >= 2 else ref.size     # elements per batch item
+    n = ref.size // ref.shape[0] if ref.ndim >= 2 and ref.shape[0] else ref.size     # elements per batch item
     return ref_max * math.sqrt(n), {"max_ref": ref_max, "n": n}
 
 
