@@ -45,8 +45,9 @@ VARIANT_TOLERANCES = {
         ImageTolerance(14.0, 0.40, "tiled vs untiled decode measured 24.3 dB / 0.89 (tiny-sd) and 16.0 dB / 0.50 "
                                    "(tiny-sd3) at 512x512; a blank, shifted or garbage decode < 10 dB"),
         {"vae": {"atol": 1.0, "rtol": 1.0, "statistic": "p99",
-                 "source": "tiled vs untiled decode: overlapping tiles blended by design (p99 error measured "
-                           "TILING_P99)"}}),
+                 "source": "tiled vs untiled decode: overlapping tiles blended by design; its image measured "
+                           "24.3 dB (RMS error 0.12 of the VAE's [-1, 1] output) at 512x512; not measured per "
+                           "component"}}),
     "layerwise-fp8": (
         ImageTolerance(30.0, 0.95, "e4m3 weight storage measured 34.5 dB / 0.988 (tiny-sd) and 43.3 dB / 0.999 "
                                    "(tiny-sd3): held to the fp16 image bound"),
