@@ -117,22 +117,15 @@ def test_relative_tolerance_follows_the_outputs_magnitude_and_size(magnitude, si
 
 
 def test_vae_slicing_passes_fp32_parity_that_a_fixed_1e_4_failed():
-    """The real reorder: tiny-sd's VAE decoding a 512x512 batch of 2 at once and one image at a time
-    (enable_slicing) differs by rounding alone (max abs 1.5e-4 on these weights), which a fixed 1e-4 failed."""
+    """The real reorder: tiny-sd's VAE decoding a 512x512 batch of 2 at once and one image alone (what
+    enable_slicing does) differs by rounding alone (max abs 1.9e-4 on these weights), which a fixed 1e-4 failed."""
     from harness import models
     vae = models.load("tiny-sd", "fp32").pipeline.vae
     latents = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(0)) / vae.config.scaling_factor
     with torch.inference_mode():
-        whole = vae.decode(latents).sample
-        vae.enable_slicing()
-        sliced = vae.decode(latents).sample
-    r = compare.check_tensor(whole, sliced, compare.tolerance_for("vae", "fp32"))
-    assert r["max_abs"] > 0, "slicing changed nothing: the test no longer exercises a reordering"
+        batched = vae.decode(latents).sample[:1]
+        alone = vae.decode(latents[:1]).sample
+    r = compare.check_tensor(batched, alone, compare.tolerance_for("vae", "fp32"))
+    assert r["max_abs"] > 0, "the decodes agree bit for bit: the test no longer exercises a reordering"
     assert r["passed"], r["error"]
-    assert not compare.check_tensor(whole, whole * 1.01, compare.tolerance_for("vae", "fp32"))["passed"]
-
-
-def test_flatten_output_positions():
-    out = (torch.ones(1), [torch.zeros(2), torch.zeros(3)])
-    flat = compare.flatten_output(out)
-    assert list(flat) == ["0", "1.0", "1.1"]
+    assert not compare.check_tensor(batched, batched * 1.01, compare.tolerance_for("vae", "fp32"))["passed"]
