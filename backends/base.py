@@ -71,8 +71,12 @@ class Prepared:
     after_measure: called once after the measured calls; returns facts to merge into `info` (counters such as
         recompiles are read there, never inside the timed region).
     output_tolerance / tolerance_overrides: parity bounds for a variant whose output differs from the reference by
-        design (VAE tiling, fp8 storage, int8 weights), set from the error measured on correct runs; None = the
-        dtype's defaults (an ImageTolerance or EmbeddingTolerance, by workload).
+        design (VAE tiling, fp8 storage, int8 weights), set from the error measured on correct runs, each with its
+        `source` (the measurement); None = the dtype's defaults. output_tolerance: an ImageTolerance or
+        EmbeddingTolerance (by workload). tolerance_overrides: role ("text_encoder", "denoiser", "vae") or component
+        name -> Tolerance fields, e.g. {"vae": {"atol": 0.08, "rtol": 0.08, "statistic": "p99", "relative_to":
+        "max|ref|", "source": "tiled vs untiled decode measured p99 0.03 x max|ref|"}}. The record names the variant
+        as the one that declared them (harness/compare.py: declared, declared_output).
     weights_outside_torch: the executors run the components' weights outside torch (ONNX Runtime sessions,
         TensorRT engines, a Triton server): the runner then empties torch's caching allocator after prepare.
     unjudged_components: component -> why its own outputs cannot be compared with the reference's (a served

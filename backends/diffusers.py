@@ -23,9 +23,10 @@ slicing where no component's attention processors take slices.
   tf32                 TF32 matmuls and convolutions (GPU; the runner sets strict fp32 before every case, prepare
                        turns TF32 on, close restores it)
 
-Parity: the plain reference is the yardstick. Offloading and slicing reorder no arithmetic and are held to the
-dtype's usual tolerances; tiling and fp8 storage change numbers by design and are held to the tolerances below,
-set from the error measured on correct runs (docs/variants.md).
+Parity: the plain reference is the yardstick. Offloading and slicing compute the same arithmetic (slicing in
+another order: batch-1 kernels) and are held to the dtype's usual tolerances, which allow for reordering
+(docs/measuring.md); tiling and fp8 storage change numbers by design and declare the tolerances below, set from the
+error measured on correct runs (docs/variants.md).
 """
 from __future__ import annotations
 
@@ -45,8 +46,19 @@ OFFLOAD = ("model-offload", "sequential-offload", "group-offload", "group-offloa
 # (relative weight error up to 6 %); measured 34.5 dB / 0.988 (tiny-sd) and 43.3 dB / 0.999 (tiny-sd3): held to
 # 30 dB / 0.95, the fp16 image bound.
 VARIANT_TOLERANCES = {
-    "vae-tiling": (ImageTolerance(14.0, 0.40), {"vae": {"atol": 1.0, "rtol": 1.0, "statistic": "p99"}}),
-    "layerwise-fp8": (ImageTolerance(30.0, 0.95), {"denoiser": {"atol": 0.25, "rtol": 0.25, "statistic": "p99"}}),
+    "vae-tiling": (
+        ImageTolerance(14.0, 0.40, "tiled vs untiled decode measured 24.3 dB / 0.89 (tiny-sd) and 16.0 dB / 0.50 "
+                                   "(tiny-sd3) at 512x512; a blank, shifted or garbage decode < 10 dB"),
+        {"vae": {"atol": 1.0, "rtol": 1.0, "statistic": "p99",
+                 "source": "tiled vs untiled decode: overlapping tiles blended by design; tiny-sd's VAE output "
+                           "at 1024x1024 measured max abs 1.08 (0.35 x max|ref|), mean 0.072, rel L2 0.28, p99 "
+                           "within 1.0 (image 26.6 dB / 0.94)"}}),
+    "layerwise-fp8": (
+        ImageTolerance(30.0, 0.95, "e4m3 weight storage measured 34.5 dB / 0.988 (tiny-sd) and 43.3 dB / 0.999 "
+                                   "(tiny-sd3): held to the fp16 image bound"),
+        {"denoiser": {"atol": 0.25, "rtol": 0.25, "statistic": "p99",
+                      "source": "e4m3 keeps 3 mantissa bits (weights off by up to 6 %): tiny-sd's denoiser output "
+                                "measured max abs 0.097 (0.10 x max|ref|), mean 0.023, rel L2 0.08 at 64x64"}}),
 }
 
 
@@ -105,8 +117,9 @@ class DiffusersBackend(Backend):
         if scheme:
             tolerances[scheme.name] = quantization.tolerance(scheme)
         for tol, components in tolerances.values():
-            image_tol = tol if image_tol is None else ImageTolerance(min(image_tol.min_psnr_db, tol.min_psnr_db),
-                                                                     min(image_tol.min_ssim, tol.min_ssim))
+            image_tol = tol if image_tol is None else ImageTolerance(
+                min(image_tol.min_psnr_db, tol.min_psnr_db), min(image_tol.min_ssim, tol.min_ssim),
+                f"{image_tol.source}; {tol.source}")
             overrides.update(components)
         return Prepared(pipeline=pipeline, executors=executors, build=build, info=info, output_tolerance=image_tol,
                         tolerance_overrides=overrides or None, on_close=[enable_tf32()] if tf32 else [])

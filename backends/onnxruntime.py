@@ -362,8 +362,13 @@ class OnnxRuntimeBackend(Backend):
             from harness.compare import EmbeddingTolerance
             info["quantization"] = {"method": "onnxruntime.quantization.quantize_dynamic", "weights": "QInt8",
                                     "per_channel": True, "min_cosine": INT8_MIN_COSINE}
-            return Prepared(pipeline, executors, build, info, output_tolerance=EmbeddingTolerance(INT8_MIN_COSINE),
-                            tolerance_overrides={"text_encoder": {"atol": 0.5, "rtol": 0.5, "statistic": "p99"}},
+            output = EmbeddingTolerance(INT8_MIN_COSINE, "int8 dynamic quantisation of MiniLM-L6 measured a worst "
+                                        "sentence cosine of 0.990, mean 0.996 (2026-11-23)")
+            encoder = {"atol": 0.5, "rtol": 0.5, "statistic": "p99",
+                       "source": "int8 weights: a loose bound on the hidden states, not measured per component; the "
+                                 "embedding's cosine and ranking checks judge the output"}
+            return Prepared(pipeline, executors, build, info, output_tolerance=output,
+                            tolerance_overrides={"text_encoder": encoder},
                             weights_outside_torch=True)
         return Prepared(pipeline, executors, build, info, weights_outside_torch=True)
 

@@ -308,7 +308,8 @@ def component_parity(prepared: registry.Prepared, model: models.LoadedModel, ref
             passed = passed and outputs[key]["passed"]
         main = outputs.get("0", next(iter(outputs.values()), {}))
         results[name] = {"passed": passed, "outputs": outputs,
-                         **{k: main.get(k) for k in ("max_abs", "rel_l2", "cosine", "error") if k in main}}
+                         **{k: main.get(k) for k in ("max_abs", "rel_max_abs", "rel_l2", "cosine", "tolerance",
+                                                     "error") if k in main}}
     return results
 
 
@@ -607,11 +608,14 @@ def _measure_case(case: Case, session: Session, record: Record, reference: Refer
         progress.phase("parity")
         outputs = {"first call": np.asarray(first_image, dtype=np.float32),
                    "last measured call": np.asarray(last_image, dtype=np.float32)}
-        tolerance = prepared.output_tolerance or compare.default_tolerance(case.workload, case.dtype)
+        # a variant's own bounds (tiling, quantisation) are recorded as declared by it, with its reason
+        tolerance = (compare.declared_output(prepared.output_tolerance, case.backend_spec) if prepared.output_tolerance
+                     else compare.default_tolerance(case.workload, case.dtype))
         embeddings = case.workload == workloads.TEXT_EMBEDDING
         check = compare.check_embeddings if embeddings else compare.check_image
         results = {which: check(reference.output, output, tolerance) for which, output in outputs.items()}
-        overrides = {**(prepared.tolerance_overrides or {}), **(options.tolerance_overrides or {})}
+        overrides = {**compare.declared(prepared.tolerance_overrides, case.backend_spec),
+                     **compare.declared(options.tolerance_overrides, "the run's options")}
         components = {} if prepared.remote else component_parity(prepared, model, reference, case.dtype,
                                                                    options.device, overrides or None)
         what = "embedding" if embeddings else "image"

@@ -121,4 +121,5 @@ def test_wrong_executor_fails_parity(faulty_backend, tmp_path):
     assert record.parity["verdict"] == "fail"
     unet = record.parity["components"]["unet"]
     assert not unet["passed"] and "would pass with atol>=" in unet["error"]
+    assert unet["tolerance"]["source"].startswith("fp32 default"), "the record names the tolerance that judged it"
     assert record.stages["denoise"]["n"] == 1, "a failed-parity case still carries its latency"

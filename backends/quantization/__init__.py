@@ -224,7 +224,8 @@ def support(variant: str, case, env: dict) -> Support:
 
 def tolerance(scheme: Scheme) -> tuple[ImageTolerance, dict]:
     """(image tolerance, component overrides) for a quantised case: only the denoiser changes."""
-    return scheme.tolerance, {"denoiser": dict(scheme.denoiser_tolerance)}
+    image = ImageTolerance(scheme.tolerance.min_psnr_db, scheme.tolerance.min_ssim, scheme.tolerance_source)
+    return image, {"denoiser": {**scheme.denoiser_tolerance, "source": scheme.tolerance_source}}
 
 
 def quantize(model, scheme: Scheme, case, build: dict[str, float]) -> dict:
