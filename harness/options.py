@@ -89,6 +89,8 @@ OUTPUT = (
     Option("--no-report", "write records only, no HTML report", action="store_true"),
     Option("--baseline", "apply the regression gate against this baseline records file", metavar="FILE"),
     Option("--threshold", "gate threshold (repeatable), e.g. e2e.p50:+10%", action="append", default=()),
+    Option("--history", "add the run's records to this history store (an SQLite file) when it is done; "
+           "`diffbench gate --history STORE` judges the runs there", metavar="STORE"),
 )
 OPTIONS: tuple[Option, ...] = (*SELECTION, *SPLITTING, *MEASURING, *OUTPUT)
 BY_FLAG = {o.flag: o for o in OPTIONS}
@@ -125,6 +127,7 @@ class Settings:
     shard: Any = None                       # harness.shard.Shard, or None: every selected case
     selected: int = 0                       # cases selected before sharding
     expected_s: dict[str, float] = field(default_factory=dict)   # case id -> seconds, from --durations-from
+    history: str | None = None              # --history STORE: the records are added there at the end
 
 
 def settings_from(get: Callable[[str], Any]) -> Settings:
@@ -150,6 +153,8 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
         parse_thresholds(thresholds or DEFAULT_THRESHOLDS)
         if not Path(baseline).is_file():
             raise UserError(f"baseline {baseline} does not exist")
+    if get("history") and Path(get("history")).is_dir():
+        raise UserError(f"--history {get('history')} is a folder; give the store's file path (e.g. history.sqlite)")
     triton_url = get("triton_url")
     if triton_url:
         check_triton_url(triton_url)
@@ -161,7 +166,7 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
         shard = parse_shard(get("shard"))
         cases = select(cases, shard, expected)
     return Settings(device, cases, run_options, Path(get("results_dir")), not get("no_report"), baseline,
-                    thresholds, triton_url, shard, selected, expected)
+                    thresholds, triton_url, shard, selected, expected, history=get("history"))
 
 
 def expected_from(paths, cases, run_options) -> dict[str, float]:

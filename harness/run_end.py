@@ -51,6 +51,14 @@ def gate_and_report(records: list[dict], out_dir: Path, baseline=None, threshold
     return result, report
 
 
+def add_to_history(store, records_paths) -> str:
+    """`--history STORE` on a run: its records join the history store; returns the line that says so."""
+    from harness.history import HistoryStore
+    with HistoryStore(store) as history:
+        added = history.add(records_paths)
+    return f"history: {sum(n for _, n in added)} record(s) of run {', '.join(r for r, _ in added)} added to {store}"
+
+
 def junit_properties(record) -> list[tuple[str, str]]:
     """A case's figures as (name, value) pairs for pytest's junit XML (`record_property`): what a CI system shows
     beside the test without opening the report."""
