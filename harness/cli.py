@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--out", required=True)
     report.add_argument("--baseline", help="include the gate table against this baseline")
     report.add_argument("--threshold", action="append", default=[])
+    report.add_argument("--history", metavar="STORE", help="add a trend section: every run of this history store")
 
     gate = sub.add_parser("gate", help="compare current records with a baseline, or judge the runs of a history "
                                        "store; exit 1 on a regression")
@@ -202,15 +203,17 @@ def cmd_run(args) -> int:
     print(summary_table(done))
     print(f"records: {session.records_path}")
     from harness.records import load_many
-    result, report = gate_and_report(load_many([session.records_path]), session.run_dir, settings.baseline,
-                                     settings.thresholds, write_report=settings.write_report)
+    from harness.history import HistoryStore
+    if settings.history:   # added first, so the report's trend section shows this run too
+        from harness.run_end import add_to_history
+        print(add_to_history(settings.history, [session.records_path]))
+    with HistoryStore(settings.history) if settings.history else contextlib.nullcontext() as history:
+        result, report = gate_and_report(load_many([session.records_path]), session.run_dir, settings.baseline,
+                                         settings.thresholds, write_report=settings.write_report, history=history)
     if result is not None:
         print(result.table())
     if report is not None:
         print(f"report: {report}")
-    if settings.history:
-        from harness.run_end import add_to_history
-        print(add_to_history(settings.history, [session.records_path]))
     if result is not None and result.exit_code:
         return result.exit_code
     return run_exit_code(done, args.allow_failures)
@@ -401,7 +404,9 @@ def cmd_report(args) -> int:
     records = load_many(args.records)
     out = Path(args.out)
     _check_writable(out)
-    _, report = gate_and_report(records, out, args.baseline, args.threshold)
+    from harness.history import HistoryStore
+    with HistoryStore(args.history, create=False) if args.history else contextlib.nullcontext() as history:
+        _, report = gate_and_report(records, out, args.baseline, args.threshold, history=history)
     print(f"report: {report}")
     return 0
 

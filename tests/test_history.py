@@ -36,9 +36,11 @@ def _scaled(record: dict, factor: float) -> dict:
     return r
 
 
-def write_series(tmp_path: Path, factors, versions: dict | None = None, start: int = 0) -> list[Path]:
-    """One run folder per factor (oldest first), from the fixture's real records; returns the folders."""
-    base = read_records(FIXTURE)
+def write_series(tmp_path: Path, factors, versions: dict | None = None, start: int = 0,
+                 backends=("diffusers", "onnxruntime")) -> list[Path]:
+    """One run folder per factor (oldest first), from the fixture's real records (tiny-sd on two backends);
+    returns the folders."""
+    base = [r for r in read_records(FIXTURE) if r["backend"] in backends]
     dirs = []
     for i, factor in enumerate(factors, start):
         run_dir = tmp_path / f"run-{i:02d}"
@@ -200,3 +202,15 @@ def test_history_add_cli_and_run_folder_errors(tmp_path, capsys):
     assert main(["history", "add", "--history", str(store), str(tmp_path / "nope")]) == 2
     assert main(["history", "add", "--history", str(tmp_path), str(dirs[0])]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_report_trend_section(tmp_path, capsys):
+    store = store_of(tmp_path, noisy([1.0] * 4 + [1.12] * 3, seed=12), backends=("diffusers",))
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path / "run-06"), "-o", str(out), "--history", str(store)]) == 0
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert 'id="trend"' in html and 'href="#trend"' in html
+    # one chart per metric the records carry: e2e, the three stages, peak memory, image PSNR
+    assert len(list(out.glob("trend_*.png"))) == html.count('over runs">') == 6
+    assert html.count(f"changes at {commit_of(4)[:10]} (run-04)") >= 2    # e2e.p50 and denoise.p50 at least
+    assert "<h3>e2e.p50 — tiny-sd/diffusers/fp32/b1/64x64/s4 on CPU" in html
