@@ -23,6 +23,9 @@ AB_REPEATS = 50
 # paired medians are steady enough to hold half the stored-baseline step (unchanged builds measured -2.4..+4.6 %
 # over eleven rounds on that VM), so an A/B run catches a 10 % slowdown with its defaults
 AB_E2E_P50 = "e2e.p50:+5%"
+# one process pair per case let a +9.6 % slowdown through once in four rounds on that VM (a whole process lands
+# well or badly on the cores); three pairs put that spread into the noise band at three worker starts per side
+AB_PROCESSES = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="environment for the current side only")
     ab.add_argument("--results-dir", default="results", help="parent folder of results/ab-<time>/")
     ab.add_argument("--repeats", type=int, help=f"measured call pairs per case (default {AB_REPEATS})")
+    ab.add_argument("--processes", type=int, default=AB_PROCESSES,
+                    help="fresh worker pairs per case, alternating which side starts first; the call pairs are "
+                         f"shared among them and the spread between them is in the noise (default {AB_PROCESSES})")
     ab.add_argument("--threshold", action="append", default=[],
                     help=f"gate threshold (default: the gate's defaults with {AB_E2E_P50.replace('%', '%%')})")
     ab.add_argument("--all", action="store_true", help="print every gate row, PASS included")
@@ -474,6 +480,8 @@ def cmd_ab(args) -> int:
     from harness.thresholds import DEFAULT_THRESHOLDS, parse_thresholds
     if not (args.baseline_dir or args.baseline_rev):
         raise UserError("ab needs --baseline-dir DIR or --baseline-rev REV")
+    if args.processes < 1:
+        raise UserError(f"--processes must be >= 1, got {args.processes}")
     device = options.resolve_device(args.gpu)
     run_options = options.build_run_options(device, False, args.warmup, args.repeats or AB_REPEATS, args.case_timeout)
     cases = options.select_cases(args.model, args.backend, args.dtype, args.batch, args.size, args.steps,
@@ -490,14 +498,15 @@ def cmd_ab(args) -> int:
     with contextlib.ExitStack() as stack:
         if worktree:
             baseline = stack.enter_context(worktree)
-        print(f"diffbench ab: {len(cases)} case(s) on {device}, {run_options.repeats} call pairs each; baseline "
+        print(f"diffbench ab: {len(cases)} case(s) on {device}, {run_options.repeats} call pairs each in "
+              f"{args.processes} process pair(s); baseline "
               f"{args.baseline_rev or baseline}, current {current}; writing {out}", flush=True)
         def on_term(_sig, _frame):
             raise KeyboardInterrupt
         previous = signal.signal(signal.SIGTERM, on_term)
         try:
             paths = ab.run_ab(cases, baseline, current, out, device, run_options.warmup, run_options.repeats,
-                              run_options.timeout_s, env)
+                              run_options.timeout_s, env, processes=args.processes)
         except KeyboardInterrupt:
             print(f"diffbench ab: interrupted; the case in flight is recorded as interrupted under {out}",
                   file=sys.stderr)
