@@ -3,7 +3,7 @@
     diffbench gate --history STORE [--threshold e2e.p50:+5%]...
 
 A series is one case on one device class with one software stack (harness/history.py), one metric's value per run,
-runs ordered by timestamp; runs that did not pass or did not measure the metric are left out of it ("measured
+runs ordered by timestamp (of each case and device class, only the stack measured last is judged); runs that did not pass or did not measure the metric are left out of it ("measured
 nothing" is not a value). An accepted run (`diffbench history accept`) starts the series again. With fewer than
 MIN_RUNS runs the series is not judged ("not enough history (N of 6 runs)"). Otherwise change points
 (harness/changepoint.py) cut the series into segments; the first segment is the baseline -- fixed until a change is
@@ -170,12 +170,23 @@ def judge(records: list[dict], accepted: set[str], specs: list[str]) -> HistoryR
     thresholds = history_thresholds(specs)
     rows = []
     for t in thresholds:
-        for series in build_series(records, [t.metric], accepted):
+        for series in _current(build_series(records, [t.metric], accepted)):
             rows.append(_judge_series(series, t, METRICS[t.metric]))
     if not rows:
         raise UserError("the history store holds no passed run with the thresholds' metrics "
                         f"({', '.join(t.spec for t in thresholds)})")
     return HistoryResult(rows, [t.spec for t in thresholds])
+
+
+def _current(series: list[Series]) -> list[Series]:
+    """Per case and device class, the series of the stack measured last: after a stack change the old series is
+    history, not a verdict on today's stack."""
+    newest: dict[tuple[str, str], Series] = {}
+    for s in series:
+        key = (s.case_id, s.device_class)
+        if key not in newest or s.points[-1].timestamp > newest[key].points[-1].timestamp:
+            newest[key] = s
+    return [s for s in series if newest[(s.case_id, s.device_class)] is s]
 
 
 def _change(metric: Metric, base: float, value: float) -> float:
@@ -199,7 +210,6 @@ def _judge_series(series: Series, t: Threshold, metric: Metric) -> HistoryRow:
     segments = series.segments()
     base = statistics.median(p.value for p in segments[0])
     unit = metric.change_unit
-    sign = "-" if metric.higher_is_better or unit == "dB" else "+"   # the direction that is worse, as written
     changes = [_change(metric, base, statistics.median(p.value for p in seg)) for seg in segments]
     last = changes[-1]
     newest = statistics.median(p.value for p in segments[-1])

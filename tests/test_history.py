@@ -110,13 +110,17 @@ def test_fewer_than_six_runs_is_one_line(tmp_path, capsys):
 
 
 def test_a_stack_change_starts_a_new_series(tmp_path, capsys):
+    """torch 2.13: 4 flat runs, 2 at +20 % (that series alone fails); then torch 2.14 at the +20 % level, 6 runs:
+    the new stack's series is flat and the one judged."""
     store = tmp_path / "history.sqlite"
     with HistoryStore(store) as history:
-        history.add(write_series(tmp_path, noisy([1.0] * 6, seed=4)))
-        history.add(write_series(tmp_path, noisy([1.3] * 6, seed=5), versions={"torch": "2.14.0+cpu"}, start=6))
+        history.add(write_series(tmp_path, noisy([1.0] * 4 + [1.2] * 2, seed=4)))
+        assert gate_history(store, capsys)[0] == 1
+        history.add(write_series(tmp_path, noisy([1.2] * 6, seed=5), versions={"torch": "2.14.0+cpu"}, start=6))
     code, out = gate_history(store, capsys, "--all")
     assert code == 0, out
-    assert out.count("no change in 6 runs") == 4 and "torch 2.14.0+cpu" in out
+    assert out.count("no change in 6 runs") == 2 and out.count("torch 2.14.0+cpu") == 2
+    assert "torch 2.13.0+cpu" not in out
 
 
 def test_accept_starts_the_series_again(tmp_path, capsys):
