@@ -200,7 +200,8 @@ def _change(metric: Metric, base: float, value: float) -> float:
 
 
 def _value(metric: Metric, value: float) -> str:
-    return f"{value * 1000:.4g} ms" if metric.unit == "s" else f"{value:.4g} {metric.unit}"
+    shown, unit = (value * 1000, "ms") if metric.unit == "s" else (value, metric.unit)
+    return f"{shown:.4g} {unit}" if abs(shown) < 1e4 else f"{shown:.0f} {unit}"
 
 
 def _judge_series(series: Series, t: Threshold, metric: Metric) -> HistoryRow:

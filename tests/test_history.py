@@ -137,6 +137,8 @@ def test_accept_starts_the_series_again(tmp_path, capsys):
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["gate"]) == 2
+    assert "--baseline FILE and --current RECORDS..., or --history STORE" in capsys.readouterr().err
     assert main(["gate", "--history", str(tmp_path / "missing.sqlite")]) == 2
     assert "does not exist" in capsys.readouterr().err
     store = store_of(tmp_path, [1.0] * 6)
