@@ -53,8 +53,10 @@ def _split_t(values: np.ndarray, min_segment: int) -> tuple[np.ndarray, np.ndarr
 def _null_max_t(n: int, min_segment: int) -> np.ndarray:
     """Sorted maxima over the allowed splits of |t| for seeded Gaussian series of length n."""
     rng = np.random.default_rng(0)
-    _, t = _split_t(rng.standard_normal((_SIMULATIONS, n)), min_segment)
-    return np.sort(t.max(axis=-1))
+    rows = max(1, min(_SIMULATIONS, 2_000_000 // n))   # in chunks: a long history must not take gigabytes
+    maxima = [_split_t(rng.standard_normal((min(rows, _SIMULATIONS - done), n)), min_segment)[1].max(axis=-1)
+              for done in range(0, _SIMULATIONS, rows)]
+    return np.sort(np.concatenate(maxima))
 
 
 def _max_t_pvalue(t: float, n: int, min_segment: int) -> float:
