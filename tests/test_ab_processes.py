@@ -18,7 +18,7 @@ def test_one_round_over_two_process_pairs_catches_a_slowdown(tmp_path):
     """Real workers, two process pairs per side: the current side busy-waits 100 ms per denoiser call."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DIFFBENCH_PLUGINS": "suites.fault_backends"}
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "ab", "--baseline-dir", str(ROOT), "--model",
-                           "tiny-sd", "--backend", "faulty+slow", "--warmup", "1", "--repeats", "4",
+                           "tiny-sd", "--backend", "faulty+slow", "--warmup", "1", "--repeats", "6",
                            "--processes", "2", "--no-report", "--results-dir", str(tmp_path),
                            "--baseline-env", "DIFFBENCH_FAULT_SLEEP=0", "--current-env", "DIFFBENCH_FAULT_SLEEP=0.1",
                            "--threshold", "e2e.p50:+50%"],
@@ -32,7 +32,7 @@ def test_one_round_over_two_process_pairs_catches_a_slowdown(tmp_path):
     assert c["case_id"] == SLOW and c["status"] == b["status"] == "passed"
     ratio = c["paired"]["ratio_current_over_baseline"]
     assert c["paired"]["processes"] == 2 and len(ratio["process_p50s"]) == 2
-    assert ratio["n"] == c["e2e"]["n"] == len(c["samples"]["e2e"]) == 4    # 2 pairs in each of 2 processes
+    assert ratio["n"] == c["e2e"]["n"] == len(c["samples"]["e2e"]) == 6    # 3 pairs in each of 2 processes
     assert all(v > 1.5 for v in ratio["process_p50s"])
 
 
