@@ -135,6 +135,9 @@ def pytest_sessionfinish(session, exitstatus):
                                      settings.thresholds, write_report=settings.write_report)
     if result is not None and result.exit_code and session.exitstatus == 0:
         session.exitstatus = 1
+    if settings.history:
+        from harness.run_end import add_to_history
+        config._diffbench_history = add_to_history(settings.history, [run.records_path])
     config._diffbench_gate, config._diffbench_report = result, report
 
 
@@ -151,6 +154,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.section("diffbench")
     tr.write_line(summary_table(list(run.records.values())))
     tr.write_line(f"records: {run.records_path}")
+    if getattr(config, "_diffbench_history", None):
+        tr.write_line(config._diffbench_history)
     if getattr(config, "_diffbench_report", None):
         tr.write_line(f"report: {config._diffbench_report}")
     result = getattr(config, "_diffbench_gate", None)

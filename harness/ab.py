@@ -7,6 +7,14 @@ worker process (harness/worker.py) and take turns, one pipeline call each, in A 
 sees the same machine. The per-pair ratio current/baseline cancels what the machine did; its median over the pairs
 is the change the gate judges (harness/gate.py, paired rule), with the noise band from the pairs' own spread.
 
+Pairs of calls cannot see what biases a whole process: where the OS put it on the cores, what its allocator and
+caches did. Measured on the 2-core VM, two unchanged sides in one process each differed by up to 9 % in identical
+stages. So with `--processes P` (pyperf's answer) every case is measured by P fresh pairs of workers, one after
+the other, alternating which side starts first and which calls first; each pair takes its share of the call pairs.
+The ratio statistics then span every pair of every process, and the median ratio of each process pair goes into
+the record (`paired.ratio_current_over_baseline.process_p50s`), so the noise band also covers the spread between
+processes (harness/noise.py, paired band).
+
     diffbench ab --baseline-dir ../main-checkout [selection] [--repeats 50]
     diffbench ab --baseline-rev origin/main [selection]       (a temporary git worktree of that revision)
 
@@ -16,6 +24,8 @@ worker for the next one; the run goes on.
 """
 from __future__ import annotations
 
+import copy
+import math
 import shutil
 import subprocess
 import tempfile
@@ -53,9 +63,10 @@ class Side:
             self.writer = None
 
 
-def _paced_case(sides: dict[str, Side], case: Case, warmup: int) -> tuple[dict[str, dict], list[float]]:
-    """Run one case on both sides, one call each in A B B A order. Returns each side's record and the
-    current/baseline ratio of every measured pair."""
+def _paced_case(sides: dict[str, Side], case: Case, warmup: int,
+                first: str = "baseline") -> tuple[dict[str, dict], list[float]]:
+    """Run one case on both sides, one call each in A B B A order (`first` is A). Returns each side's record and
+    the current/baseline ratio of every measured pair."""
     pending, records, seconds = {}, {}, {side: {} for side in SIDES}
     for side, s in sides.items():
         try:
@@ -65,7 +76,7 @@ def _paced_case(sides: dict[str, Side], case: Case, warmup: int) -> tuple[dict[s
             records[side] = _unmeasured_record(case, s, "error", "WorkerDied", str(exc))
     turn = 0
     while any("call" in message for message in pending.values()):
-        order = SIDES if turn % 2 == 0 else SIDES[::-1]
+        order = SIDES if (turn + SIDES.index(first)) % 2 == 0 else SIDES[::-1]
         for side in order:
             message = pending.get(side, {})
             if "call" not in message:
@@ -101,49 +112,98 @@ def _unmeasured_record(case: Case, side: Side, status: str, error_class: str, re
 
 
 def run_ab(cases: list[Case], baseline_root: Path, current_root: Path, out_dir: Path, device: str, warmup: int,
-           repeats: int, timeout_s: float | None, env: dict[str, dict] | None = None) -> dict[str, Path]:
-    """Measure every case on both builds in alternation; write both sides' records; return their paths."""
+           repeats: int, timeout_s: float | None, env: dict[str, dict] | None = None,
+           processes: int = 1) -> dict[str, Path]:
+    """Measure every case on both builds in alternation; write both sides' records; return their paths. With
+    processes > 1, every case gets that many fresh worker pairs, each measuring ceil(repeats / processes) pairs."""
     env = env or {}
     sides = {}
     run_id = new_run_id()
+    per_process = math.ceil(repeats / processes)
     for name, root in zip(SIDES, (baseline_root, current_root)):
         (out_dir / name).mkdir(parents=True, exist_ok=True)
         settings = {"protocol": PROTOCOL, "results_dir": str(out_dir / name), "run_id": f"{run_id}-{name}",
-                    "device": device, "warmup": warmup, "repeats": repeats, "timeout_s": timeout_s}
+                    "device": device, "warmup": warmup, "repeats": per_process, "timeout_s": timeout_s}
         worker = WorkerProcess(Path(root).resolve(), settings, out_dir / name / "worker.log", env.get(name, {}),
                                label=f"{name} build's worker")
         sides[name] = Side(name, worker, settings["run_id"], device)
+
+    def start(order) -> None:
+        for name in order:
+            sides[name].start()
+            sides[name].worker.send({"op": "configure", "cases": [c.id for c in cases]})
+
     try:
-        for side in sides.values():
-            side.start()
-            side.worker.send({"op": "configure", "cases": [c.id for c in cases]})
+        if processes == 1:
+            start(SIDES)
         for case in cases:
-            try:
-                records, ratios = _paced_case(sides, case, warmup)
-            except KeyboardInterrupt:
-                for side in sides.values():
-                    side.writer.write(_unmeasured_record(case, side, "interrupted", "Interrupted",
-                                                         "A/B run interrupted by signal"))
-                raise
+            parts = []
+            for p in range(processes):
+                first = SIDES[p % 2]   # alternate which side's process starts first and calls first
+                if processes > 1:
+                    start((first, *[s for s in SIDES if s != first]))
+                try:
+                    parts.append(_paced_case(sides, case, warmup, first))
+                except KeyboardInterrupt:
+                    for side in sides.values():
+                        side.writer.write(_unmeasured_record(case, side, "interrupted", "Interrupted",
+                                                             "A/B run interrupted by signal"))
+                    raise
+                finally:
+                    if processes > 1:
+                        for side in sides.values():
+                            side.worker.stop()
+            records = {name: merge_processes([part[0][name] for part in parts]) for name in SIDES}
+            ratios = [r for _records, part_ratios in parts for r in part_ratios]
             pair_stats = stats(ratios) if ratios else {"n": 0}
+            if processes > 1 and ratios:
+                pair_stats["process_p50s"] = [stats(part[1])["p50"] for part in parts if part[1]]
             for name, other in zip(SIDES, SIDES[::-1]):
                 record = records[name]
                 record["paired"] = {"with_run": sides[other].run_id, "side": name,
-                                    "order": "ABBA, one call each", "ratio_current_over_baseline": pair_stats}
+                                    "order": "ABBA, one call each" + (f"; {processes} process pairs, alternating "
+                                                                      "which starts first" if processes > 1 else ""),
+                                    "processes": processes, "ratio_current_over_baseline": pair_stats}
                 sides[name].writer.write(sanitize(record))
             verdicts = "  ".join(f"{name} {records[name]['status']}" for name in SIDES)
             change = f"  paired median {(pair_stats['p50'] - 1) * 100:+.1f}% over {len(ratios)} pairs" \
                 if ratios else ""
-            print(f"  {case.id}: {verdicts}{change}", flush=True)
-            for side in sides.values():
-                if not side.worker.alive():    # died during the case: a fresh one for the next
-                    side.worker.stop()
-                    side.start()
-                    side.worker.send({"op": "configure", "cases": [c.id for c in cases]})
+            spread = (f" (process pairs: {', '.join(f'{(v - 1) * 100:+.1f}%' for v in pair_stats['process_p50s'])})"
+                      if pair_stats.get("process_p50s") else "")
+            print(f"  {case.id}: {verdicts}{change}{spread}", flush=True)
+            if processes == 1:
+                for side in sides.values():
+                    if not side.worker.alive():    # died during the case: a fresh one for the next
+                        side.worker.stop()
+                        start([side.name])
     finally:
         for side in sides.values():
             side.close()
     return {name: Path(side.worker.info["records_path"]) for name, side in sides.items()}
+
+
+def merge_processes(records: list[dict]) -> dict:
+    """One side's record of a case measured in several processes. A process whose case did not pass decides the
+    record (a failure is never averaged away). Otherwise e2e statistics and samples come from every measured call of
+    every process, and the rest (stages, memory, parity) from the median process by e2e p50 (stage statistics of
+    different processes do not merge exactly); a note names every process's e2e p50."""
+    if len(records) == 1:
+        return records[0]
+    failed = next((r for r in records if r.get("status") != "passed"), None)
+    if failed is not None:
+        return failed
+    p50s = [r["e2e"]["p50"] for r in records]
+    median = sorted(range(len(records)), key=lambda i: p50s[i])[(len(records) - 1) // 2]
+    merged = copy.deepcopy(records[median])
+    calls = [s for r in records for s in (r.get("samples") or {}).get("e2e") or []]
+    if calls:
+        merged["samples"] = {**(merged.get("samples") or {}), "e2e": calls}
+        merged["e2e"] = stats(calls)
+        merged["timing"] = {**(merged.get("timing") or {}), "repeats": len(calls)}
+    merged["notes"] = [*(merged.get("notes") or []),
+                       f"measured in {len(records)} processes: e2e from all {len(calls)} calls, stages and memory "
+                       f"from the median process; process e2e p50s {', '.join(f'{v * 1000:.1f} ms' for v in p50s)}"]
+    return merged
 
 
 class Worktree:

@@ -23,6 +23,9 @@ AB_REPEATS = 50
 # paired medians are steady enough to hold half the stored-baseline step (unchanged builds measured -2.4..+4.6 %
 # over eleven rounds on that VM), so an A/B run catches a 10 % slowdown with its defaults
 AB_E2E_P50 = "e2e.p50:+5%"
+# one process pair per case let a +9.6 % slowdown through once in four rounds on that VM (a whole process lands
+# well or badly on the cores); three pairs put that spread into the noise band at three worker starts per side
+AB_PROCESSES = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--no-report", action="store_true", help="write the merged records only")
 
     ab = sub.add_parser("ab", help="measure two builds call by call in alternation and gate current vs baseline")
-    options.add_to_argparse(ab, [o.flag for o in options.SELECTION] + ["--warmup", "--case-timeout", "--no-report"])
+    options.add_to_argparse(ab, [o.flag for o in options.SELECTION] + ["--warmup", "--case-timeout", "--no-report",
+                                                                        "--history"])
     side = ab.add_mutually_exclusive_group()
     side.add_argument("--baseline-dir", help="checkout of the baseline build")
     side.add_argument("--baseline-rev", help="git revision of this repository to use as the baseline build")
@@ -65,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="environment for the current side only")
     ab.add_argument("--results-dir", default="results", help="parent folder of results/ab-<time>/")
     ab.add_argument("--repeats", type=int, help=f"measured call pairs per case (default {AB_REPEATS})")
+    ab.add_argument("--processes", type=int, default=AB_PROCESSES,
+                    help="fresh worker pairs per case, alternating which side starts first; the call pairs are "
+                         f"shared among them and the spread between them is in the noise (default {AB_PROCESSES})")
     ab.add_argument("--threshold", action="append", default=[],
                     help=f"gate threshold (default: the gate's defaults with {AB_E2E_P50.replace('%', '%%')})")
     ab.add_argument("--all", action="store_true", help="print every gate row, PASS included")
@@ -117,16 +124,36 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--out", required=True)
     report.add_argument("--baseline", help="include the gate table against this baseline")
     report.add_argument("--threshold", action="append", default=[])
+    report.add_argument("--history", metavar="STORE", help="add a trend section: every run of this history store")
 
-    gate = sub.add_parser("gate", help="compare current records with a baseline; exit 1 on a regression")
-    gate.add_argument("--baseline", required=True)
-    gate.add_argument("--current", required=True, nargs="+")
+    gate = sub.add_parser("gate", help="compare current records with a baseline, or judge the runs of a history "
+                                       "store; exit 1 on a regression")
+    gate.add_argument("--baseline")
+    gate.add_argument("--current", nargs="+")
+    gate.add_argument("--history", metavar="STORE",
+                      help="judge the newest runs of every series in this history store against the series' first "
+                           "segment since the last accepted change (default threshold e2e.p50:+5%%)")
     gate.add_argument("--threshold", action="append", default=[],
                       help="e.g. e2e.p50:+10%%, e2e.p50:<10ms, memory.peak:<8GB, throughput:>500/s, status")
     gate.add_argument("--thresholds", help="TOML file of thresholds")
     gate.add_argument("--all", action="store_true", help="print every row, PASS included")
     gate.add_argument("--format", choices=("text", "markdown"), default="text",
                       help="text: a terminal table; markdown: every case with its verdict, for a CI job summary")
+
+    history = sub.add_parser("history", help="the history store: every run in one SQLite file (gate --history)")
+    hsub = history.add_subparsers(dest="history_command", required=True, parser_class=_Parser)
+    hadd = hsub.add_parser("add", help="add runs (run folders or records files) to the store")
+    hadd.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    hshow = hsub.add_parser("show", help="the runs of each series, change points marked")
+    hshow.add_argument("--model", action="append", help="only these models (repeatable)")
+    hshow.add_argument("--backend", action="append", help="only these backend specs (repeatable)")
+    hshow.add_argument("--case", action="append", metavar="GLOB", help="only case ids matching (repeatable)")
+    hshow.add_argument("--metric", default="e2e.p50", help="the metric shown (default e2e.p50)")
+    haccept = hsub.add_parser("accept", help="record an intended change at a run: its series start again there")
+    haccept.add_argument("run_id", metavar="RUN_ID")
+    haccept.add_argument("--note", default="", help="why the change is intended")
+    for p in (hadd, hshow, haccept):
+        p.add_argument("--history", required=True, metavar="STORE", help="the store's file (SQLite)")
 
     baseline = sub.add_parser("baseline", help="manage baselines")
     bsub = baseline.add_subparsers(dest="baseline_command", required=True, parser_class=_Parser)
@@ -200,8 +227,13 @@ def cmd_run(args) -> int:
     print(summary_table(done))
     print(f"records: {session.records_path}")
     from harness.records import load_many
-    result, report = gate_and_report(load_many([session.records_path]), session.run_dir, settings.baseline,
-                                     settings.thresholds, write_report=settings.write_report)
+    from harness.history import HistoryStore
+    if settings.history:   # added first, so the report's trend section shows this run too
+        from harness.run_end import add_to_history
+        print(add_to_history(settings.history, [session.records_path]))
+    with HistoryStore(settings.history) if settings.history else contextlib.nullcontext() as history:
+        result, report = gate_and_report(load_many([session.records_path]), session.run_dir, settings.baseline,
+                                         settings.thresholds, write_report=settings.write_report, history=history)
     if result is not None:
         print(result.table())
     if report is not None:
@@ -423,12 +455,18 @@ def cmd_report(args) -> int:
     records = load_many(args.records)
     out = Path(args.out)
     _check_writable(out)
-    _, report = gate_and_report(records, out, args.baseline, args.threshold)
+    from harness.history import HistoryStore
+    with HistoryStore(args.history, create=False) if args.history else contextlib.nullcontext() as history:
+        _, report = gate_and_report(records, out, args.baseline, args.threshold, history=history)
     print(f"report: {report}")
     return 0
 
 
 def cmd_gate(args) -> int:
+    if args.history:
+        return _history_gate(args)
+    if not (args.baseline and args.current):
+        raise UserError("gate needs --baseline FILE and --current RECORDS..., or --history STORE")
     from harness import gate
     from harness.records import load_many
     from harness.thresholds import DEFAULT_THRESHOLDS, load_thresholds_toml, parse_thresholds
@@ -439,6 +477,37 @@ def cmd_gate(args) -> int:
     result = gate.compare(load_many([args.baseline]), load_many(args.current), thresholds)
     print(result.markdown() if args.format == "markdown" else result.table(all_rows=args.all))
     return result.exit_code
+
+
+def _history_gate(args) -> int:
+    from harness.history import HistoryStore
+    from harness.history_gate import judge
+    from harness.thresholds import load_thresholds_toml
+    if args.baseline or args.current:
+        raise UserError("conflicting options: gate --history judges the store's runs; drop --baseline/--current")
+    specs = list(args.threshold)
+    if args.thresholds:
+        specs = load_thresholds_toml(args.thresholds) + specs
+    with HistoryStore(args.history, create=False) as store:
+        result = judge(store.records(), store.accepted_runs(), specs)
+    print(result.text(all_rows=args.all))
+    return result.exit_code
+
+
+def cmd_history(args) -> int:
+    from harness.history import HistoryStore
+    with HistoryStore(args.history, create=args.history_command == "add") as store:
+        if args.history_command == "add":
+            for run_id, n in store.add(args.runs):
+                print(f"history: run {run_id}: {n} record(s) added to {args.history}")
+        elif args.history_command == "accept":
+            run = store.accept(args.run_id, args.note)
+            print(f"history: run {run.run_id} (commit {run.git_commit or 'unknown'}) accepted: the series it "
+                  f"belongs to start again there")
+        else:
+            from harness.history_gate import show
+            print(show(store, args.model, args.backend, args.case, args.metric))
+    return 0
 
 
 def _env_pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -456,6 +525,8 @@ def cmd_ab(args) -> int:
     from harness.thresholds import DEFAULT_THRESHOLDS, parse_thresholds
     if not (args.baseline_dir or args.baseline_rev):
         raise UserError("ab needs --baseline-dir DIR or --baseline-rev REV")
+    if args.processes < 1:
+        raise UserError(f"--processes must be >= 1, got {args.processes}")
     device = options.resolve_device(args.gpu)
     run_options = options.build_run_options(device, False, args.warmup, args.repeats or AB_REPEATS, args.case_timeout)
     cases = options.select_cases(args.model, args.backend, args.dtype, args.batch, args.size, args.steps,
@@ -472,14 +543,15 @@ def cmd_ab(args) -> int:
     with contextlib.ExitStack() as stack:
         if worktree:
             baseline = stack.enter_context(worktree)
-        print(f"diffbench ab: {len(cases)} case(s) on {device}, {run_options.repeats} call pairs each; baseline "
+        print(f"diffbench ab: {len(cases)} case(s) on {device}, {run_options.repeats} call pairs each in "
+              f"{args.processes} process pair(s); baseline "
               f"{args.baseline_rev or baseline}, current {current}; writing {out}", flush=True)
         def on_term(_sig, _frame):
             raise KeyboardInterrupt
         previous = signal.signal(signal.SIGTERM, on_term)
         try:
             paths = ab.run_ab(cases, baseline, current, out, device, run_options.warmup, run_options.repeats,
-                              run_options.timeout_s, env)
+                              run_options.timeout_s, env, processes=args.processes)
         except KeyboardInterrupt:
             print(f"diffbench ab: interrupted; the case in flight is recorded as interrupted under {out}",
                   file=sys.stderr)
@@ -493,6 +565,9 @@ def cmd_ab(args) -> int:
     print(result.table(all_rows=args.all))
     if report is not None:
         print(f"report: {report}")
+    if args.history:
+        from harness.run_end import add_to_history
+        print(add_to_history(args.history, [paths["current"]]))
     return result.exit_code
 
 
@@ -505,7 +580,7 @@ def cmd_baseline(args) -> int:
 
 COMMANDS = {"run": cmd_run, "list": cmd_list, "merge": cmd_merge, "ab": cmd_ab, "fit": cmd_fit,
             "backends": cmd_backends, "models": cmd_models, "report": cmd_report, "gate": cmd_gate,
-            "baseline": cmd_baseline, "service": cmd_service}
+            "baseline": cmd_baseline, "service": cmd_service, "history": cmd_history}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,10 @@ sqrt(1 + 1/m) -- a prediction band for one new run around m old ones.
 
 Paired band (A/B runs, harness/ab.py): when the current record was measured call by call in alternation with the
 baseline record, the change is the median of the per-pair ratios current/baseline and the band k standard errors of
-that median: the machine's drift is common to both calls of a pair and cancels.
+that median: the machine's drift is common to both calls of a pair and cancels. What biases a whole process (its
+place on the cores, its allocator) does not cancel: an A/B run over several process pairs (`diffbench ab
+--processes P`) records each pair's median ratio, and the band is then at least k standard errors of their mean,
+k x stdev(process medians) / sqrt(P) -- the spread between processes, as pyperf reports it.
 """
 from __future__ import annotations
 
@@ -93,4 +96,14 @@ def paired_band(ratio: dict) -> tuple[float, float, str]:
     the median ratio, and k standard errors of that median."""
     pct = (ratio["p50"] - 1) * 100
     band = NOISE_K * median_spread(ratio) / math.sqrt(ratio["n"]) * 100
-    return pct, band, f"{NOISE_K:g} standard errors of the median of {ratio['n']} interleaved call pairs"
+    kind = f"{NOISE_K:g} standard errors of the median of {ratio['n']} interleaved call pairs"
+    process_p50s = ratio.get("process_p50s") or []
+    if len(process_p50s) >= 2:
+        mean = sum(process_p50s) / len(process_p50s)
+        stdev = math.sqrt(sum((v - mean) ** 2 for v in process_p50s) / (len(process_p50s) - 1))
+        between = NOISE_K * stdev / math.sqrt(len(process_p50s)) * 100
+        if between > band:
+            return pct, between, (f"{NOISE_K:g} standard errors of the mean of {len(process_p50s)} process pairs' "
+                                  f"median ratios")
+        kind += f", wider than the spread between {len(process_p50s)} process pairs"
+    return pct, band, kind

@@ -109,6 +109,8 @@ OUTPUT = (
     Option("--no-report", "write records only, no HTML report", action="store_true"),
     Option("--baseline", "apply the regression gate against this baseline records file", metavar="FILE"),
     Option("--threshold", "gate threshold (repeatable), e.g. e2e.p50:+10%", action="append", default=()),
+    Option("--history", "add the run's records to this history store (an SQLite file) when it is done; "
+           "`diffbench gate --history STORE` judges the runs there", metavar="STORE"),
 )
 OPTIONS: tuple[Option, ...] = (*SELECTION, *SPLITTING, *MEASURING, *OUTPUT)
 BY_FLAG = {o.flag: o for o in OPTIONS}
@@ -150,6 +152,7 @@ class Settings:
     triton_model: str | None = None
     endpoint: str | None = None             # the http backend's service
     concurrency: str | None = None          # the http backend's sweep levels, "1,2,4"
+    history: str | None = None              # --history STORE: the records are added there at the end
 
 
 def settings_from(get: Callable[[str], Any]) -> Settings:
@@ -177,6 +180,8 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
         parse_thresholds(thresholds or DEFAULT_THRESHOLDS)
         if not Path(baseline).is_file():
             raise UserError(f"baseline {baseline} does not exist")
+    if get("history") and Path(get("history")).is_dir():
+        raise UserError(f"--history {get('history')} is a folder; give the store's file path (e.g. history.sqlite)")
     triton_url = get("triton_url")
     if triton_url:
         check_triton_url(triton_url)
@@ -204,7 +209,7 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
     return Settings(device, cases, run_options, Path(get("results_dir")), not get("no_report"), baseline,
                     thresholds, triton_url, shard, selected, expected, triton_grpc_url=triton_grpc_url,
                     triton_metrics_url=triton_metrics_url, triton_model=triton_model, endpoint=endpoint,
-                    concurrency=concurrency)
+                    concurrency=concurrency, history=get("history"))
 
 
 def expected_from(paths, cases, run_options) -> dict[str, float]:

@@ -33,9 +33,10 @@ def _parity_figure(parity: dict) -> str:
     return f"{psnr:.1f}" if psnr is not None else "-"
 
 
-def gate_and_report(records: list[dict], out_dir: Path, baseline=None, thresholds=(), write_report=True):
-    """The gate against a baseline if one is given, then the report. Returns (gate result or None, report path or
-    None)."""
+def gate_and_report(records: list[dict], out_dir: Path, baseline=None, thresholds=(), write_report=True,
+                    history=None):
+    """The gate against a baseline if one is given, then the report (with a trend section when given a history
+    store). Returns (gate result or None, report path or None)."""
     from harness.records import load_many
     result = None
     if baseline:
@@ -46,9 +47,17 @@ def gate_and_report(records: list[dict], out_dir: Path, baseline=None, threshold
     if write_report:
         import reports
         from reports.summary_markdown import write_summary_markdown
-        report = reports.build_report(records, out_dir, gate_result=result)
+        report = reports.build_report(records, out_dir, gate_result=result, history=history)
         write_summary_markdown(records, out_dir, gate_result=result)   # beside report.html, for CI job summaries
     return result, report
+
+
+def add_to_history(store, records_paths) -> str:
+    """`--history STORE` on a run: its records join the history store; returns the line that says so."""
+    from harness.history import HistoryStore
+    with HistoryStore(store) as history:
+        added = history.add(records_paths)
+    return f"history: {sum(n for _, n in added)} record(s) of run {', '.join(r for r, _ in added)} added to {store}"
 
 
 def junit_properties(record) -> list[tuple[str, str]]:

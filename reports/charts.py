@@ -16,7 +16,7 @@ STACK_COLORS = {"text_encode": "#4e79a7", "denoise": "#f28e2b", "vae_decode": "#
 SERVER_PARTS = ("queue_ms", "compute_input_ms", "compute_infer_ms", "compute_output_ms")
 # the numbered files one report writes; a rebuild into the same folder removes the earlier ones first
 OUTPUTS = ("latency_[0-9]*.png", "latency_box_[0-9]*.png", "cold_build_[0-9]*.png", "memory_[0-9]*.png",
-           "serving_[0-9]*.png", "fit_[0-9]*.png", "throughput_[0-9]*.png", f"{IMAGE_DIR}/img_[0-9]*.png", f"{IMAGE_DIR}/diff_[0-9]*.png")
+           "serving_[0-9]*.png", "fit_[0-9]*.png", "throughput_[0-9]*.png", "trend_[0-9]*.png", f"{IMAGE_DIR}/img_[0-9]*.png", f"{IMAGE_DIR}/diff_[0-9]*.png")
 
 
 class PngWriter:

@@ -17,6 +17,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from reports import charts
 from reports.frame import (REFERENCE, STACK, STATUS_ORDER, backend_spec, fmt, get, is_reference, latest, ms, num,
                            records_frame, shape_key, shape_label, table)
+from reports.trend import trend_section
 
 # worst first: the colour of a heatmap cell that aggregates several shapes
 _SEVERITY = {"error": 4, "failed": 3, "interrupted": 2, "over_budget": 1.5, "unsupported": 1, "passed": 0}
@@ -417,9 +418,10 @@ _ENV = Environment(loader=PackageLoader("reports", "templates"), autoescape=sele
 
 
 def build_report(records: list[dict], out_dir: Path, gate_result=None, title: str = "diffbench report",
-                 fit: dict | None = None) -> Path:
+                 fit: dict | None = None, history=None) -> Path:
     """Write out_dir/report.html, its PNGs and records.csv; return the HTML path. `fit`: a `diffbench fit`
-    document (harness/fit.py), shown as its own section."""
+    document (harness/fit.py), shown as its own section. `history`: a history store (harness/history.py), drawn as
+    the trend section."""
     fit_records = list(records)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -436,7 +438,8 @@ def build_report(records: list[dict], out_dir: Path, gate_result=None, title: st
         images=_images(records, out_dir), serving=_serving(records, pngs), gate=_gate(gate_result),
         embedding=_embedding(records, pngs),
         fit=_fit(fit, [{**r, "_backend": r.get("_backend") or backend_spec(r)} for r in fit_records], pngs),
-        reference=REFERENCE)
+        reference=REFERENCE,
+        trend=trend_section(history.records(), history.accepted_runs(), pngs) if history is not None else None)
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

@@ -23,7 +23,8 @@ CRASH = "tiny-sd/faulty+exit/fp32/b1/64x64/s4"
 def _ab(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DIFFBENCH_PLUGINS": "suites.fault_backends"}
     return subprocess.run([sys.executable, "-m", "harness.cli", "ab", "--baseline-dir", str(ROOT), "--model",
-                           "tiny-sd", "--warmup", "1", "--no-report", "--results-dir", str(tmp_path), *args],
+                           "tiny-sd", "--warmup", "1", "--no-report", "--results-dir", str(tmp_path),
+                           "--processes", "1", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
