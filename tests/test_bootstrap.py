@@ -14,6 +14,7 @@ an index), the offline install ~15 s (torch probes, pip, the editable build) and
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -192,7 +193,7 @@ def test_every_backend_names_an_extra_that_exists(capsys):
     assert named["onnxruntime"] == "onnx" and named["triton"] == "triton" and named["tensorrt"] == "tensorrt"
     assert named["diffusers"] == named["torch_compile"] == ""               # core
     assert all(extra in extras for extra in named.values() if extra)
-    cmd_backends(None)
+    cmd_backends(argparse.Namespace(stack=None, dump_stack=None, json=False, model=None))
     out = capsys.readouterr().out
     # TensorRT cannot be installed here: its row says which extra provides it
     assert f"install: pip install -e '{ROOT}[tensorrt]'" in out
