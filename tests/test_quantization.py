@@ -181,7 +181,10 @@ def test_torch_compile_quantises_before_it_compiles(tmp_path):
         assert prepared.build["quantize"] > 0 and prepared.build["compile"] > 0
         assert prepared.info["quantization"]["components"]["unet"]["linear_layers"] == 2
         assert prepared.info["graph_breaks"] == 0
-        assert prepared.output_tolerance == q.SCHEMES["int8wo"].tolerance
+        int8wo = q.SCHEMES["int8wo"]
+        assert prepared.output_tolerance == q.tolerance(int8wo)[0]
+        assert (prepared.output_tolerance.min_psnr_db, prepared.output_tolerance.source) == (
+            int8wo.tolerance.min_psnr_db, int8wo.tolerance_source)             # the scheme's bound, with its source
         x = torch.randn(1, 4, 8, 8)
         with torch.inference_mode():
             out, ref = pipeline.unet(x, torch.tensor(1.0))[0], reference(x, torch.tensor(1.0))[0]
