@@ -153,29 +153,15 @@ def _sampler_main(pid: int, conn, gpu: str | None, interval_s: float) -> None:
         peaks, samples = {"rss_mb": 0.0, "children_mb": 0.0, "tree_mb": 0.0, "left_out_mb": 0.0}, 0
         if nvml is not None:
             peaks.update(gpu_process_mb=None, gpu_device_mb=0.0)
-    reset()
-    while True:
-        if conn.poll(interval_s):
-            command = conn.recv()
-            if command[0] == "stop":
-                return
-            if command[0] == "pause":            # sample nothing until the next command
-                conn.send("paused")
-                command = conn.recv()
-                if command[0] == "stop":
-                    return
-            if command[0] == "phase":
-                conn.send({**peaks, "samples": samples, "nvml": nvml is not None})
-                reset()
-            elif command[0] == "leave_out":
-                leave_out, listed_at = set(command[1]), 0.0     # list the tree afresh at the next sample
-            continue
+
+    def sample() -> bool:
+        nonlocal tree, others, listed_at, samples
         now = time.monotonic()
         if now - listed_at > CHILDREN_REFRESH_S:
             try:
                 children = [p for p in root.children(recursive=True) if p.pid != me]
             except psutil.Error:
-                return   # the harness process is gone
+                return False   # the harness process is gone
             left = _with_descendants(leave_out)
             tree = [root, *(p for p in children if p.pid not in left)]
             others = [p for p in children if p.pid in left]
@@ -204,6 +190,29 @@ def _sampler_main(pid: int, conn, gpu: str | None, interval_s: float) -> None:
             if attributed is not None:
                 peaks["gpu_process_mb"] = max(peaks["gpu_process_mb"] or 0.0, attributed)
             peaks["gpu_device_mb"] = max(peaks["gpu_device_mb"], nvml.device_used_mb())
+        return True
+
+    reset()
+    while True:
+        if conn.poll(interval_s):
+            command = conn.recv()
+            if command[0] == "stop":
+                return
+            if command[0] == "pause":            # sample nothing until the next command
+                conn.send("paused")
+                command = conn.recv()
+                if command[0] == "stop":
+                    return
+            if command[0] == "phase":
+                if samples == 0 and not sample():   # a phase shorter than the interval still gets one sample
+                    return
+                conn.send({**peaks, "samples": samples, "nvml": nvml is not None})
+                reset()
+            elif command[0] == "leave_out":
+                leave_out, listed_at = set(command[1]), 0.0     # list the tree afresh at the next sample
+            continue
+        if not sample():
+            return
 
 
 # -- idle power -----------------------------------------------------------------------------------------------------

@@ -50,6 +50,22 @@ def test_a_process_left_out_is_sampled_apart_and_not_counted():
         server.wait()
 
 
+def test_a_phase_shorter_than_the_sampling_interval_is_still_sampled():
+    """A phase with no build (a diffusers case's) ends within milliseconds: the sampler takes one sample when the
+    phase ends, so the left-out server is still seen apart (CI, 2026-12-02: a 0-sample build phase read 0 MB)."""
+    server = _holding(150)
+    telemetry = Telemetry(cuda=False, interval_s=5.0).start()
+    try:
+        for _ in range(3):
+            telemetry.begin_phase({server.pid: "a server of another backend"})
+            short = telemetry.end_phase()
+            assert short["samples"] >= 1 and short["left_out_mb"] > 140 and short["children_mb"] < 30, short
+    finally:
+        telemetry.stop()
+        server.kill()
+        server.wait()
+
+
 def test_in_its_own_worker_a_case_peaks_the_same_first_or_after_three_others(tmp_path):
     case = Case("tiny-sd", "diffusers", steps=1)
     others = [Case("tiny-sd3", "diffusers", steps=1), Case("tiny-sd", "onnxruntime", steps=1),
