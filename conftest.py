@@ -19,7 +19,7 @@ SUITE_ORDER = {"test_compat": 1, "test_performance": 2, "test_correctness": 3}
 
 
 def pytest_addoption(parser):
-    from harness import options
+    from harness.selection import options
     options.add_to_pytest(parser.getgroup("diffbench"))   # the same table `diffbench run` is built from
 
 
@@ -29,7 +29,7 @@ def pytest_configure(config):
         # same test as pytest-benchmark's, which turns itself off under xdist: the suites would time nothing
         raise pytest.UsageError("suites/ time every case and pytest-benchmark is off under pytest-xdist: run them "
                                 "without -n (the unit tests in tests/ may use it)")
-    from harness import options
+    from harness.selection import options
     try:
         settings = options.settings_from(lambda dest: config.getoption(dest))
     except UserError as exc:
@@ -81,8 +81,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def diffbench_session(request):
-    from harness import options, progress
-    from harness.runner import Session
+    from harness.selection import options
+    from harness.measure import progress
+    from harness.measure.session import Session
     config = request.config
     settings = config._diffbench_settings
     session = Session(settings.results_dir, settings.run_options)
@@ -113,7 +114,7 @@ def _terminal_writer(config):
 def case_properties(record_property):
     """`case_properties(record)`: the case's figures as junit XML <property> elements (status, e2e p50/p99 ms,
     PSNR, peak memory...), for CI systems that read them."""
-    from harness.run_end import junit_properties
+    from harness.verdict.run_end import junit_properties
 
     def add(record) -> None:
         for name, value in junit_properties(record):
@@ -129,14 +130,14 @@ def pytest_sessionfinish(session, exitstatus):
     if run is None or not run.records:
         return
     from harness.records import load_many
-    from harness.run_end import gate_and_report
+    from harness.verdict.run_end import gate_and_report
     settings = config._diffbench_settings
     result, report = gate_and_report(load_many([run.records_path]), run.run_dir, settings.baseline,
                                      settings.thresholds, write_report=settings.write_report)
     if result is not None and result.exit_code and session.exitstatus == 0:
         session.exitstatus = 1
     if settings.history:
-        from harness.run_end import add_to_history
+        from harness.verdict.run_end import add_to_history
         config._diffbench_history = add_to_history(settings.history, [run.records_path])
     config._diffbench_gate, config._diffbench_report = result, report
 
@@ -149,7 +150,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     run = getattr(config, "_diffbench_session", None)
     if run is None or not run.records:
         return
-    from harness.run_end import summary_table
+    from harness.verdict.run_end import summary_table
     tr = terminalreporter
     tr.section("diffbench")
     tr.write_line(summary_table(list(run.records.values())))

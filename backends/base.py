@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from harness import progress
 from harness.errors import UserError
+from harness.measure import progress
 
 
 class Unsupported(Exception):
@@ -76,7 +76,7 @@ class Prepared:
         EmbeddingTolerance (by workload). tolerance_overrides: role ("text_encoder", "denoiser", "vae") or component
         name -> Tolerance fields, e.g. {"vae": {"atol": 0.08, "rtol": 0.08, "statistic": "p99", "relative_to":
         "max|ref|", "source": "tiled vs untiled decode measured p99 0.03 x max|ref|"}}. The record names the variant
-        as the one that declared them (harness/compare.py: declared, declared_output).
+        as the one that declared them (harness/judge/compare.py: declared, declared_output).
     weights_outside_torch: the executors run the components' weights outside torch (ONNX Runtime sessions,
         TensorRT engines, a Triton server): the runner then empties torch's caching allocator after prepare.
     unjudged_components: component -> why its own outputs cannot be compared with the reference's (a served
@@ -101,7 +101,7 @@ class Prepared:
             self.on_close.pop()()
 
 
-# env key set by harness.stacks when an env describes another machine (a stack file judged by `diffbench backends
+# env key set by harness.judge.stacks when an env describes another machine (a stack file judged by `diffbench backends
 # --stack`): what is installed is then read from the env, never from this process
 DESCRIBED = "described_by"
 
@@ -122,7 +122,7 @@ class Backend:
     `options`, so `torch_compile+fused-qkv+max-autotune` and `torch_compile+max-autotune+fused-qkv` are one case
     id everywhere (gate, merge, resume). Options in one `exclusive` group do not combine."""
     name: str = ""
-    workloads: tuple[str, ...] = ("text-to-image",)    # what it can run (harness/workloads.py)
+    workloads: tuple[str, ...] = ("text-to-image",)    # what it can run (harness/selection/workloads.py)
     options: tuple[str, ...] = ()                      # named options, in canonical order
     exclusive: tuple[tuple[str, ...], ...] = ()        # groups of options of which a case may choose one
     description: str = ""

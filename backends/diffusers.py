@@ -34,7 +34,7 @@ import torch
 
 from backends import quantization
 from backends.base import Backend, Prepared, Support, Unsupported, enable_tf32, variant_options
-from harness.compare import ImageTolerance
+from harness.judge.compare import ImageTolerance
 
 OFFLOAD = ("model-offload", "sequential-offload", "group-offload", "group-offload-leaf")
 

@@ -156,7 +156,7 @@ class ServicePipeline:
 
 # -- load sweep and liveness probe --------------------------------------------------------------------------------------
 def latency_stats(seconds: list[float]) -> dict:
-    from harness.timing import stats
+    from harness.measure.timing import stats
     return stats(seconds)
 
 
@@ -277,7 +277,7 @@ def load_sweep(url: str, protocol, request: ImageRequest, levels=DEFAULT_LEVELS,
     health check was blocked, `failure` (the row's status is then failed)."""
     import httpx
 
-    from harness import progress
+    from harness.measure import progress
     progress.phase("idle health")
     with httpx.Client(base_url=url, timeout=HEALTH_TIMEOUT_S) as client:
         idle = idle_health(client) if probe else {}

@@ -359,7 +359,7 @@ class OnnxRuntimeBackend(Backend):
         if result.notes:
             info["notes"] = list(result.notes)
         if quantized:
-            from harness.compare import EmbeddingTolerance
+            from harness.judge.compare import EmbeddingTolerance
             info["quantization"] = {"method": "onnxruntime.quantization.quantize_dynamic", "weights": "QInt8",
                                     "per_channel": True, "min_cosine": INT8_MIN_COSINE}
             output = EmbeddingTolerance(INT8_MIN_COSINE, "int8 dynamic quantisation of MiniLM-L6 measured a worst "

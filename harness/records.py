@@ -155,7 +155,7 @@ def upgrade(record: dict) -> dict:
     if version in (1, 2):
         # v3 added `weights` (what was loaded: hub repo and commit, tiny-model digest, LoRA adapters) and, inside
         # existing fields, memory.{isolated, cases_before, includes, weights_mb}, parity.vae_decode, energy.idle;
-        # a record without memory.isolated was measured as its timing.isolated says (harness.memory.isolated)
+        # a record without memory.isolated was measured as its timing.isolated says (harness.measure.memory.isolated)
         upgraded.setdefault("weights", {})
     upgraded["schema_written"], upgraded["schema"] = version, SCHEMA_VERSION
     return upgraded

@@ -45,7 +45,7 @@ class Generator:
         from PIL import Image
 
         from harness import models
-        from harness.cases import Case
+        from harness.selection.cases import Case
         base = self.model.pipeline
         # a fresh scheduler per request, the weights shared: scheduler state is per call
         scheduler = type(base.scheduler).from_config(base.scheduler.config)

@@ -114,7 +114,7 @@ def cold_build(rows: list[dict], steps: list[str], title: str, pngs: PngWriter) 
 def peak_memory(rows: list[dict], title: str, pngs: PngWriter) -> str:
     """Peak memory bars; cases that did not pass in red; hatched where measured in a process shared with earlier
     cases (their leftovers count too)."""
-    from harness.memory import isolated
+    from harness.measure.memory import isolated
     labels = [f"{shape_label(r)} · {r['_backend']}" for r in rows]
     peaks = [num(r["memory"]["peak_mb"]) for r in rows]
     fig = Figure(figsize=(8, 1.0 + 0.35 * len(rows)))

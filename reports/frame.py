@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from harness.gate import device_class
+from harness.verdict.gate import device_class
 
 REFERENCE = "diffusers"
 STACK = ("text_encode", "denoise", "vae_decode")     # + other = e2e - these
@@ -58,7 +58,7 @@ def shape_key(r: dict) -> tuple:
 
 
 def is_reference(r: dict) -> bool:
-    from harness.workloads import is_reference as eager_reference
+    from harness.selection.workloads import is_reference as eager_reference
     return eager_reference(r["backend"], r.get("variant", ""))
 
 

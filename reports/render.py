@@ -21,7 +21,7 @@ from reports.trend import trend_section
 
 # worst first: the colour of a heatmap cell that aggregates several shapes
 _SEVERITY = {"error": 4, "failed": 3, "interrupted": 2, "over_budget": 1.5, "unsupported": 1, "passed": 0}
-# stages a component timed alone maps to (harness.runner.stages_alone)
+# stages a component timed alone maps to (harness.measure.parity.stages_alone)
 _ALONE_STAGES = ("text_encode", "denoise_step", "vae_decode", "encode")
 
 
@@ -140,7 +140,7 @@ _PHASE_FIELDS = (("rss_mb", "this process"), ("children_mb", "children"), ("gpu_
 
 def measured_in(r: dict) -> str:
     """Where a record's memory was measured: its own worker process, or a process shared with earlier cases."""
-    from harness.memory import isolated
+    from harness.measure.memory import isolated
     where = isolated(r)
     if where is None:
         return "not recorded"
@@ -225,7 +225,7 @@ def _short_reason(r: dict) -> str:
 
 def _stack_summary(r: dict) -> str:
     """The stack behind a device class's verdicts, as one line (torch build and arch list, driver, ORT...)."""
-    from harness import preflight
+    from harness.judge import preflight
     try:
         return preflight.Stack.from_env(r.get("env") or {}).summary()
     except Exception:   # records older than the stack facts (schema 1): nothing to summarise
@@ -319,7 +319,7 @@ def _fit(fit: dict | None, records: list[dict], pngs: charts.PngWriter) -> dict 
     at batch 1 for every configuration that passed, with the Pareto front."""
     if not fit:
         return None
-    from harness import fit as fitting
+    from harness.measure import fit as fitting
     rows = [{"budget": f"{row['budget_mb']:g} MB", "configuration": ("★ " if row.get("fastest") else "")
              + row["configuration"], "e2e p50 ms (batch 1)": fmt(row["e2e_p50_ms"], 4),
              "largest batch": row["largest_batch"], "peak MB at largest": fmt(row["peak_mb_at_largest"], 5),
@@ -420,7 +420,7 @@ _ENV = Environment(loader=PackageLoader("reports", "templates"), autoescape=sele
 def build_report(records: list[dict], out_dir: Path, gate_result=None, title: str = "diffbench report",
                  fit: dict | None = None, history=None) -> Path:
     """Write out_dir/report.html, its PNGs and records.csv; return the HTML path. `fit`: a `diffbench fit`
-    document (harness/fit.py), shown as its own section. `history`: a history store (harness/history.py), drawn as
+    document (harness/measure/fit.py), shown as its own section. `history`: a history store (harness/verdict/history.py), drawn as
     the trend section."""
     fit_records = list(records)
     out_dir = Path(out_dir)

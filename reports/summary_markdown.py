@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from harness.device import device_class as _env_device_class
-from harness.workloads import is_reference
+from harness.measure.device import device_class as _env_device_class
+from harness.selection.workloads import is_reference
 from reports.frame import shape_label
 
 STATUSES = ("passed", "failed", "error", "over_budget", "unsupported", "interrupted")

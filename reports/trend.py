@@ -1,5 +1,5 @@
-"""The report's trend section: one chart per case and metric over the runs of a history store (harness/history.py),
-change points marked (harness/history_gate.py finds them), accepted runs marked, the commit under each run."""
+"""The report's trend section: one chart per case and metric over the runs of a history store (harness/verdict/history.py),
+change points marked (harness/verdict/history_gate.py finds them), accepted runs marked, the commit under each run."""
 from __future__ import annotations
 
 import statistics
@@ -7,9 +7,9 @@ import time
 
 from matplotlib.figure import Figure
 
-from harness import changepoint
-from harness.history_gate import TREND_METRICS, build_series
-from harness.metrics import METRICS
+from harness.verdict import changepoint
+from harness.verdict.history_gate import TREND_METRICS, build_series
+from harness.verdict.metrics import METRICS
 from reports.charts import PngWriter
 
 MAX_TICKS = 40   # past this many runs, every n-th commit is written under the axis

@@ -1,4 +1,4 @@
-"""Benchmark: how often do change points (harness/changepoint.py) and the history gate's rule find what is there,
+"""Benchmark: how often do change points (harness/verdict/changepoint.py) and the history gate's rule find what is there,
 and only that, on simulated series? No records, no store: values with Gaussian noise, seeded.
 
 For each shape, --series simulated series: how many got which change points, and how many would fail the history
@@ -14,7 +14,7 @@ from collections import Counter
 
 import numpy as np
 
-from harness.changepoint import change_points, segments
+from harness.verdict.changepoint import change_points, segments
 
 SHAPES = {
     "creep +2%/run, 8 runs": [1.02 ** i for i in range(8)],

@@ -27,7 +27,7 @@ from backends.onnx.components import capture_denoiser_call
 from backends.onnx.export import export_model
 from backends.onnxruntime import session_options
 from harness import models
-from harness.cases import Case
+from harness.selection.cases import Case
 
 
 def denoiser_session_inputs(model_name: str):

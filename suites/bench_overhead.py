@@ -2,7 +2,7 @@
 
 The same tiny pipeline, the same inputs, timed by an outside perf_counter clock, interleaved in blocks in one run:
   bare    -- fresh latents, then pipeline(**inputs): the user's call and nothing else; telemetry paused
-  harness -- the runner's own path for a measured call (harness.runner.PipelineCall: stage-timer hooks on the
+  harness -- the runner's own path for a measured call (harness.measure.pipeline_call.PipelineCall: stage-timer hooks on the
              text encoders, denoiser and VAE, StageTimer.run with its setup outside its clock), with the
              telemetry sampler process running, as in `diffbench run`
 and prints median(harness) / median(bare) on its last line: `overhead ratio: X.XXX`.
@@ -19,9 +19,9 @@ import torch
 
 from backends import base as registry
 from harness import models
-from harness.cases import Case
-from harness.memory import Telemetry
-from harness.runner import PipelineCall
+from harness.measure.memory import Telemetry
+from harness.measure.pipeline_call import PipelineCall
+from harness.selection.cases import Case
 
 
 def overhead(model_name: str = "tiny-sd", calls: int = 100, blocks: int = 10) -> dict:

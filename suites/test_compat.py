@@ -2,7 +2,7 @@
 import pytest
 
 from backends import base as registry
-from harness.runner import support_of
+from harness.judge.preflight import support_of
 
 
 def test_support(case, diffbench_session):

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from harness import models, workloads
-from harness.cases import Case
-from harness.runner import RunOptions, Session, run_case
+from harness import models
+from harness.measure.case import run_case
+from harness.measure.run_options import RunOptions
+from harness.measure.session import Session
+from harness.selection import workloads
+from harness.selection.cases import Case
 
 
 def _measured(case, session):

@@ -5,7 +5,7 @@ splits each call into stages and the record carries them with the case's parity 
 """
 import pytest
 
-from harness import workloads
+from harness.selection import workloads
 
 # the stage each workload must time, and the one whose component is also timed alone (the denoiser's step; the
 # embedding encoder's whole call)
@@ -47,8 +47,8 @@ def test_in_pipeline_step_stays_close_to_the_component_alone(case, diffbench_ses
     torch's threads for the cores) shows as an in-pipeline denoiser step far slower than the same executor alone on
     the same inputs. Both are measured in the same run, so this is a ratio, not an absolute time; as in the gate, an
     excess counts only beyond the noise of the two measurements (3 standard errors of the difference of medians)."""
-    from harness.noise import standard_error_band
-    from harness.runner import INTEGRATION_WARNING
+    from harness.verdict.noise import standard_error_band
+    from harness.measure.parity import INTEGRATION_WARNING
     record = diffbench_session.result(case)
     if record.status != "passed":
         pytest.skip(f"{record.status}: {record.reason}")

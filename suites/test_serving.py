@@ -18,14 +18,13 @@ import pytest
 import torch
 
 from backends.onnx.components import component_specs
-from backends.triton import repository as repo
-from backends.triton import server as srv
+from backends.triton import repository as repo, server as srv
 from backends.triton.backend import load_model
 from backends.triton.client import Client, pipeline_request
 from backends.triton.serving import latency_stats, model_statistics, scrape_metrics, statistics_delta, sweep
 from harness import models
-from harness.cases import Case
 from harness.records import Record
+from harness.selection.cases import Case
 
 LEVELS = (1, 2, 4, 8)
 PARTS = ("health", "sweep", "protocols", "overhead")

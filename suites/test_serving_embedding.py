@@ -19,16 +19,15 @@ import pytest
 import torch
 
 from backends.onnx.components import component_specs
-from backends.triton import repository as repo
-from backends.triton import server as srv
+from backends.triton import repository as repo, server as srv
 from backends.triton.backend import load_model
 from backends.triton.client import Client
 from backends.triton.serving import latency_stats, scrape_metrics, sweep
 from harness import models
-from harness.cases import Case
 from harness.models.embedding import embed
 from harness.models.sentences import texts_for
 from harness.records import Record
+from harness.selection.cases import Case
 
 LEVELS = (1, 2, 4, 8, 16, 32, 64)
 PARTS = ("health", "sweep", "parity", "protocols")
@@ -162,7 +161,7 @@ def test_concurrency_sweep_and_dynamic_batching(served):
 def test_served_embeddings_match_the_local_encoder(served):
     """The fixed set through the served encoder (mean pooling and L2 normalisation here, as the pipeline does)
     against the local pipeline: cosine per sentence >= 0.9999 (fp32)."""
-    from harness import compare
+    from harness.judge import compare
     client = Client(served.server, "http")
     try:
         tokens = served.tokens(served.texts)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import compare
-from harness.cases import Case
+from harness.judge import compare
+from harness.measure.timing import stats
 from harness.records import Record, RecordWriter, sanitize
-from harness.timing import stats
+from harness.selection.cases import Case
 
 CPU_ENV = {"device": "cpu", "gpu": None, "cpu": {"model": "Intel(R) Xeon(R) CPU @ 2.20GHz", "cores": 2},
            "platform": "Linux-6.1-x86_64", "python": "3.11.2",
@@ -142,7 +142,7 @@ def write_synthetic_run(run_dir: str | Path, *, env: dict | None = None, run_id:
 
 def write_synthetic_fit(run_dir: str | Path, budgets_mb=(520.0, 2000.0), max_batch: int = 8) -> tuple[list[dict], dict]:
     """Made-up `diffbench fit` trials of three configurations (records) and the fit document they give."""
-    from harness import fit
+    from harness.measure import fit
     costs = {"diffusers": (100.0, 0.20), "diffusers+vae-slicing": (60.0, 0.24), "diffusers+layerwise-fp8": (40.0, 0.30)}
     run_dir = Path(run_dir)
     records = []

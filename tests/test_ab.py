@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import gate
-from harness.cases import Case
 from harness.records import Record, load_many
+from harness.selection.cases import Case
+from harness.verdict import gate
 from suites.fault_backends import sigint_as_at_a_terminal
 
 ROOT = Path(__file__).resolve().parent.parent

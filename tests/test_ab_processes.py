@@ -1,14 +1,14 @@
-"""A/B over several process pairs per side (harness/ab.py --processes): one real round, and the noise rule that
-takes the spread between processes into the paired band (harness/noise.py)."""
+"""A/B over several process pairs per side (harness/verdict/ab.py --processes): one real round, and the noise rule that
+takes the spread between processes into the paired band (harness/verdict/noise.py)."""
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from harness import gate
-from harness.ab import merge_processes
-from harness.cases import Case
 from harness.records import Record, load_many
+from harness.selection.cases import Case
+from harness.verdict import gate
+from harness.verdict.ab import merge_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOW = "tiny-sd/faulty+slow/fp32/b1/64x64/s4"

@@ -8,7 +8,7 @@ import pytest
 
 from harness.cli import main
 from harness.records import Record
-from harness.cases import Case
+from harness.selection.cases import Case
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -187,7 +187,7 @@ def test_constraints_pin_versions_inside_the_ranges():
 
 def test_every_backend_names_an_extra_that_exists(capsys):
     from backends import base as registry
-    from harness.cli import cmd_backends
+    from harness.commands import cmd_backends
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     named = {name: registry.get(name).extra for name in registry.names()}
     assert named["onnxruntime"] == "onnx" and named["triton"] == "triton" and named["tensorrt"] == "tensorrt"

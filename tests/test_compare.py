@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness import compare
-from harness.compare import Tolerance
+from harness.judge import compare
+from harness.judge.compare import Tolerance
 
 
 def test_identical_tensors_pass_with_zero_error():

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 import torch
 
 from backends.diffusers import DiffusersBackend
-from harness.cases import Case
 from harness.models import LoadedModel
+from harness.selection.cases import Case
 
 
 def test_tf32_option_rules():

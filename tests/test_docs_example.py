@@ -6,8 +6,9 @@ import types
 from pathlib import Path
 
 from backends import base
-from harness.cases import Case
-from harness.runner import RunOptions, Session
+from harness.measure.run_options import RunOptions
+from harness.measure.session import Session
+from harness.selection.cases import Case
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "adapter.md"
 

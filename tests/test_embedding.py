@@ -7,11 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import models, workloads
-from harness.cases import Case, load_matrix
+from harness import models
+from harness.measure.run_options import RunOptions
+from harness.measure.session import Session
 from harness.models.embedding import embed, minilm_folder
 from harness.models.sentences import LONG, SHORT, paraphrase_of, texts_for
-from harness.runner import RunOptions, Session
+from harness.selection import workloads
+from harness.selection.cases import Case, load_matrix
 
 ROOT = Path(__file__).resolve().parent.parent
 

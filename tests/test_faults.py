@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.cases import Case
+from harness.measure.run_options import RunOptions
+from harness.measure.session import Session
 from harness.records import read_records
-from harness.runner import RunOptions, Session
+from harness.selection.cases import Case
 from suites import fault_backends
 
 ROOT = Path(__file__).resolve().parent.parent

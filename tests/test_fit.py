@@ -2,10 +2,10 @@
 drawn from records, the Pareto front, and memory budgets on real cases (over_budget records)."""
 import pytest
 
-from harness import fit
-from harness.cases import Case
 from harness.errors import UserError
-from harness.options import parse_memory_size
+from harness.measure import fit
+from harness.selection.cases import Case
+from harness.selection.options import parse_memory_size
 
 
 def _fake_measure(peak_per_image_mb: dict[str, float], base_mb: float = 500.0, fail: set = frozenset(),
@@ -106,8 +106,9 @@ def test_memory_sizes():
 
 def test_over_budget_is_a_record_not_a_failure(tmp_path):
     """A real case held to a budget far below what any torch process needs: measured, correct, over_budget."""
-    from harness.cli import run_exit_code
-    from harness.runner import RunOptions, Session
+    from harness.commands import run_exit_code
+    from harness.measure.run_options import RunOptions
+    from harness.measure.session import Session
     session = Session(tmp_path, RunOptions(warmup=0, repeats=1, memory_budget_mb=50.0, time_components=False))
     try:
         record = session.result(Case("tiny-sd", "diffusers", steps=1))

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from harness import models
-from harness.cases import Case
+from harness.judge.preflight import support_of
+from harness.measure.run_options import RunOptions
+from harness.measure.session import Session
 from harness.models.full import ELEMENTS, FULL_MODELS, run_on_meta, weights_bytes
-from harness.runner import RunOptions, Session, support_of
+from harness.selection.cases import Case
 
 EXPECTED = {  # (text embeddings, denoiser output) of one 1024x1024 image; guidance doubles the batch but for Flux
     "sd15": ((2, 77, 768), (2, 4, 128, 128)),

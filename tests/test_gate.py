@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from harness import gate
-from harness.baseline import load_baseline, save_baseline
 from harness.errors import UserError
 from harness.records import load_many
-from harness.thresholds import DEFAULT_THRESHOLDS, load_thresholds_toml, parse_thresholds
+from harness.verdict import gate
+from harness.verdict.baseline import load_baseline, save_baseline
+from harness.verdict.thresholds import DEFAULT_THRESHOLDS, load_thresholds_toml, parse_thresholds
 from tests.synthetic_runs import CPU_ENV, H100_ENV, write_synthetic_run
 
 SD_ORT = "tiny-sd/onnxruntime/fp32/b1/64x64/s4"
@@ -238,7 +238,7 @@ def test_save_baseline_merges_and_round_trips(tmp_path, runs):
 
 
 def _run_record(run_id, p50, std=0.001, n=10, ts=0.0):
-    from harness.cases import Case
+    from harness.selection.cases import Case
     from harness.records import Record
     r = Record.for_case(Case("tiny-sd", "diffusers"), run_id, env=CPU_ENV, timestamp=ts,
                         e2e={"p50": p50, "std": std, "n": n, "mean": p50, "p90": p50, "p99": p50,
@@ -273,9 +273,9 @@ def test_save_baseline_keeps_every_run(tmp_path):
 
 
 def _sampled_record(run_id, samples, ts=0.0):
-    from harness.cases import Case
+    from harness.selection.cases import Case
     from harness.records import Record
-    from harness.timing import stats
+    from harness.measure.timing import stats
     r = Record.for_case(Case("tiny-sd", "diffusers"), run_id, env=CPU_ENV, timestamp=ts, e2e=stats(samples),
                         samples={"e2e": list(samples)})
     return r.to_dict()
@@ -304,7 +304,7 @@ def test_tail_of_few_calls_is_judged_by_its_bootstrap_interval():
 def _record(run_id="r", ts=0.0, env=CPU_ENV, **fields):
     """A passed hand-made record: tiny-sd/diffusers with e2e 100 ms over 10 calls unless fields say otherwise.
     throughput={"per_s": N} stands for the field a throughput-measuring workload records."""
-    from harness.cases import Case
+    from harness.selection.cases import Case
     from harness.records import Record
     fields.setdefault("e2e", {"p50": 0.1, "p99": 0.1, "std": 0.0, "n": 10})
     throughput = fields.pop("throughput", None)

@@ -11,9 +11,11 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from backends import base as registry
-from harness import memory, runner
-from harness.cases import Case
-from harness.runner import RunOptions, Session, _detach
+from harness.measure import case as case_steps, memory, parity, reference
+from harness.measure.reference import detach
+from harness.measure.run_options import RunOptions
+from harness.measure.session import Session
+from harness.selection.cases import Case
 
 
 def test_the_references_captured_tensors_are_kept_on_the_cpu():
@@ -22,13 +24,13 @@ def test_the_references_captured_tensors_are_kept_on_the_cpu():
     with FakeTensorMode():
         sample = torch.empty(2, 4, 8, 8, device="cuda:1")
         cond = {"text_embeds": torch.empty(2, 32, device="cuda:1"), "time_ids": torch.empty(2, 6, device="cuda:1")}
-        captured = _detach(((sample, 981), {"added_cond_kwargs": cond, "scale": 1.0}, [sample]))
+        captured = detach(((sample, 981), {"added_cond_kwargs": cond, "scale": 1.0}, [sample]))
     (args, kwargs, output) = captured
     tensors = [args[0], *kwargs["added_cond_kwargs"].values(), output[0]]
     assert [t.device.type for t in tensors] == ["cpu"] * 4
     assert args[1] == 981 and kwargs["scale"] == 1.0 and args[0].shape == (2, 4, 8, 8)
     cpu = torch.ones(3)
-    copy = _detach(cpu)
+    copy = detach(cpu)
     assert copy.data_ptr() != cpu.data_ptr()          # still a copy on the CPU: the pipeline may reuse its buffer
 
 
@@ -52,11 +54,11 @@ def test_torch_cache_is_released_after_prepare_when_the_weights_left_torch(monke
     def release(cuda):
         released.append(cuda)
         return {"torch_cache_emptied": True}
-    monkeypatch.setattr(runner, "release_torch_cache", release)
+    monkeypatch.setattr(case_steps, "release_torch_cache", release)
     case = Case("tiny-sd", "stand-in")
-    prepared, after = runner.prepare_for_measuring(_Backend(True), "model", case, "cache", cuda=True)
+    prepared, after = case_steps.prepare_for_measuring(_Backend(True), "model", case, "cache", cuda=True)
     assert prepared.pipeline == "model" and after == {"torch_cache_emptied": True} and released == [True]
-    assert runner.prepare_for_measuring(_Backend(False), "model", case, "cache", cuda=True)[1] is None
+    assert case_steps.prepare_for_measuring(_Backend(False), "model", case, "cache", cuda=True)[1] is None
     assert released == [True]
 
 
@@ -156,7 +158,7 @@ def _pynvml(instant_mw=None, status=0):
 
 
 def _nvml(module):
-    nvml = memory._Nvml.__new__(memory._Nvml)            # without nvmlInit: no driver here
+    nvml = memory.Nvml.__new__(memory.Nvml)            # without nvmlInit: no driver here
     nvml.nvml, nvml.handle = module, "gpu"
     return nvml
 
@@ -230,7 +232,7 @@ def sdxl_fp16():
     pipeline = _tiny_sdxl().to(torch.float16)
     model = LoadedModel("tiny-sdxl", "sdxl", pipeline, "fp16", "cpu", ["text_encoder", "text_encoder_2"], "unet",
                         "vae")
-    with runner.capture_first_calls(model) as captured:
+    with reference.capture_first_calls(model) as captured:
         pipeline("a cat", num_inference_steps=1, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(0))
     return model, dict(captured)
@@ -270,5 +272,5 @@ def test_the_backends_vae_decodes_in_fp32_like_the_reference(sdxl_fp16, tmp_path
     image = executor.decode(latents, return_dict=False)[0]
     assert image.dtype == torch.float32 and (image - reference_image).abs().max() < 1e-4
     stand_in = SimpleNamespace(vae=executor)
-    assert runner.vae_decode_precision(model, stand_in, captured) == {"reference": "fp32", "backend": "fp32"}
-    assert runner.vae_decode_precision(model, model.pipeline, captured) == {"reference": "fp32", "backend": "fp32"}
+    assert parity.vae_decode_precision(model, stand_in, captured) == {"reference": "fp32", "backend": "fp32"}
+    assert parity.vae_decode_precision(model, model.pipeline, captured) == {"reference": "fp32", "backend": "fp32"}

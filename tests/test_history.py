@@ -1,5 +1,5 @@
-"""The history store (harness/history.py), change points (harness/changepoint.py) and `diffbench gate --history`
-(harness/history_gate.py), on series built from the real records in tests/fixtures (a CPU run of tiny-sd): each run
+"""The history store (harness/verdict/history.py), change points (harness/verdict/changepoint.py) and `diffbench gate --history`
+(harness/verdict/history_gate.py), on series built from the real records in tests/fixtures (a CPU run of tiny-sd): each run
 of a series is those records with every latency scaled, its own run id, a day's step in time and its own commit."""
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import changepoint, gate
 from harness.cli import main
-from harness.history import HistoryStore, stack_of
 from harness.records import RecordWriter, read_records
+from harness.verdict import changepoint, gate
+from harness.verdict.history import HistoryStore, stack_of
 
 FIXTURE = Path(__file__).parent / "fixtures" / "records-v1.jsonl"
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,7 +169,7 @@ def test_store_keeps_records_whole_and_keys_them(tmp_path):
 
 _ADDER = """
 import sys
-from harness.history import HistoryStore
+from harness.verdict.history import HistoryStore
 with HistoryStore(sys.argv[1]) as store:
     for run_dir in sys.argv[2:]:
         store.add([run_dir])     # one transaction per run, as one CI job per run would

@@ -20,9 +20,11 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from backends import http as http_backend  # noqa: E402
-from harness.cases import Case  # noqa: E402
-from harness.runner import RunOptions, Session, run_case  # noqa: E402
+from backends import http as http_backend
+from harness.measure.case import run_case
+from harness.measure.run_options import RunOptions
+from harness.measure.session import Session
+from harness.selection.cases import Case
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 300.0   # torch + diffusers import and the tiny model's build, on a loaded 2-core machine

@@ -6,11 +6,13 @@ import os
 import huggingface_hub
 import pytest
 
-from harness import cli, gate, models, options
-from harness.cases import Case
+from harness import cli, models
 from harness.errors import UserError
 from harness.models import hub
 from harness.records import load_many
+from harness.selection import options
+from harness.selection.cases import Case
+from harness.verdict import gate
 from tests.hf_cache import add_to_cache
 from tests.synthetic_runs import write_synthetic_run
 

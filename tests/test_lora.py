@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from harness import models, options
-from harness.cases import Case
+from harness import models
 from harness.errors import UserError
+from harness.measure.run_options import RunOptions
+from harness.measure.session import Session
 from harness.models import hub, lora
-from harness.runner import RunOptions, Session
+from harness.selection import options
+from harness.selection.cases import Case
 from tests.hf_cache import add_to_cache
 
 

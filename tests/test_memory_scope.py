@@ -8,9 +8,11 @@ import time
 import psutil
 import pytest
 
-from harness.cases import Case
-from harness.memory import MB, Telemetry
-from harness.runner import RunOptions, Session, run_isolated
+from harness.measure.memory import MB, Telemetry
+from harness.measure.run_options import RunOptions
+from harness.measure.session import Session
+from harness.measure.worker_process import run_isolated
+from harness.selection.cases import Case
 
 # the isolated peaks of one case agree within this (measured on the 2-core VM, 2026-12-02: 488.4 MB run first,
 # 487.1 MB after three others; in one shared process the same case grew from 487.9 to 527.6 MB, +8 %)

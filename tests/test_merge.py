@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import gate
 from harness.cli import main
 from harness.errors import UserError
-from harness.merge import merge
 from harness.records import read_records
+from harness.verdict import gate
+from harness.verdict.merge import merge
 from tests.synthetic_runs import CPU_ENV, H100_ENV, write_synthetic_run
 from reports.summary_markdown import summary_markdown
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from harness import models
-from harness.cases import Case
 from harness.errors import UserError
 from harness.models.full import build_full
+from harness.selection.cases import Case
 
 
 def test_tiny_build_is_deterministic(tmp_path):

@@ -6,10 +6,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from backends.onnx import components as oc
-from backends.onnx import export as ox
-from harness.cases import Case
+from backends.onnx import components as oc, export as ox
 from harness.models import load
+from harness.selection.cases import Case
 
 
 @pytest.fixture(scope="module")

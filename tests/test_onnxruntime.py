@@ -12,9 +12,9 @@ import torch
 
 from backends import onnxruntime as ortb
 from backends.onnxruntime import OnnxRuntimeBackend
-from harness.cases import Case
 from harness.errors import UserError
 from harness.models import load, pipeline_inputs
+from harness.selection.cases import Case
 
 CPU = {"device": "cpu"}
 

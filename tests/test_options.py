@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from harness import options
 from harness.cli import build_parser
+from harness.selection import options
 
 # options that only make sense on one side: the CLI resumes a run folder and sets its exit code; pytest has its
 # own session control and exit status
@@ -55,8 +55,8 @@ def test_settings_are_validated_once_for_both_sides():
 
 
 def test_run_exit_code_fails_on_failed_or_errored_cases_only():
-    from harness.cases import Case
-    from harness.cli import run_exit_code
+    from harness.selection.cases import Case
+    from harness.commands import run_exit_code
     from harness.records import Record
 
     def record(status):

@@ -9,11 +9,15 @@ import torch
 
 from backends import base as registry
 from backends.base import Backend
-from harness import device as devinfo, preflight
-from harness.cases import Case
 from harness.cli import main
-from harness.preflight import Stack, Target, check, classify_failure
-from harness.runner import RunOptions, Session, support_of
+from harness.judge import facts, preflight
+from harness.judge.facts import Stack, Target
+from harness.judge.failures import classify_failure
+from harness.judge.preflight import check, support_of
+from harness.measure import device as devinfo
+from harness.measure.run_options import RunOptions
+from harness.measure.session import Session
+from harness.selection.cases import Case
 
 # -- real builds: torch version, its CUDA runtime, torch.cuda.get_arch_list() ----------------------------------------
 # pytorch/builder release/2.5 manywheel/build_cuda.sh: TORCH_CUDA_ARCH_LIST="5.0;6.0;7.0;7.5;8.0;8.6" plus "9.0" for
@@ -284,7 +288,7 @@ def test_every_rule_cites_a_source():
 def test_official_arch_table_matches_the_installed_torch():
     releases = torch.cuda.PYTORCH_RELEASES_CODE_CC       # torch 2.13's own table of its release builds
     for cuda, tag in (("12.6", "cu126"), ("12.9", "cu129"), ("13.0", "cu130")):
-        assert set(preflight.OFFICIAL_TORCH_ARCHS[tag]) == releases[cuda]["x86_64"], tag
+        assert set(facts.OFFICIAL_TORCH_ARCHS[tag]) == releases[cuda]["x86_64"], tag
 
 
 # -- facts from env ----------------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ import io
 
 import pytest
 
-from harness import progress
-from harness.progress import Progress
+from harness.measure import progress
+from harness.measure.progress import Progress
 
 
 class Clock:

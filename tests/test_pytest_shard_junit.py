@@ -10,8 +10,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from harness import shard
-from harness.options import select_cases
+from harness.selection import shard
+from harness.selection.options import select_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 SELECTION = ["--model", "tiny-sd", "--backend", "diffusers", "--backend", "onnxruntime", "--quick"]

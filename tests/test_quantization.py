@@ -11,10 +11,11 @@ from backends import quantization as q
 from backends.base import DESCRIBED
 from backends.diffusers import DiffusersBackend
 from backends.torch_compile import TorchCompileBackend
-from harness.cases import Case
-from harness.memory import stored_bytes
+from harness.measure.memory import stored_bytes
+from harness.measure.run_options import RunOptions
+from harness.measure.session import Session
 from harness.models import LoadedModel
-from harness.runner import RunOptions, Session
+from harness.selection.cases import Case
 
 
 def _gpu(capability: str) -> dict:

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from harness.cases import Case, Matrix, load_matrix, matrix_from_toml_text, parse_size
-from harness.device import arch_family, device_class
 from harness.errors import UserError
+from harness.measure.device import arch_family, device_class
 from harness.records import Record, RecordWriter, load_many, read_records, recorded_case_ids
+from harness.selection.cases import Case, Matrix, load_matrix, matrix_from_toml_text, parse_size
 
 
 def _record(case_id="tiny-sd/diffusers/fp32/b1/64x64/s4", **kw):
@@ -105,7 +105,7 @@ def test_schema_1_records_still_load_and_gate():
     baselines for months."""
     from pathlib import Path
 
-    from harness import gate
+    from harness.verdict import gate
     from harness.records import SCHEMA_VERSION
     v1 = Path(__file__).parent / "fixtures" / "records-v1.jsonl"
     records = read_records(v1)
@@ -120,8 +120,8 @@ def test_schema_2_records_still_load_and_gate_with_memory_not_compared_across_sc
     schema: `weights` at its default, and its memory judged by how it was measured then (one shared process)."""
     from pathlib import Path
 
-    from harness import gate
-    from harness.memory import isolated
+    from harness.verdict import gate
+    from harness.measure.memory import isolated
     from harness.records import SCHEMA_VERSION
     v2 = Path(__file__).parent / "fixtures" / "records-v2.jsonl"
     records = read_records(v2)
@@ -134,7 +134,7 @@ def test_schema_2_records_still_load_and_gate_with_memory_not_compared_across_sc
 
 def test_variant_options_have_one_canonical_order():
     """a+b and b+a name one case everywhere (gate, merge, resume)."""
-    from harness.options import select_cases
+    from harness.selection.options import select_cases
     one = select_cases(["tiny-sd"], ["torch_compile+fused-qkv+max-autotune"])
     other = select_cases(["tiny-sd"], ["torch_compile+max-autotune+fused-qkv", "torch_compile+fused-qkv+max-autotune"])
     assert [c.id for c in one] == [c.id for c in other] == ["tiny-sd/torch_compile+max-autotune+fused-qkv/fp32/b1/64x64/s4"]

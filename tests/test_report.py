@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 import reports
-from harness import gate
-from harness.cases import Case
 from harness.records import Record, RecordWriter, load_many
-from harness.thresholds import DEFAULT_THRESHOLDS
+from harness.selection.cases import Case
+from harness.verdict import gate
+from harness.verdict.thresholds import DEFAULT_THRESHOLDS
 from tests.synthetic_runs import H100_ENV, write_synthetic_run
 
 SD3_ORT = "tiny-sd3/onnxruntime/fp32/b1/64x64/s4"

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 import reports
-from harness import gate
 from harness.records import load_many
-from harness.thresholds import DEFAULT_THRESHOLDS
+from harness.verdict import gate
+from harness.verdict.thresholds import DEFAULT_THRESHOLDS
 from tests.synthetic_runs import H100_ENV, write_synthetic_fit, write_synthetic_run
 
 CHROMIUM = Path("/usr/bin/chromium")

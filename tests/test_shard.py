@@ -8,11 +8,11 @@ import numpy as np
 
 import pytest
 
-from harness import shard
-from harness.cases import Case
 from harness.cli import main
 from harness.errors import UserError
-from harness.options import select_cases
+from harness.selection import shard
+from harness.selection.cases import Case
+from harness.selection.options import select_cases
 
 BACKENDS = ("diffusers", "torch_compile", "onnxruntime", "tensorrt", "triton")
 
@@ -119,7 +119,7 @@ def test_without_durations_the_split_follows_a_stable_hash_not_the_process():
     """sha256-based, so the split is the same in every process (Python's hash() is salted per process)."""
     import subprocess
     import sys
-    code = ("from harness import shard; from harness.cases import Case; "
+    code = ("from harness.selection import shard; from harness.selection.cases import Case; "
             "cases = [Case(m, b, '', d) for m in ('a', 'b', 'c') for b in ('x', 'y', 'z') for d in ('fp32', 'bf16')]; "
             "print([[c.id for c in s] for s in shard.assign(cases, 4)])")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

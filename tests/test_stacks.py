@@ -16,10 +16,13 @@ from backends.base import Backend, Support
 from backends.onnx.export import OPSET
 from backends.onnxruntime import BF16_GRAPH_REASON, OnnxRuntimeBackend, trt_ep_options
 from backends.tensorrt import build_settings
-from harness import device as devinfo, preflight, stacks
-from harness.cases import Case
 from harness.cli import main
-from harness.preflight import Stack, Target, check, classify_failure
+from harness.judge import preflight, stacks
+from harness.judge.facts import Stack, Target
+from harness.judge.failures import classify_failure
+from harness.judge.preflight import check
+from harness.measure import device as devinfo
+from harness.selection.cases import Case
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "stacks"

@@ -3,7 +3,7 @@ import time
 import pytest
 import torch
 
-from harness.timing import StageTimer, measure, stats
+from harness.measure.timing import StageTimer, measure, stats
 
 # what a LoadedModel of a diffusers pipeline gives the timer: component -> stage, and the method the pipeline calls
 STAGES_OF_PIPE = ({"text_encoder": "text_encode", "unet": "denoise", "vae": "vae_decode"}, {"vae": "decode"})

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from backends import tensorrt as trtb
-from harness.cases import Case
+from harness.selection.cases import Case
 
 
 def test_precision_rules():
@@ -234,7 +234,7 @@ def test_a_failed_build_says_why(tmp_path):
 def test_the_case_timeout_leaves_the_build_running_and_it_is_cached(tmp_path):
     """The case's timeout (the runner's own SIGALRM limit) fires while the engine builds: the case fails with a
     message saying so, the build goes on, a later prepare joins or reuses it. (~2 s: a builder that takes 1.5 s.)"""
-    from harness.runner import CaseTimeout, time_limit
+    from harness.measure.run_options import CaseTimeout, time_limit
 
     job = _job(tmp_path)
     with pytest.raises(CaseTimeout, match=r"case exceeded its 0.3 s timeout; the TensorRT engine build \(pid \d+, "

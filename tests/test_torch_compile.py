@@ -7,8 +7,8 @@ import torch
 
 from backends import torch_compile as tc
 from backends.base import enable_tf32
-from harness.cases import Case
 from harness.models import LoadedModel
+from harness.selection.cases import Case
 
 CPU = {"device": "cpu"}
 

@@ -7,18 +7,19 @@ import pytest
 import torch
 
 from backends import base
-from backends.triton import server as srv
 from backends.onnx.executors import DenoiserExecutor
+from backends.triton import server as srv
 from backends.triton.server import TritonServerError
 from harness import models
-from harness.cases import Case
+from harness.selection.cases import Case
 
 pytestmark = pytest.mark.skipif(bool(srv.missing_reason()), reason=srv.missing_reason() or "ok")
 
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
-    from harness.runner import RunOptions, Session
+    from harness.measure.run_options import RunOptions
+    from harness.measure.session import Session
     s = Session(tmp_path_factory.mktemp("results"), RunOptions(warmup=0, repeats=2, save_images=False))
     yield s
     s.close()   # close_all() -> TritonBackend.close() stops the server

@@ -7,7 +7,7 @@ import pytest
 
 from backends.triton import repository as repo
 from backends.triton.backend import TritonBackend
-from harness.cases import Case
+from harness.selection.cases import Case
 
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from backends.base import DESCRIBED, Support, Unsupported, timed, variant_options
-from harness.compare import ImageTolerance
+from harness.judge.compare import ImageTolerance
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ def support(variant: str, case, env: dict) -> Support:
         return Support.yes()
     if case.workload != "text-to-image":
         return Support.no(f"{scheme.name} quantises a diffusion denoiser; {case.workload} cases are not covered")
-    from harness import preflight
+    from harness.judge import preflight
     device = env.get("device", "cpu") if isinstance(env, dict) else "cpu"
     problem = capability_problem(scheme, device, preflight.Stack.from_env(env).capability)
     if problem:

@@ -13,7 +13,7 @@ from typing import Callable
 
 
 from backends.triton.client import AsyncClient
-from harness.timing import stats as latency_stats
+from harness.measure.timing import stats as latency_stats
 
 
 # -- server-side statistics -----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from harness import workloads
+from harness.selection import workloads
 from harness.atomic import atomic_folder, build_lock
 from harness.errors import UserError
 from harness.models import hub, lora

@@ -7,7 +7,7 @@ from pathlib import Path
 
 def summary_table(records) -> str:
     """One line per case: status, e2e p50, speed-up vs the reference measured in the same run, PSNR, reason."""
-    from harness.workloads import is_reference
+    from harness.selection.workloads import is_reference
     reference_p50 = {(r.model, r.dtype, r.batch, r.height, r.width, r.steps, r.seq): r.e2e.get("p50")
                      for r in records if is_reference(r.backend, r.variant) and r.status == "passed"}
     rows = [("case", "status", "e2e p50 ms", "vs eager", "psnr dB / cos", "reason")]
@@ -40,8 +40,8 @@ def gate_and_report(records: list[dict], out_dir: Path, baseline=None, threshold
     from harness.records import load_many
     result = None
     if baseline:
-        from harness import gate
-        from harness.thresholds import DEFAULT_THRESHOLDS, parse_thresholds
+        from harness.verdict import gate
+        from harness.verdict.thresholds import DEFAULT_THRESHOLDS, parse_thresholds
         result = gate.compare(load_many([baseline]), records, parse_thresholds(list(thresholds) or DEFAULT_THRESHOLDS))
     report = None
     if write_report:
@@ -54,7 +54,7 @@ def gate_and_report(records: list[dict], out_dir: Path, baseline=None, threshold
 
 def add_to_history(store, records_paths) -> str:
     """`--history STORE` on a run: its records join the history store; returns the line that says so."""
-    from harness.history import HistoryStore
+    from harness.verdict.history import HistoryStore
     with HistoryStore(store) as history:
         added = history.add(records_paths)
     return f"history: {sum(n for _, n in added)} record(s) of run {', '.join(r for r, _ in added)} added to {store}"
@@ -63,7 +63,7 @@ def add_to_history(store, records_paths) -> str:
 def junit_properties(record) -> list[tuple[str, str]]:
     """A case's figures as (name, value) pairs for pytest's junit XML (`record_property`): what a CI system shows
     beside the test without opening the report."""
-    from harness.device import device_class
+    from harness.measure.device import device_class
     data = record.to_dict() if hasattr(record, "to_dict") else record
     props = [("case_id", data["case_id"]), ("status", data["status"])]
     if data.get("reason"):

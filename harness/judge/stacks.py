@@ -1,9 +1,9 @@
 """Judge a GPU stack without its GPU: `diffbench backends --stack FILE` and `--dump-stack FILE`.
 
-A stack is a record's `env` (harness.device.fingerprint: `gpu`, `stack`, `versions`), read from a records.jsonl (the
-env of its first record) or from a JSON file holding one `env` object. Every backend and each of its options alone
-is judged on the CPU and on CUDA in fp32, fp16 and bf16 by harness.runner.support_of -- the model rules, the
-preflight (harness.preflight) and the backend's own support() -- exactly as a run would judge its cases, with the env
+A stack is a record's `env` (harness.measure.device.fingerprint: `gpu`, `stack`, `versions`), read from a
+records.jsonl (the env of its first record) or from a JSON file holding one `env` object. Every backend and each of its options alone
+is judged on the CPU and on CUDA in fp32, fp16 and bf16 by harness.judge.preflight.support_of -- the model rules,
+the preflight's rules and the backend's own support() -- exactly as a run would judge its cases, with the env
 marked as describing another machine (backends.base.DESCRIBED) so that what is installed is read from the stack,
 never from this process.
 """
@@ -61,8 +61,9 @@ def backend_specs() -> list[tuple[str, str]]:
 
 
 def case_for(model: str, backend: str, variant: str, dtype: str):
-    from harness import models, workloads
-    from harness.cases import Case
+    from harness import models
+    from harness.selection import workloads
+    from harness.selection.cases import Case
     if models.spec(model).workload == workloads.TEXT_EMBEDDING:
         return Case.embedding(model, backend, variant, dtype)
     return Case(model, backend, variant, dtype)
@@ -73,7 +74,7 @@ def judge(env: dict, model: str = DEFAULT_MODEL, described_by: str | None = None
     `described_by` (the stack file) marks the env as another machine's; None judges this machine's env."""
     from backends.base import DESCRIBED, Support
     from harness import models
-    from harness.runner import support_of
+    from harness.judge.preflight import support_of
     models.spec(model)              # an unknown model is bad input (UserError), not a row per case
     rows = []
     for backend, variant in backend_specs():

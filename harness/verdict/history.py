@@ -5,7 +5,7 @@
     diffbench history accept --history STORE RUN_ID [--note TEXT]
 
 Each record is kept whole, as the JSON a run wrote (the records format stays the public format), beside the keys
-a series is made of: case id, device class (harness.device.device_class) and software stack (stack_of below). A
+a series is made of: case id, device class (harness.measure.device.device_class) and software stack (stack_of below). A
 run added twice replaces its rows; a case re-run within one run keeps its latest record.
 
 Two CI jobs may add at the same moment: the file is in WAL mode, every connection waits up to BUSY_TIMEOUT_S for
@@ -13,7 +13,7 @@ the write lock instead of failing, and each add is one `BEGIN IMMEDIATE` transac
 WAL needs a local file system (not NFS or SMB), as SQLite documents.
 
 `accept` records an intended change: series that hold a record of that run start again at it, so the history
-gate (harness/history_gate.py) judges later runs against the new level, not against the old one forever.
+gate (harness/verdict/history_gate.py) judges later runs against the new level, not against the old one forever.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.device import device_class
+from harness.measure.device import device_class
 from harness.errors import UserError
 from harness.records import load_many
 

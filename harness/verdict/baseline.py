@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from harness.errors import UserError
-from harness.gate import device_class
+from harness.verdict.gate import device_class
 from harness.records import load_many, read_records, sanitize
 
 

@@ -16,7 +16,7 @@ A baseline that holds several runs of a case gives the gate that drift: the base
 its runs, and the band is the larger of the within-run band and k x (sample std over the baseline runs) x
 sqrt(1 + 1/m) -- a prediction band for one new run around m old ones.
 
-Paired band (A/B runs, harness/ab.py): when the current record was measured call by call in alternation with the
+Paired band (A/B runs, harness/verdict/ab.py): when the current record was measured call by call in alternation with the
 baseline record, the change is the median of the per-pair ratios current/baseline and the band k standard errors of
 that median: the machine's drift is common to both calls of a pair and cancels. What biases a whole process (its
 place on the cores, its allocator) does not cancel: an A/B run over several process pairs (`diffbench ab

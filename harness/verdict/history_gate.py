@@ -2,11 +2,11 @@
 
     diffbench gate --history STORE [--threshold e2e.p50:+5%]...
 
-A series is one case on one device class with one software stack (harness/history.py), one metric's value per run,
+A series is one case on one device class with one software stack (harness/verdict/history.py), one metric's value per run,
 runs ordered by timestamp (of each case and device class, only the stack measured last is judged); runs that did not pass or did not measure the metric are left out of it ("measured
 nothing" is not a value). An accepted run (`diffbench history accept`) starts the series again. With fewer than
 MIN_RUNS runs the series is not judged ("not enough history (N of 6 runs)"). Otherwise change points
-(harness/changepoint.py) cut the series into segments; the first segment is the baseline -- fixed until a change is
+(harness/verdict/changepoint.py) cut the series into segments; the first segment is the baseline -- fixed until a change is
 accepted, so a slow creep cannot move it the way a rolling baseline moves -- and the last segment holds the newest
 runs. A metric whose last segment is worse than the first by more than its threshold fails the gate (exit 1),
 naming the first run of the earliest segment that crossed the threshold, with its git commit.
@@ -17,10 +17,10 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from harness import changepoint
+from harness.verdict import changepoint
 from harness.errors import UserError
-from harness.metrics import METRICS, Metric
-from harness.thresholds import Threshold, parse_thresholds
+from harness.verdict.metrics import METRICS, Metric
+from harness.verdict.thresholds import Threshold, parse_thresholds
 
 MIN_RUNS = 6
 DEFAULT_HISTORY_THRESHOLDS = ["e2e.p50:+5%"]

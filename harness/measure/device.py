@@ -1,5 +1,5 @@
 """Environment fingerprint: GPU, compute capability and arch family, driver, CUDA, CPU, library versions, and the
-software stack the compatibility preflight (harness.preflight) judges against the GPU: torch's CUDA build and arch
+software stack the compatibility preflight (harness.judge.preflight) judges against the GPU: torch's CUDA build and arch
 list, cuDNN, the driver's CUDA version (NVML), onnxruntime's build and providers, TensorRT, triton, diffusers.
 
 Everything here works without a GPU and without nvidia-ml-py: facts that cannot be read are None or empty."""

@@ -138,13 +138,13 @@ class Settings:
     """What the options say, validated: the device, the cases, how to measure them, where results go."""
     device: str
     cases: list
-    run_options: Any                        # harness.runner.RunOptions
+    run_options: Any                        # harness.measure.run_options.RunOptions
     results_dir: Path = Path("results")
     write_report: bool = True
     baseline: str | None = None
     thresholds: list[str] = field(default_factory=list)
     triton_url: str | None = None
-    shard: Any = None                       # harness.shard.Shard, or None: every selected case
+    shard: Any = None                       # harness.selection.shard.Shard, or None: every selected case
     selected: int = 0                       # cases selected before sharding
     expected_s: dict[str, float] = field(default_factory=dict)   # case id -> seconds, from --durations-from
     triton_grpc_url: str | None = None
@@ -176,7 +176,7 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
     if thresholds and not baseline:
         raise UserError("conflicting options: --threshold needs --baseline")
     if baseline:
-        from harness.thresholds import DEFAULT_THRESHOLDS, parse_thresholds
+        from harness.verdict.thresholds import DEFAULT_THRESHOLDS, parse_thresholds
         parse_thresholds(thresholds or DEFAULT_THRESHOLDS)
         if not Path(baseline).is_file():
             raise UserError(f"baseline {baseline} does not exist")
@@ -203,7 +203,7 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
     expected = expected_from(get("durations_from"), cases, run_options)
     shard = None
     if get("shard"):
-        from harness.shard import parse_shard, select
+        from harness.selection.shard import parse_shard, select
         shard = parse_shard(get("shard"))
         cases = select(cases, shard, expected)
     return Settings(device, cases, run_options, Path(get("results_dir")), not get("no_report"), baseline,
@@ -219,9 +219,9 @@ def expected_from(paths, cases, run_options) -> dict[str, float]:
     given = [p for group in (paths or []) for p in ([group] if isinstance(group, str) else group)]
     if not given:
         return {}
-    from harness.merge import is_empty, records_files
+    from harness.verdict.merge import is_empty, records_files
     from harness.records import read_records
-    from harness.shard import expected_durations
+    from harness.selection.shard import expected_durations
     records = [r for path in records_files(given) if not is_empty(path) for r in read_records(path)]
     return expected_durations(records, [c.id for c in cases], run_options.warmup, run_options.repeats)
 
@@ -279,10 +279,11 @@ def select_cases(models=None, backends=None, dtypes=None, batches=None, sizes=No
                  seqs=None, loras=None, lora_scale=1.0, lora_fuse=False, quick=False):
     """The matrix (file or embedded default) with any explicit selection overriding its lists (for every
     workload: an explicit --backend, --dtype or --batch replaces the text-embedding table's too); validated.
-    quick: only each model's smallest batch and shape (harness.cases.quick_look)."""
+    quick: only each model's smallest batch and shape (harness.selection.cases.quick_look)."""
     from backends import base as registry
-    from harness import models as zoo, workloads
-    from harness.cases import load_matrix, parse_backend_spec, parse_size
+    from harness import models as zoo
+    from harness.selection import workloads
+    from harness.selection.cases import load_matrix, parse_backend_spec, parse_size
 
     m = load_matrix(matrix)
     if models:
@@ -315,7 +316,7 @@ def select_cases(models=None, backends=None, dtypes=None, batches=None, sizes=No
     if m.embedding.get("backends") and any(workloads.of_model(name) == workloads.TEXT_EMBEDDING for name in m.models):
         m.embedding["backends"] = canonical(m.embedding["backends"])
     if quick:
-        from harness.cases import quick_look
+        from harness.selection.cases import quick_look
         return quick_look(m.expand())
     return m.expand()
 
@@ -331,7 +332,7 @@ def resolve_device(gpu: bool) -> str:
 
 def build_run_options(device: str, quick: bool, warmup: int | None, repeats: int | None,
                       case_timeout: float | None):
-    from harness.runner import RunOptions
+    from harness.measure.run_options import RunOptions
     if quick and (warmup is not None or repeats is not None):
         raise UserError("conflicting options: --quick sets warm-up and repeats; drop --warmup/--repeats")
     for flag, value, least in (("--warmup", warmup, 0), ("--repeats", repeats, 1)):

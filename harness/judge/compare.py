@@ -100,7 +100,7 @@ EMBEDDING_TOLERANCES = {dtype: EmbeddingTolerance(bound, f"{dtype} default: {_EM
 
 
 def default_tolerance(workload: str, dtype: str):
-    from harness.workloads import TEXT_EMBEDDING
+    from harness.selection.workloads import TEXT_EMBEDDING
     return EMBEDDING_TOLERANCES[dtype] if workload == TEXT_EMBEDDING else IMAGE_TOLERANCES[dtype]
 CONSTANT_STD = 1e-4  # an image with less spread than this is blank: its timings must never be published
 

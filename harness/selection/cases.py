@@ -1,7 +1,7 @@
 """Case = model x backend(+variant) x dtype x batch x shape, and the matrix expansion.
 
 The shape is the workload's: height x width x steps for text-to-image, the sequence length for text-embedding
-(harness/workloads.py). Case ids say it: `tiny-sd/onnxruntime/fp32/b1/64x64/s4`, `minilm-l6/torch/fp32/b8/seq16`.
+(harness/selection/workloads.py). Case ids say it: `tiny-sd/onnxruntime/fp32/b1/64x64/s4`, `minilm-l6/torch/fp32/b8/seq16`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from harness import workloads
+from harness.selection import workloads
 from harness.errors import UserError
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -222,9 +222,9 @@ def _matrix_list(value, key: str, source: str) -> list:
 
 
 def load_matrix(path: str | Path | None) -> Matrix:
-    """A TOML matrix file, or the embedded default (harness/default_matrix.toml)."""
+    """A TOML matrix file, or the embedded default (harness/selection/default_matrix.toml)."""
     if path is None:
-        text = resources.files("harness").joinpath("default_matrix.toml").read_text()
+        text = resources.files("harness.selection").joinpath("default_matrix.toml").read_text()
         return matrix_from_toml_text(text, "(embedded default)")
     p = Path(path)
     if not p.is_file():

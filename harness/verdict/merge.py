@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.device import device_class as _env_device_class
+from harness.measure.device import device_class as _env_device_class
 from harness.errors import UserError
 from harness.records import read_records, sanitize
 

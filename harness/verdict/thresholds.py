@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import UserError
-from harness.metrics import LATENCY_STATS, METRICS, STAGE_NAMES
+from harness.verdict.metrics import LATENCY_STATS, METRICS, STAGE_NAMES
 
 DEFAULT_THRESHOLDS = ["status", "e2e.p50:+10%", "e2e.p99:+15%", "memory.peak:+5%", "parity.psnr:-1dB"]
 _ALIASES = {"latency": "e2e", "vram": "memory", "psnr": "parity.psnr", "vram.peak": "memory.peak"}

@@ -3,9 +3,9 @@
 On a shared machine whole runs drift by more than a 10 % regression (measured on the 2-core CI VM: e2e p50 of one
 unchanged build from 107 to 145 ms over twelve runs, and a fixed probe workload did not follow the drift), so a
 stored baseline cannot tell a slower build from a busier hour. Interleaving can: both builds live in their own
-worker process (harness/worker.py) and take turns, one pipeline call each, in A B B A order, so every pair of calls
+worker process (python -m harness.worker) and take turns, one pipeline call each, in A B B A order, so every pair of calls
 sees the same machine. The per-pair ratio current/baseline cancels what the machine did; its median over the pairs
-is the change the gate judges (harness/gate.py, paired rule), with the noise band from the pairs' own spread.
+is the change the gate judges (harness/verdict/gate.py, paired rule), with the noise band from the pairs' own spread.
 
 Pairs of calls cannot see what biases a whole process: where the OS put it on the cores, what its allocator and
 caches did. Measured on the 2-core VM, two unchanged sides in one process each differed by up to 9 % in identical
@@ -13,7 +13,7 @@ stages. So with `--processes P` (pyperf's answer) every case is measured by P fr
 the other, alternating which side starts first and which calls first; each pair takes its share of the call pairs.
 The ratio statistics then span every pair of every process, and the median ratio of each process pair goes into
 the record (`paired.ratio_current_over_baseline.process_p50s`), so the noise band also covers the spread between
-processes (harness/noise.py, paired band).
+processes (harness/verdict/noise.py, paired band).
 
     diffbench ab --baseline-dir ../main-checkout [selection] [--repeats 50]
     diffbench ab --baseline-rev origin/main [selection]       (a temporary git worktree of that revision)
@@ -33,11 +33,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.cases import Case
+from harness.selection.cases import Case
 from harness.errors import UserError
 from harness.records import Record, RecordWriter, git_info, new_run_id, sanitize
-from harness.timing import stats
-from harness.worker import PROTOCOL, WorkerDied, WorkerProcess   # both builds speak the same message set
+from harness.measure.timing import stats
+from harness.measure.worker_process import PROTOCOL, WorkerDied, WorkerProcess  # both builds speak the same message set
 
 SIDES = ("baseline", "current")
 

@@ -3,7 +3,8 @@
     diffbench fit --model sd15 --budget 4GB --budget 8GB [--variants diffusers+vae-tiling ...] [--max-batch 64]
 
 Every trial is an ordinary case (model x backend+variant x dtype x batch x size x steps) measured in its own worker
-process (harness/worker.py), so each peak is the case's own and a crash or an out-of-memory stays in its worker.
+process (harness/measure/worker_process.py), so each peak is the case's own and a crash or an out-of-memory stays
+in its worker.
 On GPU a trial runs under a real allocator cap of the budget (one run folder per budget); on CPU a trial runs once
 and its measured inference peak (process tree) is held against every budget.
 
@@ -26,8 +27,8 @@ from typing import Callable
 
 import numpy as np
 
-from harness.cases import Case
-from harness.memory import isolated
+from harness.measure.memory import isolated
+from harness.selection.cases import Case
 
 DEFAULT_MAX_BATCH = 64
 DEFAULT_TIME_CAP_S = 1800.0

@@ -2,8 +2,8 @@
 
 Verdicts: PASS, REGRESSED (the row fails the gate: exit 1), IMPROVED, NEW (a case only in the current records),
 MISSING (only in the baseline). Which metrics are judged, and how far they may move, is the threshold grammar
-(harness/thresholds.py) over the metric table (harness/metrics.py); when a latency change is large enough to count
-is the noise statistics (harness/noise.py).
+(harness/verdict/thresholds.py) over the metric table (harness/verdict/metrics.py); when a latency change is large enough to count
+is the noise statistics (harness/verdict/noise.py).
 
 What cannot pass silently: a metric measured in the baseline and missing now, a passed record without latency
 samples (e2e.n = 0) when the baseline had them, a bound that cannot be checked on e2e latency. A metric missing only
@@ -15,13 +15,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from harness import noise
-from harness.device import device_class as _env_device_class
+from harness.verdict import noise
+from harness.measure.device import device_class as _env_device_class
 from harness.errors import UserError
-from harness.memory import scope_mismatch
-from harness.metrics import METRICS, PSNR_CAP_DB, Metric, stage_stats
+from harness.measure.memory import scope_mismatch
+from harness.verdict.metrics import METRICS, PSNR_CAP_DB, Metric, stage_stats
 from harness.records import REQUIRED, check_schema, sanitize, upgrade
-from harness.thresholds import DEFAULT_THRESHOLDS, Threshold, parse_thresholds
+from harness.verdict.thresholds import DEFAULT_THRESHOLDS, Threshold, parse_thresholds
 
 VERDICTS = ("PASS", "REGRESSED", "IMPROVED", "NEW", "MISSING")
 # a case's verdict is its worst row's; markdown lists cases in this order

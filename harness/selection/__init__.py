@@ -1,0 +1,1 @@
+"""What to run: cases, the matrix, the run's options, shards, workloads."""
