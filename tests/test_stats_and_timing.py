@@ -53,18 +53,22 @@ class _Pipe:
         return self.vae.decode(x)
 
 
+SLEPT = {"text_encode": 0.01, "denoise": 0.015, "vae_decode": 0.02, "other": 0.01}   # seconds a _Pipe call sleeps
+
+
 def test_stage_timer_splits_stages_and_discards_warmup():
     pipe = _Pipe()
     timer = StageTimer(cuda=False).attach(pipe, *STAGES_OF_PIPE)
     measure(timer, pipe, warmup=2, repeats=3)
     stages, e2e = timer.summary()
     assert e2e["n"] == 3 and stages["denoise_step"]["n"] == 9
-    assert stages["text_encode"]["p50"] == pytest.approx(0.01, abs=0.008)
-    assert stages["denoise"]["p50"] == pytest.approx(0.015, abs=0.01)
-    assert stages["vae_decode"]["p50"] == pytest.approx(0.02, abs=0.01)
-    assert stages["other"]["p50"] == pytest.approx(0.01, abs=0.008)
-    total = sum(stages[s]["mean"] for s in ("text_encode", "denoise", "vae_decode", "other"))
+    total = sum(stages[s]["mean"] for s in SLEPT)
     assert total == pytest.approx(e2e["mean"], rel=1e-6)
+    # each stage holds at least its own sleep, and at most its sleep plus all of the call's time no sleep explains:
+    # a load-proof bound (a loaded machine stretches the call, not the split), still failing on a misattribution
+    unexplained = e2e["mean"] - sum(SLEPT.values())
+    for stage, slept in SLEPT.items():
+        assert slept * 0.95 <= stages[stage]["mean"] <= slept + unexplained + 1e-3, (stage, stages[stage], e2e)
     timer.detach()
     assert "decode" not in vars(pipe.vae) and not pipe.unet._forward_hooks
 
