@@ -37,7 +37,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Generator, Union
+from typing import Generator, Iterator, Union
 
 import numpy as np
 
@@ -493,6 +493,14 @@ def stable(windows: list[dict], stability_pct: float) -> bool:
     return True
 
 
+def arrival_gaps(rate: float, distribution: str, seed: int) -> Iterator[float]:
+    """Seconds between the rate mode's sends: 1/rate (constant), or exponential with mean 1/rate (Poisson arrivals;
+    seeded: the same schedule every run)."""
+    rng = random.Random(seed)
+    while True:
+        yield rng.expovariate(rate) if distribution == "poisson" else 1.0 / rate
+
+
 @dataclass
 class _Answer:
     sent_at: float
@@ -586,7 +594,7 @@ async def _level(url: str, protocol, request: ImageRequest, load: Load, level, b
                 await one()
 
         async def arrivals() -> None:
-            rng = random.Random(seed)
+            gaps = arrival_gaps(level, load.distribution, seed)
             in_flight = set()
             due = time.perf_counter()
             while not done.is_set() and due < deadline:
@@ -600,7 +608,7 @@ async def _level(url: str, protocol, request: ImageRequest, load: Load, level, b
                 task = asyncio.create_task(one())
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
-                due += rng.expovariate(level) if load.distribution == "poisson" else 1.0 / level
+                due += next(gaps)
             if in_flight:   # the requests already sent are answered (each bounded by the request timeout)
                 await asyncio.gather(*in_flight)
 
