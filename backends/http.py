@@ -122,7 +122,7 @@ def parse_levels(text: str, flag: str, kind=int) -> tuple:
         values = tuple(kind(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if not values or min(values) <= 0:
+    if not values or not all(0 < v < float("inf") for v in values):   # nan and inf fail too
         example = "1,2,4" if kind is int else "0.5,1,2"
         raise UserError(f"{flag} {text!r}: expected positive numbers separated by commas, e.g. {example}")
     return values

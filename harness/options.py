@@ -405,7 +405,7 @@ def http_settings(get) -> dict[str, str]:
             rates = [float(v) for v in rate.split(",")]
         except ValueError:
             rates = []
-        if not rates or min(rates) <= 0:
+        if not rates or not all(0 < r < float("inf") for r in rates):   # nan and inf fail too
             raise UserError(f"--request-rate {rate!r}: expected positive numbers separated by commas, e.g. 0.5,1,2")
         env["DIFFBENCH_HTTP_RATE"] = rate
     if distribution:

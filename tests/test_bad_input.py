@@ -85,6 +85,7 @@ BAD = {
     "endpoint not a URL": (["run", "--endpoint", "localhost:8000"], "must be an http(s) URL"),
     "bad sweep levels": (["run", "--concurrency", "0,2"], "expected positive integers"),
     "bad request rate": (["run", "--request-rate", "fast"], "--request-rate 'fast': expected positive numbers"),
+    "infinite request rate": (["run", "--request-rate", "1,inf"], "expected positive numbers"),
     "rate and concurrency": (["run", "--request-rate", "1", "--concurrency", "1"], "conflicting options"),
     "arrivals without a rate": (["run", "--request-distribution", "poisson"], "needs --request-rate"),
     "unknown arrivals": (["run", "--request-rate", "1", "--request-distribution", "bursty"], "constant or poisson"),
