@@ -125,8 +125,8 @@ def test_service_modes(served, session, monkeypatch):
     assert [level["concurrency"] for level in sweep] == [1, 2]
     assert all(level["ok"] == level["sent"] and level["errors"] == 0 == level["timeouts"] for level in sweep)
     assert all(level["health"]["n"] > 0 for level in sweep)
-    assert all(len(level["windows"]) == 1 and not level["stable"] for level in sweep)
-    assert sweep[0]["stability"] == "1 window(s) measured: stability needs 3"
+    assert all(len(level["windows"]) <= 1 and not level["stable"] for level in sweep)   # --sweep-windows 1
+    assert all("stability needs 3" in level["stability"] for level in sweep)
     liveness = record.serving["liveness"]
     if mode == "worker":
         assert record.status == "passed", record.reason
