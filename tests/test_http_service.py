@@ -253,7 +253,7 @@ def test_request_rate_mode_is_open_loop_and_stops_once_stable(services):
         generation_s = time.perf_counter() - start
     rate = round(1 / (1.5 * generation_s), 3)
     load = http_backend.Load("rate", (rate,), "constant", max_windows=5, stability_pct=1e6, window_requests=1)
-    serving = http_backend.load_sweep(url, protocol, REQUEST, load)
+    serving = http_backend.load_sweep(url, protocol, REQUEST, load, budget_s=300)   # windows stop it, not time
     assert (serving["mode"], serving["distribution"], serving["levels"]) == ("rate", "constant", [rate])
     level = serving["sweep"][0]
     assert level["request_rate"] == rate and level["errors"] == 0 == level["timeouts"]
