@@ -449,6 +449,7 @@ class ServicePipeline:
     def __init__(self, client, protocol, request: ImageRequest, url: str):
         self.client, self.protocol, self.request, self.url = client, protocol, request, url
         self.echo: dict = {}
+        self.seconds: list[float] = []   # every answered call, one at a time: the service's time for one request
 
     def request_for(self, inputs: dict) -> ImageRequest:
         negative = inputs.get("negative_prompt") or [""]
@@ -459,6 +460,7 @@ class ServicePipeline:
     def __call__(self, **inputs):
         import httpx
         request = self.request_for(inputs)
+        start = time.perf_counter()
         try:
             encoded, self.echo = exchange_sync(self.client, self.protocol.exchange(request), REQUEST_TIMEOUT_S)
         except httpx.TimeoutException as exc:
@@ -466,6 +468,7 @@ class ServicePipeline:
                                f"{self.client.timeout.read:g} s ({type(exc).__name__})") from exc
         except ServiceError as exc:
             raise ServiceError(f"{self.url}: {exc}") from None
+        self.seconds.append(time.perf_counter() - start)
         images = decode(encoded)
         if images.shape[:3] != (request.n, request.height, request.width):
             raise ServiceError(f"the service returned {images.shape[0]} image(s) of {images.shape[2]}x"
@@ -528,8 +531,9 @@ async def _probe_health(client, path: str, stop: asyncio.Event, samples: list[fl
             pass
 
 
-def _window(answers: list[_Answer], opened: float, n: int, load: Load) -> dict:
-    """One measurement window: the answers that closed it, from the previous window's close to its last answer."""
+def _window(answers: list[_Answer], opened: float, n: int, load: Load, sends: list[float]) -> dict:
+    """One measurement window: the answers that closed it, from the previous window's close to its last answer
+    (`sends`: every request's send time, answered or not)."""
     closed = answers[-1].done_at
     wall = max(closed - opened, 1e-9)
     ok = [a.latency for a in answers if a.outcome == "ok"]
@@ -539,7 +543,7 @@ def _window(answers: list[_Answer], opened: float, n: int, load: Load) -> dict:
               "latency_mean_s": sum(ok) / len(ok) if ok else None,
               "latency_p50_s": float(np.median(ok)) if ok else None}
     if load.mode == "rate":
-        window["sent_rate_rps"] = sum(opened < a.sent_at <= closed for a in answers) / wall
+        window["sent_rate_rps"] = sum(opened < t <= closed for t in sends) / wall
     return window
 
 
@@ -553,6 +557,7 @@ async def _level(url: str, protocol, request: ImageRequest, load: Load, level, b
     import httpx
     per_window = load.window_size(level)
     answers: list[_Answer] = []
+    sends: list[float] = []
     windows: list[dict] = []
     window_answers: list[list[_Answer]] = []
     opened = [0.0]
@@ -569,7 +574,7 @@ async def _level(url: str, protocol, request: ImageRequest, load: Load, level, b
         if done.is_set() or len(answers) % per_window:
             return
         closing = answers[-per_window:]
-        windows.append(_window(closing, opened[0], request.n, load))
+        windows.append(_window(closing, opened[0], request.n, load, sends))
         window_answers.append(closing)
         opened[0] = closing[-1].done_at
         if stable(windows, load.stability_pct) or len(windows) >= load.max_windows:
@@ -579,6 +584,7 @@ async def _level(url: str, protocol, request: ImageRequest, load: Load, level, b
             httpx.AsyncClient(base_url=url, timeout=HEALTH_TIMEOUT_S) as health_client:
         async def one() -> None:
             sent = time.perf_counter()
+            sends.append(sent)
             outcome, error = "ok", ""
             try:
                 await exchange_async(client, protocol.exchange(request), timeout_s)
@@ -649,7 +655,7 @@ async def _level(url: str, protocol, request: ImageRequest, load: Load, level, b
     if load.mode == "rate":
         result["distribution"] = load.distribution
         # the rate the sender kept: arrivals between the first and the last request it sent
-        sent_at = sorted(a.sent_at for a in answers)
+        sent_at = sorted(sends)
         result["achieved_rate_rps"] = ((len(sent_at) - 1) / (sent_at[-1] - sent_at[0])
                                        if len(sent_at) > 1 and sent_at[-1] > sent_at[0] else None)
     return result
@@ -705,7 +711,8 @@ def load_sweep(url: str, protocol, request: ImageRequest, load: Load | tuple = D
                timeout_s: float = REQUEST_TIMEOUT_S, budget_s: float = LEVEL_BUDGET_S,
                generation_s: float | None = None) -> dict:
     """The record's `serving`: idle health, one entry per level, the liveness verdict and, when the health check
-    was blocked, `failure` (the row's status is then failed). `load`: a Load, or concurrency levels."""
+    was blocked, `failure` (the row's status is then failed). `load`: a Load, or concurrency levels;
+    `generation_s`: one request's time alone, when no level has one request in flight."""
     import httpx
 
     from harness import progress
@@ -720,13 +727,9 @@ def load_sweep(url: str, protocol, request: ImageRequest, load: Load | tuple = D
         progress.phase(f"load sweep, {load.label(level)}")
         results.append(asyncio.run(_level(url, protocol, request, load, level, budget_s, timeout_s, probe,
                                           seed=request.seed)))
-    # the service's own time for one generation: the median latency with one request in flight (concurrency 1), or
-    # at the lowest request rate (arrivals sparse enough that few wait)
-    answered = [r for r in results if r["ok"]]
-    if load.mode == "concurrency":
-        single = next((r["latency"]["p50"] for r in answered if r["concurrency"] == 1), None)
-    else:
-        single = min(answered, key=lambda r: r["request_rate"])["latency"]["p50"] if answered else None
+    # the service's own time for one generation: the median latency with one request in flight (concurrency 1);
+    # else `generation_s`, the timed calls' median (one at a time): an open loop's latencies hold queueing
+    single = next((r["latency"]["p50"] for r in results if r.get("concurrency") == 1 and r["ok"]), None)
     generation_s = single or generation_s
     serving = {"endpoint": url, "protocol": protocol.name, "load_generator": "httpx + asyncio (one machine)",
                "mode": load.mode, "request": {"n": request.n, "size": f"{request.width}x{request.height}",
@@ -809,7 +812,8 @@ class HttpBackend(Backend):
         probe = health.status_code == 200
 
         def after_measure() -> dict:
-            serving = load_sweep(url, protocol, request, load, probe=probe)
+            alone = float(np.median(pipeline.seconds)) if pipeline.seconds else None
+            serving = load_sweep(url, protocol, request, load, probe=probe, generation_s=alone)
             echoed = pipeline.echo.get("seed")
             if echoed is not None and echoed != request.seed:
                 serving["seed_echo"] = f"asked for seed {request.seed}, the service says {echoed}"
