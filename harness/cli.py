@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--repeats", type=int, default=3)
     options.add_to_argparse(fit, ["--gpu", "--results-dir", "--case-timeout"])
 
-    service = sub.add_parser("service", help="serve a model as the reference image service (OpenAI images API, "
-                                             "FastAPI + uvicorn on 127.0.0.1): what `--backend http` measures")
+    service = sub.add_parser("service", help="serve a model as the reference image service (OpenAI images API and "
+                                             "a ComfyUI stand-in, FastAPI + uvicorn on 127.0.0.1): what "
+                                             "`--backend http` measures")
     service.add_argument("--model", required=True, help="model name or path:DIR")
     service.add_argument("--port", type=int, required=True)
     service.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))

@@ -11,21 +11,31 @@ does what a service must and what wrappers often miss:
     (harness.models.initial_latents), so the images can be judged against diffbench's reference.
 `--blocking` reproduces the common broken wrapper: the pipeline called inside the `async def` route, which blocks
 the event loop (health checks wait for generations). It exists so the http backend's liveness probe can be tested.
+
+It also speaks the part of ComfyUI's prompt API that the http backend's `comfyui` protocol uses (a stand-in for a
+ComfyUI server, with diffbench's own pipeline behind it): POST /prompt (an API-format text-to-image workflow: its
+KSampler's seed, steps and cfg, its two CLIPTextEncode texts, its EmptyLatentImage size), GET /history/{prompt_id},
+GET /view?filename=&subfolder=&type=output and GET /system_stats, shaped as ComfyUI's server.py answers them.
 """
 
 import asyncio
 import base64
 import contextlib
 import io
+import itertools
+import os
 import secrets
+import sys
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from harness.errors import UserError
 
 DEFAULT_STEPS = 4
 MAX_IMAGES = 4
+KEPT_PROMPTS = 256    # ComfyUI-style history and image files kept in memory (the oldest are dropped)
 
 
 class Generator:
@@ -79,6 +89,43 @@ def parse_size(size: str) -> tuple[int, int]:
     if width <= 0 or height <= 0 or width % 8 or height % 8:
         raise ValueError(f"size {size!r}: width and height must be positive multiples of 8")
     return height, width
+
+
+def read_workflow(graph) -> tuple[str, dict, str, str]:
+    """A ComfyUI API-format text-to-image workflow -> (ckpt_name, the generation's inputs, the SaveImage node's id,
+    its filename_prefix). ValueError naming what is missing: the stand-in runs one KSampler into one SaveImage."""
+    if not isinstance(graph, dict):
+        raise ValueError("prompt: expected an API-format workflow (an object of nodes)")
+    nodes = {str(k): v for k, v in graph.items() if isinstance(v, dict)}
+
+    def only(kind: str) -> tuple[str, dict]:
+        found = [(k, n.get("inputs") or {}) for k, n in nodes.items() if n.get("class_type") == kind]
+        if len(found) != 1:
+            raise ValueError(f"the stand-in runs workflows with one {kind} node, this one has {len(found)}")
+        return found[0]
+
+    def linked(ref, kind: str) -> dict:
+        node = nodes.get(str(ref[0])) if isinstance(ref, list) and ref else None
+        if node is None or node.get("class_type") != kind:
+            raise ValueError(f"the KSampler input {ref!r} must link to a {kind} node")
+        return node.get("inputs") or {}
+
+    _, sampler = only("KSampler")
+    save_id, save = only("SaveImage")
+    try:
+        latent = linked(sampler["latent_image"], "EmptyLatentImage")
+        inputs = {"prompt": str(linked(sampler["positive"], "CLIPTextEncode")["text"]),
+                  "negative_prompt": str(linked(sampler["negative"], "CLIPTextEncode")["text"]),
+                  "n": int(latent.get("batch_size", 1)), "height": int(latent["height"]),
+                  "width": int(latent["width"]), "steps": int(sampler["steps"]), "guidance": float(sampler["cfg"]),
+                  "seed": int(sampler["seed"])}
+        ckpt = str(linked(sampler["model"], "CheckpointLoaderSimple")["ckpt_name"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"the workflow lacks an input: {exc}")
+    if not 1 <= inputs["n"] <= MAX_IMAGES or inputs["seed"] < 0 or inputs["steps"] < 1:
+        raise ValueError(f"batch_size 1..{MAX_IMAGES}, seed >= 0 and steps >= 1 expected")
+    parse_size(f"{inputs['width']}x{inputs['height']}")
+    return ckpt, inputs, save_id, str(save.get("filename_prefix", "ComfyUI"))
 
 
 def create_app(generate, blocking: bool = False, workers: int = 1, max_queue: int = 8):
@@ -145,6 +192,83 @@ def create_app(generate, blocking: bool = False, workers: int = 1, max_queue: in
                 "model": served["model"], "size": f"{width}x{height}", "seed": seed, "steps": request.steps,
                 "guidance": guidance, "negative_prompt": request.negative_prompt,
                 "server_s": time.perf_counter() - start}   # queue + generation
+
+    # -- ComfyUI's prompt API (the subset the http backend's comfyui protocol uses) ----------------------------------
+    from fastapi.responses import JSONResponse, Response
+
+    history: dict = {}                 # prompt_id -> ComfyUI's history entry
+    files: dict = {}                   # filename -> PNG bytes, served by /view
+    numbers, names = itertools.count(), itertools.count(1)
+    running: set = set()               # the queued executions (a reference keeps each task alive)
+
+    def keep(store: dict, key, value) -> None:
+        store[key] = value
+        while len(store) > KEPT_PROMPTS * MAX_IMAGES:
+            store.pop(next(iter(store)))
+
+    def finished(prompt_id, number, graph, save_id, prefix, pngs, error=None) -> None:
+        images = []
+        for png in pngs:
+            name = f"{prefix}_{next(names):05}_.png"   # SaveImage's file naming
+            keep(files, name, png)
+            images.append({"filename": name, "subfolder": "", "type": "output"})
+        status = ({"status_str": "success", "completed": True, "messages": []} if error is None else
+                  {"status_str": "error", "completed": False,
+                   "messages": [["execution_error", {"exception_message": error}]]})
+        keep(history, prompt_id, {"prompt": [number, prompt_id, graph, {}, [save_id]],
+                                  "outputs": {save_id: {"images": images}} if images else {}, "status": status})
+
+    @app.post("/prompt")
+    async def prompt(body: dict):
+        graph = body.get("prompt")
+        try:
+            ckpt, inputs, save_id, prefix = read_workflow(graph)
+            if served["model"] and ckpt != served["model"]:
+                raise ValueError(f"ckpt_name {ckpt!r}: this service serves {served['model']!r}")
+        except ValueError as exc:   # ComfyUI's answer to an invalid prompt
+            return JSONResponse({"error": {"type": "prompt_outputs_failed_validation", "message": str(exc),
+                                           "details": "", "extra_info": {}}, "node_errors": {}}, status_code=400)
+        args = (inputs["prompt"], inputs["negative_prompt"], inputs["n"], inputs["height"], inputs["width"],
+                inputs["steps"], inputs["guidance"], inputs["seed"])
+        if not slots.acquire(blocking=False):
+            raise HTTPException(503, "queue full: try again later")
+        prompt_id, number = str(uuid.uuid4()), next(numbers)
+        if blocking:   # the broken wrapper again: the prompt runs inside the route
+            try:
+                finished(prompt_id, number, graph, save_id, prefix, generate(*args))
+            except Exception as exc:
+                finished(prompt_id, number, graph, save_id, prefix, [], str(exc))
+            finally:
+                slots.release()
+        else:          # queued, as ComfyUI does: the answer comes at once, the history when the prompt ran
+            async def execute():
+                try:
+                    pngs = await asyncio.get_running_loop().run_in_executor(pool, generate, *args)
+                    finished(prompt_id, number, graph, save_id, prefix, pngs)
+                except Exception as exc:
+                    finished(prompt_id, number, graph, save_id, prefix, [], str(exc))
+                finally:
+                    slots.release()
+            task = asyncio.create_task(execute())
+            running.add(task)
+            task.add_done_callback(running.discard)
+        return {"prompt_id": prompt_id, "number": number, "node_errors": {}}
+
+    @app.get("/history/{prompt_id}")
+    async def prompt_history(prompt_id: str):
+        return {prompt_id: history[prompt_id]} if prompt_id in history else {}
+
+    @app.get("/view")
+    async def view(filename: str, subfolder: str = "", type: str = "output"):
+        if type != "output" or subfolder or filename not in files:
+            return Response(status_code=404)
+        return Response(files[filename], media_type="image/png")
+
+    @app.get("/system_stats")
+    async def system_stats():
+        return {"system": {"os": os.name, "python_version": sys.version, "comfyui_version": "diffbench stand-in",
+                           "embedded_python": False},
+                "devices": [{"name": "cpu", "type": "cpu", "index": None}]}
 
     return app
 

@@ -165,16 +165,18 @@ def fit_pareto(points: list[dict], front: list[int], title: str, pngs: PngWriter
     return pngs.save(fig, "fit")
 
 
-def serving_sweep(sweep: list[dict], title: str, pngs: PngWriter) -> str:
-    """Throughput, client latency and the server's queue / compute split against concurrency."""
-    conc = [p["concurrency"] for p in sweep]
+def serving_sweep(sweep: list[dict], title: str, pngs: PngWriter, axis: str = "concurrency") -> str:
+    """Throughput, client latency and the server's queue / compute split against concurrency (or, for a sweep in
+    request-rate mode, `axis` = "request_rate")."""
+    conc = [p[axis] for p in sweep]
+    xlabel = "concurrency" if axis == "concurrency" else "request rate (req/s)"
     fig = Figure(figsize=(11, 3.2))
     ax1, ax2, ax3 = fig.subplots(1, 3)
     ax1.plot(conc, [num(p.get("throughput_rps")) for p in sweep], marker="o")
-    ax1.set(xlabel="concurrency", ylabel="throughput (req/s)", title="throughput")
+    ax1.set(xlabel=xlabel, ylabel="throughput (req/s)", title="throughput")
     for stat in ("p50", "p99"):   # the sweep records seconds
         ax2.plot(conc, [(num(get(p, "latency", stat)) or 0.0) * 1000 for p in sweep], marker="o", label=stat)
-    ax2.set(xlabel="concurrency", ylabel="latency (ms)", title="client latency")
+    ax2.set(xlabel=xlabel, ylabel="latency (ms)", title="client latency")
     ax2.legend(fontsize=7)
     bottom = np.zeros(len(sweep))
     x = np.arange(len(sweep))
@@ -183,7 +185,7 @@ def serving_sweep(sweep: list[dict], title: str, pngs: PngWriter) -> str:
         ax3.bar(x, values, bottom=bottom, label=part.removesuffix("_ms"))
         bottom += values
     ax3.set_xticks(x, [str(c) for c in conc])
-    ax3.set(xlabel="concurrency", ylabel="ms per request", title="server: queue / compute")
+    ax3.set(xlabel=xlabel, ylabel="ms per request", title="server: queue / compute")
     ax3.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     return pngs.save(fig, "serving")

@@ -377,18 +377,22 @@ def _images(records: list[dict], out_dir: Path) -> list[dict]:
 def _serving(records: list[dict], pngs: charts.PngWriter) -> list[dict]:
     out = []
     for r in records:
-        sweep = [p for p in (get(r, "serving", "sweep") or []) if isinstance(p, dict) and "concurrency" in p]
+        # levels are concurrencies (closed loop), or requests/s for an http service swept in request-rate mode
+        points = [p for p in (get(r, "serving", "sweep") or []) if isinstance(p, dict)]
+        axis = "concurrency" if any("concurrency" in p for p in points) else "request_rate"
+        sweep = [p for p in points if axis in p]
         if not sweep:
             continue
-        sweep = sorted(sweep, key=lambda p: p["concurrency"])
+        sweep = sorted(sweep, key=lambda p: p[axis])
         title = f"{r['case_id']} — {r['_device']}"
-        df = pd.DataFrame([{"concurrency": p["concurrency"], "throughput rps": fmt(p.get("throughput_rps"), 4),
+        df = pd.DataFrame([{axis.replace("_", " "): p[axis], "throughput rps": fmt(p.get("throughput_rps"), 4),
                             **{f"{s} ms": ms(get(p, "latency", s)) for s in ("p50", "p90", "p99")},
                             **{f"{k.removesuffix('_ms')} ms": fmt(get(p, "server", k), 4)
-                               for k in charts.SERVER_PARTS}}
+                               for k in charts.SERVER_PARTS},
+                            **({"stable": p["stable"]} if "stable" in p else {})}
                            for p in sweep])
         facts = {k: v for k, v in (r.get("serving") or {}).items() if k != "sweep" and isinstance(v, (str, int, float))}
-        out.append({"title": title, "png": charts.serving_sweep(sweep, title, pngs), "table": table(df),
+        out.append({"title": title, "png": charts.serving_sweep(sweep, title, pngs, axis), "table": table(df),
                     "facts": ", ".join(f"{k}: {v}" for k, v in facts.items())})
     return out
 

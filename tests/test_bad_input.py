@@ -43,6 +43,11 @@ def files(tmp_path):
     (f["wrong_pipeline"] / "model_index.json").write_text(json.dumps({"_class_name": "AudioLDMPipeline"}))
     f["a_file"] = tmp_path / "a_file"
     f["a_file"].write_text("x")
+    for name, template in (("template_placeholder", {"path": "/g", "body": {"p": "{promt}"}, "images": "data"}),
+                           ("template_images_path", {"path": "/g", "body": {"p": "{prompt}"}, "images": "data..x"}),
+                           ("template_no_path", {"body": {"p": "{prompt}"}, "images": "data"})):
+        f[name] = tmp_path / f"{name}.json"
+        f[name].write_text(json.dumps(template))
     return f
 
 
@@ -79,6 +84,17 @@ BAD = {
     "triton grpc url without triton url": (["run", "--triton-grpc-url", "127.0.0.1:1"], "need --triton-url"),
     "endpoint not a URL": (["run", "--endpoint", "localhost:8000"], "must be an http(s) URL"),
     "bad sweep levels": (["run", "--concurrency", "0,2"], "expected positive integers"),
+    "bad request rate": (["run", "--request-rate", "fast"], "--request-rate 'fast': expected positive numbers"),
+    "infinite request rate": (["run", "--request-rate", "1,inf"], "expected positive numbers"),
+    "rate and concurrency": (["run", "--request-rate", "1", "--concurrency", "1"], "conflicting options"),
+    "arrivals without a rate": (["run", "--request-distribution", "poisson"], "needs --request-rate"),
+    "unknown arrivals": (["run", "--request-rate", "1", "--request-distribution", "bursty"], "constant or poisson"),
+    "zero sweep windows": (["run", "--sweep-windows", "0"], "--sweep-windows must be >= 1"),
+    "template not JSON": (["run", "--http-template", "{bad_toml}"], "is not JSON"),
+    "template placeholder": (["run", "--http-template", "{template_placeholder}"], "unknown placeholder(s) {promt}"),
+    "template images path": (["run", "--http-template", "{template_images_path}"], "must be a dotted path"),
+    "template without path": (["run", "--http-template", "{template_no_path}"], "missing path"),
+    "missing template": (["run", "--http-template", "/nonexistent/t.json"], "cannot read it"),
     "service of an unknown model": (["service", "--model", "sd99", "--port", "8000"], "unknown model 'sd99'"),
     "service on port 0": (["service", "--model", "tiny-sd", "--port", "0"], "--port 0: expected 1..65535"),
     "unknown option": (["run", "--frobnicate"], "unrecognized arguments: --frobnicate"),

@@ -204,6 +204,22 @@ def test_sparse_and_odd_records_do_not_crash(tmp_path):
         assert (html.parent / src).is_file()
 
 
+def test_a_request_rate_sweep_is_charted_against_its_rate(tmp_path):
+    """An http service swept in request-rate mode (open loop): its levels are requests/s, not concurrencies."""
+    path = tmp_path / "records.jsonl"
+    sweep = [{"request_rate": rate, "throughput_rps": 0.9 * rate, "stable": rate < 2,
+              "latency": {"p50": 0.2 * rate, "p90": 0.3 * rate, "p99": 0.4 * rate}} for rate in (2.0, 0.5, 1.0)]
+    with RecordWriter(path) as w:
+        w.write(Record.for_case(Case("tiny-sd", "http"), "r", e2e={"p50": 0.2, "n": 1},
+                                serving={"mode": "rate", "protocol": "openai", "sweep": sweep}))
+    html = reports.build_report(load_many([path]), tmp_path / "out")
+    page = parse(html)
+    assert "serving" in page.sections
+    text = " ".join(page.text)
+    assert "request rate" in text and "mode: rate" in text
+    assert any("serving" in src for src in page.imgs)
+
+
 def test_rerun_records_supersede_older_ones(tmp_path):
     first = write_synthetic_run(tmp_path / "a", seed=1, images=False, models=("tiny-sd",), backends=("diffusers",))
     second = write_synthetic_run(tmp_path / "b", seed=2, images=False, models=("tiny-sd",), backends=("diffusers",))

@@ -89,6 +89,17 @@ MEASURING = (
            "does not answer is an error row)", metavar="URL"),
     Option("--concurrency", "the http backend's load sweep: concurrency levels, e.g. 1,2,4 (default 1,2,4)",
            metavar="N,N,..."),
+    Option("--request-rate", "the http backend's load sweep in request-rate mode (open loop, instead of "
+           "--concurrency): requests per second at each level, e.g. 0.5,1,2", metavar="R,R,..."),
+    Option("--request-distribution", "arrivals of --request-rate: constant or poisson (default constant)",
+           metavar="constant|poisson"),
+    Option("--sweep-windows", "the http backend's load sweep: at most N measurement windows per level (default "
+           "10); a level stops when its last three windows agree within --stability", type=int, metavar="N"),
+    Option("--stability", "the http backend's load sweep: the percentage within which the last three windows' "
+           "requests/s and mean latency must agree (default 10)", type=float, metavar="PCT"),
+    Option("--http-template", "the http backend's template protocol (--backend http+template): a JSON file with "
+           "the request path, a body with {prompt}, {seed}... placeholders and the dotted path of the base64 images "
+           "in the answer (docs/service.md)", metavar="FILE"),
     Option("--memory-budget", "hold each case to this much memory, e.g. 12GB: on GPU a real allocator cap in the "
            "case's worker, on CPU its measured inference peak (process tree); above it the case is over_budget; "
            "each case in its own worker unless --no-isolate",
@@ -153,6 +164,7 @@ class Settings:
     endpoint: str | None = None             # the http backend's service
     concurrency: str | None = None          # the http backend's sweep levels, "1,2,4"
     history: str | None = None              # --history STORE: the records are added there at the end
+    http_env: dict[str, str] = field(default_factory=dict)   # the http backend's sweep and protocol options
 
 
 def settings_from(get: Callable[[str], Any]) -> Settings:
@@ -199,6 +211,7 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
         check_endpoint(endpoint)
     if concurrency:
         check_concurrency(concurrency)
+    http_env = http_settings(get)
     selected = len(cases)
     expected = expected_from(get("durations_from"), cases, run_options)
     shard = None
@@ -209,7 +222,7 @@ def settings_from(get: Callable[[str], Any]) -> Settings:
     return Settings(device, cases, run_options, Path(get("results_dir")), not get("no_report"), baseline,
                     thresholds, triton_url, shard, selected, expected, triton_grpc_url=triton_grpc_url,
                     triton_metrics_url=triton_metrics_url, triton_model=triton_model, endpoint=endpoint,
-                    concurrency=concurrency, history=get("history"))
+                    concurrency=concurrency, history=get("history"), http_env=http_env)
 
 
 def expected_from(paths, cases, run_options) -> dict[str, float]:
@@ -273,6 +286,7 @@ def export_backend_settings(settings: Settings) -> None:
         os.environ["DIFFBENCH_HTTP_ENDPOINT"] = settings.endpoint
     if settings.concurrency:
         os.environ["DIFFBENCH_HTTP_SWEEP"] = settings.concurrency
+    os.environ.update(settings.http_env)
 
 
 def select_cases(models=None, backends=None, dtypes=None, batches=None, sizes=None, steps=None, matrix=None,
@@ -377,3 +391,42 @@ def check_concurrency(levels: str) -> None:
         values = []
     if not values or min(values) < 1:
         raise UserError(f"--concurrency {levels!r}: expected positive integers separated by commas, e.g. 1,2,4")
+
+
+def http_settings(get) -> dict[str, str]:
+    """The http backend's sweep mode, windows and template, checked (UserError: one line, exit 2), as the
+    environment variables the backend reads."""
+    env = {}
+    rate, distribution = get("request_rate"), get("request_distribution")
+    if rate:
+        if get("concurrency"):
+            raise UserError("conflicting options: --request-rate (open loop) and --concurrency (closed loop): "
+                            "choose one")
+        try:
+            rates = [float(v) for v in rate.split(",")]
+        except ValueError:
+            rates = []
+        if not rates or not all(0 < r < float("inf") for r in rates):   # nan and inf fail too
+            raise UserError(f"--request-rate {rate!r}: expected positive numbers separated by commas, e.g. 0.5,1,2")
+        env["DIFFBENCH_HTTP_RATE"] = rate
+    if distribution:
+        if distribution not in ("constant", "poisson"):
+            raise UserError(f"--request-distribution {distribution!r}: expected constant or poisson")
+        if not rate:
+            raise UserError("conflicting options: --request-distribution needs --request-rate")
+        env["DIFFBENCH_HTTP_DISTRIBUTION"] = distribution
+    windows, stability = get("sweep_windows"), get("stability")
+    if windows is not None:
+        if windows < 1:
+            raise UserError(f"--sweep-windows must be >= 1, got {windows}")
+        env["DIFFBENCH_HTTP_WINDOWS"] = str(windows)
+    if stability is not None:
+        if not stability > 0:
+            raise UserError(f"--stability must be a positive percentage, got {stability:g}")
+        env["DIFFBENCH_HTTP_STABILITY"] = str(stability)
+    template = get("http_template")
+    if template:
+        from backends.http import Template   # the backend's own reader: a bad file stops the run here
+        Template.load(template)
+        env["DIFFBENCH_HTTP_TEMPLATE"] = str(Path(template).resolve())
+    return env
