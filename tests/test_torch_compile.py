@@ -193,6 +193,7 @@ def test_compile_cold_then_warm_and_recompile_is_counted(tmp_path):
     backend.close()
 
 
+@pytest.mark.slow
 def test_the_default_matrix_compiles_through_the_cli_into_the_checkouts_cache(tmp_path):
     """`diffbench run --backend torch_compile --quick` as a user runs it: in the checkout, with its .cache, with
     the machine's usual torch threads (inductor's cache key holds the thread count). Both default models compile
