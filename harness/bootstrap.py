@@ -494,7 +494,9 @@ def testing_stages(python: str, rest: list[str]) -> list[tuple[list[str], dict]]
         # the GPU-relevant suites: no apt, no Chromium (the unit tests and the browser test are CPU CI's)
         return [([python, "-m", "pytest", "suites", *rest], {})]
     workers = str(max(2, min(UNIT_TEST_WORKERS, os.cpu_count() or 1)))
-    return [([python, "-m", "pytest", "tests", "-n", workers, "--dist", "loadfile", *ensure_chromium(), *rest],
+    # one file per worker at a time, in tests/conftest.py's order (the heaviest files first), not xdist's own
+    return [([python, "-m", "pytest", "tests", "-n", workers, "--dist", "loadfile", "--no-loadscope-reorder",
+              *ensure_chromium(), *rest],
              {"OMP_NUM_THREADS": "1"}),
             ([python, "-m", "pytest", "suites", *rest], {})]
 

@@ -261,7 +261,8 @@ def test_cpu_testing_runs_the_unit_tests_in_parallel_then_the_suites_alone(monke
     monkeypatch.setattr(bootstrap, "ensure_chromium", lambda: [])
     monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: 2)
     (units, unit_env), (suites, suite_env) = bootstrap.testing_stages("py", ["-k", "x"])
-    assert units == ["py", "-m", "pytest", "tests", "-n", "2", "--dist", "loadfile", "-k", "x"]
+    assert units == ["py", "-m", "pytest", "tests", "-n", "2", "--dist", "loadfile", "--no-loadscope-reorder",
+                     "-k", "x"]
     assert unit_env == {"OMP_NUM_THREADS": "1"}      # one torch thread per worker: no oversubscribed cores
     assert suites == ["py", "-m", "pytest", "suites", "-k", "x"] and suite_env == {}   # alone, usual threads
     monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: 64)

@@ -1,5 +1,11 @@
 """torch_compile backend: option rules, the recipe preset, process-global settings undone at close, counters read
-after the measured calls, and one real (tiny) compile: cold vs warm inductor cache, recompiles."""
+after the measured calls, one real (tiny) compile: cold vs warm inductor cache, recompiles; and the default
+matrix's torch.compile cases through `diffbench run` into the checkout's own inductor cache."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +16,7 @@ from backends.base import enable_tf32
 from harness.models import LoadedModel
 from harness.selection.cases import Case
 
+ROOT = Path(__file__).resolve().parent.parent
 CPU = {"device": "cpu"}
 
 
@@ -184,3 +191,31 @@ def test_compile_cold_then_warm_and_recompile_is_counted(tmp_path):
     assert warm.info["inductor_cache"] == "warm" and warm.info["recompiles"] == 0
     warm.close()
     backend.close()
+
+
+@pytest.mark.slow
+def test_the_default_matrix_compiles_through_the_cli_into_the_checkouts_cache(tmp_path):
+    """`diffbench run --backend torch_compile --quick` as a user runs it: in the checkout, with its .cache, with
+    the machine's usual torch threads (inductor's cache key holds the thread count). Both default models compile
+    whole (two graphs, no break), pass parity, never recompile while measured, and the record says cold or warm
+    as inductor's own counters do. Cost: ~100 s on the 2-core CI VM on a fresh clone (two cold compiles), ~35 s
+    with the cache warm. On a fresh clone this is the cold compile of those cases, here in the parallel stage:
+    the suites, which then run the same two cases alone, find the cache warm and say so in their records."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("OMP_NUM_THREADS", None)       # the unit stage's one thread per worker: the suites run without it
+    shared_cache = (ROOT / env.get("DIFFBENCH_CACHE", ".cache")).resolve()
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--model", "tiny-sd", "--model", "tiny-sd3",
+                           "--backend", "torch_compile", "--quick", "--no-report", "--results-dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (records_file,) = tmp_path.glob("*/records.jsonl")
+    records = {r["model"]: r for r in map(json.loads, records_file.read_text().splitlines())}
+    assert set(records) == {"tiny-sd", "tiny-sd3"}
+    for name, record in records.items():
+        info = record["info"]
+        assert record["status"] == "passed" and record["parity"]["verdict"] == "pass", (name, record["reason"])
+        assert (info["graphs"], info["graph_breaks"], info["recompiles"]) == (2, 0, 0), (name, info)
+        assert info["fxgraph_cache_hit"] + info["fxgraph_cache_miss"] == 2, (name, info)
+        assert info["inductor_cache"] == tc.cache_state(info) in ("cold", "warm"), (name, info)
+        assert Path(info["inductor_cache_dir"]) == shared_cache / "inductor"       # the suites' and the main job's
+        assert record["build"]["compile"] > 0

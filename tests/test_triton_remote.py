@@ -96,10 +96,18 @@ def echo_request(tmp_path, name, backend="python"):
     return repo.load_request(folder)
 
 
+def _unset_until_the_end(monkeypatch, *variables):
+    """Unset now, and as before after the test, whatever main() exports meanwhile. (A removal of a variable that
+    is not set records nothing to undo: --triton-model then leaked into the next test file of this process.)"""
+    for variable in variables:
+        monkeypatch.setenv(variable, "")
+        monkeypatch.delenv(variable)
+
+
 def test_run_sends_models_and_unloads_them(remote, tmp_path, monkeypatch):
     import tritonclient.grpc as grpcclient
-    for variable in ("DIFFBENCH_TRITON_URL", "DIFFBENCH_TRITON_GRPC_URL", "DIFFBENCH_TRITON_METRICS_URL"):
-        monkeypatch.delenv(variable, raising=False)   # main() exports the options: restored afterwards
+    _unset_until_the_end(monkeypatch, "DIFFBENCH_TRITON_URL", "DIFFBENCH_TRITON_GRPC_URL",
+                         "DIFFBENCH_TRITON_METRICS_URL")   # main() exports the options: restored afterwards
     code = main(["run", "--model", "tiny-sd", "--backend", "triton", "--triton-url", f"http://{remote.http_url}",
                  "--triton-grpc-url", remote.grpc_url, "--warmup", "0", "--repeats", "1",
                  "--results-dir", str(tmp_path), "--no-report"])
@@ -138,8 +146,7 @@ def test_refusals_name_why(remote, tmp_path):
 
 
 def test_users_served_model_judged_against_local_reference(remote, tmp_path, monkeypatch):
-    for variable in ("DIFFBENCH_TRITON_URL", "DIFFBENCH_TRITON_GRPC_URL", "DIFFBENCH_TRITON_MODEL"):
-        monkeypatch.delenv(variable, raising=False)
+    _unset_until_the_end(monkeypatch, "DIFFBENCH_TRITON_URL", "DIFFBENCH_TRITON_GRPC_URL", "DIFFBENCH_TRITON_MODEL")
     code = main(["run", "--model", "minilm-l6", "--backend", "triton+grpc", "--triton-url", remote.http_url,
                  "--triton-grpc-url", remote.grpc_url, "--triton-model", USER_MODEL, "--batch", "4", "--seq", "16",
                  "--warmup", "0", "--repeats", "1", "--results-dir", str(tmp_path), "--no-report"])
