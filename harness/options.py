@@ -87,7 +87,8 @@ MEASURING = (
            metavar="HOST:PORT"),
     Option("--endpoint", "the http backend's service: its base URL, e.g. http://127.0.0.1:8000 (an endpoint that "
            "does not answer is an error row)", metavar="URL"),
-    Option("--concurrency", "the http backend's load sweep: concurrency levels, e.g. 1,2,4 (default 1,2,4)",
+    Option("--concurrency", "the load sweep of the http backend and of a --triton-model: concurrency levels, e.g. "
+           "1,2,4 (default 1,2,4)",
            metavar="N,N,..."),
     Option("--memory-budget", "hold each case to this much memory, e.g. 12GB: on GPU a real allocator cap in the "
            "case's worker, on CPU its measured inference peak (process tree); above it the case is over_budget; "
@@ -151,7 +152,7 @@ class Settings:
     triton_metrics_url: str | None = None
     triton_model: str | None = None
     endpoint: str | None = None             # the http backend's service
-    concurrency: str | None = None          # the http backend's sweep levels, "1,2,4"
+    concurrency: str | None = None          # the http backend's and a --triton-model's sweep levels, "1,2,4"
     history: str | None = None              # --history STORE: the records are added there at the end
 
 
@@ -273,6 +274,7 @@ def export_backend_settings(settings: Settings) -> None:
         os.environ["DIFFBENCH_HTTP_ENDPOINT"] = settings.endpoint
     if settings.concurrency:
         os.environ["DIFFBENCH_HTTP_SWEEP"] = settings.concurrency
+        os.environ["DIFFBENCH_TRITON_SWEEP"] = settings.concurrency
 
 
 def select_cases(models=None, backends=None, dtypes=None, batches=None, sizes=None, steps=None, matrix=None,

@@ -31,6 +31,7 @@ from backends.onnx.executors import make_executor
 from backends.onnx.export import export_model
 from backends.triton.client import Client, failure
 from backends.triton.server import ExternalServer, TritonServer, missing_reason
+from harness.models.sentences import texts_for
 
 URL_ENV = "DIFFBENCH_TRITON_URL"
 GRPC_URL_ENV = "DIFFBENCH_TRITON_GRPC_URL"         # --triton-grpc-url
@@ -286,6 +287,7 @@ class TritonBackend(Backend):
         self.models_of[case.id] = {spec.name for spec in specs}
         info = {"triton": {
             "protocol": protocol, "served": {c: spec.name for c, (_, spec) in served.items()},
+            "served_versions": ["1"],   # repository.write_model writes each model as version 1
             "server": "external" if server.external else "local", "url": server.http_url,
             "grpc_url": server.grpc_url, "metrics_url": server.metrics_url,
             "server_version": server_version(server),
@@ -327,8 +329,22 @@ class TritonBackend(Backend):
             "delivery": "the server's own model (--triton-model)", **fitted.description}}
         unjudged = {model.encoder: f"{name} returns pooled embeddings, not the hidden state: its embeddings and "
                                    "ranking are judged"} if fitted.pooled else {}
+        before = user_served.statistics(server, name)   # the case's calls are what is counted from here
+        texts = texts_for(case.seq)
+
+        def request(i: int) -> dict:
+            """The case's own request: `batch` sentences of its set (rotating), tokenized at its length."""
+            chosen = [texts[(i * case.batch + k) % len(texts)] for k in range(case.batch)]
+            return fitted.arrays(model.pipeline.tokenize(chosen, case.seq))
+
+        def after_measure() -> dict:
+            serving = user_served.serving(server, fitted, request, protocol, case.batch, before,
+                                          user_served.sweep_levels())
+            # the version the case's calls reached, beside the versions the server had ready
+            return {"serving": serving, "triton": {**info["triton"], "measured_version": serving["version"]}}
+
         return Prepared(pipeline=model.pipeline, executors={model.encoder: executor}, build=build, info=info,
-                        on_close=[client.close], unjudged_components=unjudged)
+                        on_close=[client.close], unjudged_components=unjudged, after_measure=after_measure)
 
     def foreign_processes(self, case) -> dict[int, str]:
         """The shared local server belongs to the triton cases: to another backend's case, the whole server (its
