@@ -11,7 +11,8 @@ from backends.triton import repository as repo
 from backends.triton import server as srv
 from backends.triton.backend import load_model
 from backends.triton.server import TritonServer, TritonServerError
-from backends.triton.served import DoesNotFit, fit_encoder
+from backends.base import Unsupported
+from backends.triton.served import DoesNotFit, check_batch, fit_encoder
 from harness.cli import main
 from harness.models.embedding import minilm_folder
 from harness.records import read_records
@@ -102,13 +103,16 @@ def test_run_sends_models_and_unloads_them(remote, tmp_path, monkeypatch):
         monkeypatch.delenv(variable, raising=False)   # main() exports the options: restored afterwards
     code = main(["run", "--model", "tiny-sd", "--backend", "triton", "--triton-url", f"http://{remote.http_url}",
                  "--triton-grpc-url", remote.grpc_url, "--warmup", "0", "--repeats", "1",
-                 "--results-dir", str(tmp_path), "--no-report"])
+                 "--results-dir", str(tmp_path)])
     (record,) = read_records(next(tmp_path.glob("*/records.jsonl")))
     assert code == 0 and record["status"] == "passed", (record.get("reason"), record["info"].get("traceback"))
     info = record["info"]["triton"]
     assert info["server"] == "external" and info["grpc_url"] == remote.grpc_url
     assert info["delivery"].startswith("model-load request") and info["server_version"].startswith("triton 2.")
     assert info["metrics_url"] == "http://127.0.0.1:8002/metrics"   # defaulted from --triton-url's host
+    assert info["served_versions"] == ["1"]
+    html = next(tmp_path.glob("*/report.html")).read_text()   # the latency table's `served by` column
+    assert f"{info['served']['unet']} v1 on {info['server_version']} at {remote.http_url}" in html
     client = grpcclient.InferenceServerClient(remote.grpc_url)
     try:
         assert not client.is_model_ready(info["served"]["unet"])       # unloaded at the end of the run
@@ -195,6 +199,9 @@ def test_a_served_model_that_does_not_fit_says_why():
     wanted = ["input_ids", "attention_mask", "token_type_ids"]
     fits = metadata([("input_ids", "INT32", [-1, -1])], [("last_hidden_state", "FP16", [-1, -1, 384])])
     assert not fit_encoder(fits, {"max_batch_size": 8}, wanted).pooled
+    check_batch(fit_encoder(fits, {"max_batch_size": 8}, wanted), 8)
+    with pytest.raises(Unsupported, match="takes at most 8 sentences per request .* batch 16 does not fit"):
+        check_batch(fit_encoder(fits, {"max_batch_size": 8}, wanted), 16)
     cases = {"is not token ids": metadata([("pixel_values", "FP32", [-1, 3, 224, 224])], []),
              "is FP32, token tensors are": metadata([("input_ids", "FP32", [-1, -1])], []),
              "has no floating-point output": metadata([("input_ids", "INT64", [-1, -1])],

@@ -318,6 +318,7 @@ class TritonBackend(Backend):
         (interface,) = component_specs(model, case, [model.encoder])
         metadata, config = user_served.describe(server, name)
         fitted = user_served.fit_encoder(metadata, config, list(interface.inputs))
+        user_served.check_batch(fitted, case.batch)
         protocol = protocol_of(case.variant)
         client = Client(server, protocol)
         runner = user_served.RenamingRunner(TritonRunner(client, fitted.served, model.device), fitted)

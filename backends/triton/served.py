@@ -113,6 +113,15 @@ def fit_encoder(metadata: dict, config: dict, wanted: list[str]) -> FittedModel:
     return FittedModel(served, renames, output["name"], pooled, description)
 
 
+def check_batch(fitted: FittedModel, batch: int) -> None:
+    """A case's batch travels as one request: a batched model takes at most its max_batch_size sentences."""
+    from backends.base import Unsupported
+    limit = fitted.served.max_batch_size
+    if 0 < limit < batch:
+        raise Unsupported(f"served model {fitted.served.name!r} takes at most {limit} sentences per request (its "
+                          f"max_batch_size): batch {batch} does not fit")
+
+
 class RenamingRunner:
     """Wraps a TritonRunner of the served names: diffbench's input names in, the last hidden state out (pooled
     embeddings repeated along the sequence; see the module doc)."""
