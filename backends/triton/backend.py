@@ -14,6 +14,7 @@ backends.onnx's, with Triton as their runner.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import threading
@@ -331,12 +332,15 @@ class TritonBackend(Backend):
         unjudged = {model.encoder: f"{name} returns pooled embeddings, not the hidden state: its embeddings and "
                                    "ranking are judged"} if fitted.pooled else {}
         before = user_served.statistics(server, name)   # the case's calls are what is counted from here
+        # the sweep's requests: the case's `batch` sentences of its set, rotating (the cycle of starting sentences
+        # repeats after len / gcd(len, batch) requests), tokenized at its length here, outside the sweep's clocks
         texts = texts_for(case.seq)
+        requests = [fitted.arrays(model.pipeline.tokenize([texts[(i * case.batch + k) % len(texts)]
+                                                           for k in range(case.batch)], case.seq))
+                    for i in range(len(texts) // math.gcd(len(texts), case.batch))]
 
         def request(i: int) -> dict:
-            """The case's own request: `batch` sentences of its set (rotating), tokenized at its length."""
-            chosen = [texts[(i * case.batch + k) % len(texts)] for k in range(case.batch)]
-            return fitted.arrays(model.pipeline.tokenize(chosen, case.seq))
+            return requests[i % len(requests)]
 
         def after_measure() -> dict:
             serving = user_served.serving(server, fitted, request, protocol, case.batch, before,
