@@ -118,8 +118,8 @@ def check_batch(fitted: FittedModel, batch: int) -> None:
     from backends.base import Unsupported
     limit = fitted.served.max_batch_size
     if 0 < limit < batch:
-        raise Unsupported(f"served model {fitted.served.name!r} takes at most {limit} sentences per request (its "
-                          f"max_batch_size): batch {batch} does not fit")
+        raise Unsupported(f"batch {batch} > max_batch_size {limit} of served model {fitted.served.name!r} (a case's "
+                          "batch is one request)")
 
 
 class RenamingRunner:
