@@ -343,7 +343,7 @@ class TritonBackend(Backend):
             return requests[i % len(requests)]
 
         def after_measure() -> dict:
-            serving = user_served.serving(server, fitted, request, protocol, case.batch, before,
+            serving = user_served.serving(server, fitted, request, protocol, case.batch, before, runner.requests,
                                           user_served.sweep_levels())
             # the version the case's calls reached, beside the versions the server had ready
             return {"serving": serving, "triton": {**info["triton"], "measured_version": serving["version"]}}

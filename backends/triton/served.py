@@ -128,9 +128,11 @@ class RenamingRunner:
 
     def __init__(self, runner, fitted: FittedModel):
         self.runner, self.fitted = runner, fitted
+        self.requests = 0   # sent, so the server's statistics of the case's calls can be waited for
 
     def __call__(self, feeds):
         served = {self.fitted.renames[n]: t for n, t in feeds.items() if n in self.fitted.renames}
+        self.requests += 1
         (out,) = self.runner(served)
         if self.fitted.pooled:
             ids = feeds["input_ids"]
@@ -149,15 +151,28 @@ def requests_per_level(concurrency: int) -> int:
     return max(4, 2 * concurrency)
 
 
-def statistics(server, name: str) -> dict[str, dict]:
-    """The served model's counters per version (statistics extension, over HTTP)."""
+def statistics(server, name: str, before: dict[str, dict] | None = None, sent: int = 0,
+               wait_s: float = 5.0) -> dict[str, dict]:
+    """The served model's counters per version (statistics extension, over HTTP). With `before` and `sent`: once
+    they count the `sent` requests since `before` (the server counts a request just after its response)."""
+    import time
+
     import tritonclient.http as httpclient
     from backends.triton.serving import statistics_by_version
     client = httpclient.InferenceServerClient(server.http_url, connection_timeout=30, network_timeout=30)
+    deadline = time.monotonic() + wait_s
     try:
-        return statistics_by_version(client, name)
+        while True:
+            counters = statistics_by_version(client, name)
+            if _answered(counters) - _answered(before or {}) >= sent or time.monotonic() > deadline:
+                return counters
+            time.sleep(0.02)
     finally:
         client.close()
+
+
+def _answered(counters: dict[str, dict]) -> int:
+    return sum(c["requests"] + c["failures"] for c in counters.values())
 
 
 def model_metrics(url: str, name: str) -> dict[str, dict[str, float]]:
@@ -170,15 +185,16 @@ def model_metrics(url: str, name: str) -> dict[str, dict[str, float]]:
 
 
 def serving(server, fitted: FittedModel, request: Callable[[int], dict], protocol: str, batch: int,
-            before: dict[str, dict], levels: tuple[int, ...]) -> dict:
+            before: dict[str, dict], sent: int, levels: tuple[int, ...]) -> dict:
     """The record's `serving` for the user's model, after the case's measured calls: the version the case's calls
     reached (the one whose request count grew since `before`, read at prepare), the server's statistics of those
-    calls, a concurrency sweep of the case's own requests (`batch` sentences each) and the model's /metrics."""
+    calls (`sent` requests), a concurrency sweep of the case's own requests (`batch` sentences each) and the
+    model's /metrics."""
     from backends.triton.client import failure
     from backends.triton.serving import statistics_delta, sweep
     from backends.triton.server import TritonServerError
     name = fitted.served.name
-    after = statistics(server, name)
+    after = statistics(server, name, before, sent)
     grown = [v for v, counters in after.items()
              if counters["requests"] > before.get(v, {}).get("requests", 0)]
     version = grown[0] if len(grown) == 1 else ""
