@@ -86,15 +86,6 @@ def remote(tmp_path_factory):
     assert [p.name for p in repository.iterdir()] == [USER_MODEL]   # diffbench never wrote where the server looks
 
 
-def unset_backend_settings(monkeypatch):
-    """main() exports the backend options into os.environ: each is set, then deleted, through monkeypatch, so what
-    main() sets is removed after the test (a bare delenv of an unset variable records nothing to undo)."""
-    for variable in ("DIFFBENCH_TRITON_URL", "DIFFBENCH_TRITON_GRPC_URL", "DIFFBENCH_TRITON_METRICS_URL",
-                     "DIFFBENCH_TRITON_MODEL", "DIFFBENCH_TRITON_SWEEP", "DIFFBENCH_HTTP_SWEEP"):
-        monkeypatch.setenv(variable, "")
-        monkeypatch.delenv(variable)
-
-
 def echo_request(tmp_path, name, backend="python"):
     model = repo.ServedModel(name=name, inputs=[repo.TensorSpec("X", "FP32", [-1])],
                              outputs=[repo.TensorSpec("Y", "FP32", [-1])])
@@ -106,9 +97,18 @@ def echo_request(tmp_path, name, backend="python"):
     return repo.load_request(folder)
 
 
+def _unset_until_the_end(monkeypatch, *variables):
+    """Unset now, and as before after the test, whatever main() exports meanwhile. (A removal of a variable that
+    is not set records nothing to undo: --triton-model then leaked into the next test file of this process.)"""
+    for variable in variables:
+        monkeypatch.setenv(variable, "")
+        monkeypatch.delenv(variable)
+
+
 def test_run_sends_models_and_unloads_them(remote, tmp_path, monkeypatch):
     import tritonclient.grpc as grpcclient
-    unset_backend_settings(monkeypatch)
+    _unset_until_the_end(monkeypatch, "DIFFBENCH_TRITON_URL", "DIFFBENCH_TRITON_GRPC_URL",
+                         "DIFFBENCH_TRITON_METRICS_URL")   # main() exports the options: restored afterwards
     code = main(["run", "--model", "tiny-sd", "--backend", "triton", "--triton-url", f"http://{remote.http_url}",
                  "--triton-grpc-url", remote.grpc_url, "--warmup", "0", "--repeats", "1",
                  "--results-dir", str(tmp_path)])
@@ -152,7 +152,8 @@ def test_refusals_name_why(remote, tmp_path):
 def test_users_served_model_judged_against_local_reference(remote, tmp_path, monkeypatch):
     """Parity against the local reference; the serving sweep, the server's statistics and the model's metrics in
     the record; which server, model and version measured it, in the record and in the rendered report."""
-    unset_backend_settings(monkeypatch)
+    _unset_until_the_end(monkeypatch, "DIFFBENCH_TRITON_URL", "DIFFBENCH_TRITON_GRPC_URL", "DIFFBENCH_TRITON_MODEL",
+                         "DIFFBENCH_TRITON_METRICS_URL", "DIFFBENCH_TRITON_SWEEP", "DIFFBENCH_HTTP_SWEEP")
     code = main(["run", "--model", "minilm-l6", "--backend", "triton+grpc", "--triton-url", remote.http_url,
                  "--triton-grpc-url", remote.grpc_url, "--triton-metrics-url", remote.metrics_url,
                  "--triton-model", USER_MODEL, "--batch", "4", "--seq", "16", "--concurrency", "1,4",
@@ -199,7 +200,6 @@ def test_users_served_model_judged_against_local_reference(remote, tmp_path, mon
 
 
 def test_a_served_model_that_does_not_fit_says_why():
-
     def metadata(inputs, outputs):
         return {"name": "m", "inputs": [{"name": n, "datatype": t, "shape": s} for n, t, s in inputs],
                 "outputs": [{"name": n, "datatype": t, "shape": s} for n, t, s in outputs]}
