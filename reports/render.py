@@ -74,6 +74,7 @@ def _latency(records: list[dict], pngs: charts.PngWriter) -> list[dict]:
     for key, rows in groups.items():
         title = f"{shape_label(rows[0])} — {key[0]}"
         ref = next((r for r in rows if is_reference(r)), None)
+        external = any(get(r, "info", "triton", "server") == "external" for r in rows)   # --triton-url
         rows_out = []
         for r in rows:
             speedup = (num(ref["e2e"]["p50"]) / num(r["e2e"]["p50"])) if ref else None
@@ -82,7 +83,8 @@ def _latency(records: list[dict], pngs: charts.PngWriter) -> list[dict]:
                              "std ms": ms(r["e2e"].get("std")), "n": r["e2e"].get("n", "–"),
                              **{f"{s} ms": ms(get(r, "stages", s, "p50")) for s in (*STACK, "denoise_step")},
                              f"speedup vs {REFERENCE}": f"×{speedup:.2f}" if speedup else "–",
-                             "parity": get(r, "parity", "verdict", default="–")})
+                             "parity": get(r, "parity", "verdict", default="–"),
+                             **({"served by": _served_by(r)} if external else {})})
         out.append({"title": title, "bars": charts.latency_stages(rows, ref, title, pngs),
                     "box": charts.latency_box(rows, title, pngs), "table": table(pd.DataFrame(rows_out)),
                     "integration": _integration(rows), "findings": [f"{r['_backend']}: {f}" for r in rows
@@ -298,7 +300,8 @@ def _served_by(r: dict) -> str:
     if triton.get("server") != "external":
         return "–"
     model = triton.get("served_model") or ", ".join((triton.get("served") or {}).values())
-    versions = "/".join(triton.get("served_versions") or [])
+    # the version the case's calls reached; else the versions the server had ready
+    versions = triton.get("measured_version") or "/".join(triton.get("served_versions") or [])
     return f"{model}{' v' + versions if versions else ''} on {triton.get('server_version') or 'triton'} " \
            f"at {triton.get('url')}"
 

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -142,3 +143,14 @@ def test_variant_options_have_one_canonical_order():
         select_cases(["tiny-sd"], ["torch_compile+reduce-overhead+max-autotune"])
     with pytest.raises(UserError, match="unknown variant option 'nope'"):
         select_cases(["tiny-sd"], ["onnxruntime+dynamo+nope"])
+
+
+def test_each_session_points_server_logs_at_its_own_run_folder_unless_the_user_named_one(tmp_path, monkeypatch):
+    from harness.measure.session import TRITON_LOG_ENV, set_server_log_dir
+    monkeypatch.delenv(TRITON_LOG_ENV, raising=False)
+    set_server_log_dir(tmp_path / "run1" / "triton")
+    set_server_log_dir(tmp_path / "run2" / "triton")           # a second session in the same process
+    assert os.environ[TRITON_LOG_ENV] == str(tmp_path / "run2" / "triton")
+    monkeypatch.setenv(TRITON_LOG_ENV, str(tmp_path / "mine"))
+    set_server_log_dir(tmp_path / "run3" / "triton")
+    assert os.environ[TRITON_LOG_ENV] == str(tmp_path / "mine")

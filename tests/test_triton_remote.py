@@ -11,7 +11,8 @@ from backends.triton import repository as repo
 from backends.triton import server as srv
 from backends.triton.backend import load_model
 from backends.triton.server import TritonServer, TritonServerError
-from backends.triton.served import DoesNotFit, fit_encoder
+from backends.base import Unsupported
+from backends.triton.served import DoesNotFit, check_batch, fit_encoder
 from harness.cli import main
 from harness.models.embedding import minilm_folder
 from harness.records import read_records
@@ -110,13 +111,16 @@ def test_run_sends_models_and_unloads_them(remote, tmp_path, monkeypatch):
                          "DIFFBENCH_TRITON_METRICS_URL")   # main() exports the options: restored afterwards
     code = main(["run", "--model", "tiny-sd", "--backend", "triton", "--triton-url", f"http://{remote.http_url}",
                  "--triton-grpc-url", remote.grpc_url, "--warmup", "0", "--repeats", "1",
-                 "--results-dir", str(tmp_path), "--no-report"])
+                 "--results-dir", str(tmp_path)])
     (record,) = read_records(next(tmp_path.glob("*/records.jsonl")))
     assert code == 0 and record["status"] == "passed", (record.get("reason"), record["info"].get("traceback"))
     info = record["info"]["triton"]
     assert info["server"] == "external" and info["grpc_url"] == remote.grpc_url
     assert info["delivery"].startswith("model-load request") and info["server_version"].startswith("triton 2.")
     assert info["metrics_url"] == "http://127.0.0.1:8002/metrics"   # defaulted from --triton-url's host
+    assert info["served_versions"] == ["1"]
+    html = next(tmp_path.glob("*/report.html")).read_text()   # the latency table's `served by` column
+    assert f"{info['served']['unet']} v1 on {info['server_version']} at {remote.http_url}" in html
     client = grpcclient.InferenceServerClient(remote.grpc_url)
     try:
         assert not client.is_model_ready(info["served"]["unet"])       # unloaded at the end of the run
@@ -146,10 +150,14 @@ def test_refusals_name_why(remote, tmp_path):
 
 
 def test_users_served_model_judged_against_local_reference(remote, tmp_path, monkeypatch):
-    _unset_until_the_end(monkeypatch, "DIFFBENCH_TRITON_URL", "DIFFBENCH_TRITON_GRPC_URL", "DIFFBENCH_TRITON_MODEL")
+    """Parity against the local reference; the serving sweep, the server's statistics and the model's metrics in
+    the record; which server, model and version measured it, in the record and in the rendered report."""
+    _unset_until_the_end(monkeypatch, "DIFFBENCH_TRITON_URL", "DIFFBENCH_TRITON_GRPC_URL", "DIFFBENCH_TRITON_MODEL",
+                         "DIFFBENCH_TRITON_METRICS_URL", "DIFFBENCH_TRITON_SWEEP", "DIFFBENCH_HTTP_SWEEP")
     code = main(["run", "--model", "minilm-l6", "--backend", "triton+grpc", "--triton-url", remote.http_url,
-                 "--triton-grpc-url", remote.grpc_url, "--triton-model", USER_MODEL, "--batch", "4", "--seq", "16",
-                 "--warmup", "0", "--repeats", "1", "--results-dir", str(tmp_path), "--no-report"])
+                 "--triton-grpc-url", remote.grpc_url, "--triton-metrics-url", remote.metrics_url,
+                 "--triton-model", USER_MODEL, "--batch", "4", "--seq", "16", "--concurrency", "1,4",
+                 "--warmup", "0", "--repeats", "1", "--results-dir", str(tmp_path)])
     (record,) = read_records(next(tmp_path.glob("*/records.jsonl")))
     assert code == 0 and record["status"] == "passed", (record.get("reason"), record["info"].get("traceback"))
     parity = record["parity"]
@@ -158,10 +166,37 @@ def test_users_served_model_judged_against_local_reference(remote, tmp_path, mon
     assert "pooled embeddings" in parity["components"]["encoder"]["skipped"]
     info = record["info"]["triton"]
     assert info["served_model"] == USER_MODEL and info["served_versions"] == ["1"]
+    assert info["measured_version"] == "1" and info["url"] == remote.http_url
     assert info["output"] == "embeddings FP32 [-1, 384] (pooled)" and info["max_batch_size"] == 64
     assert info["dynamic_batching"]["preferred_batch_size"] == [8, 16, 32]
     assert info["instance_group"] == [{"count": 1, "kind": "KIND_CPU"}]
     assert info["server_version"].startswith("triton 2.")
+
+    serving = record["serving"]
+    assert (serving["server"], serving["model"], serving["version"], serving["protocol"]) == \
+        (remote.http_url, USER_MODEL, "1", "grpc")
+    # the case's own calls (first + 1 measured), 4 sentences each, as the server counted them
+    calls = serving["statistics"]["case_calls"]
+    assert (calls["server_requests"], calls["inferences"]) == (2, 8), calls
+    assert calls["server"]["compute_infer_ms"] > 0
+    # the sweep: --concurrency levels, each request the case's 4 sentences at its length
+    assert [level["concurrency"] for level in serving["sweep"]] == [1, 4]
+    for level in serving["sweep"]:
+        assert level["requests"] == level["server_requests"] == max(4, 2 * level["concurrency"]), level
+        assert level["inferences"] == 4 * level["requests"] and level["executions"] <= level["requests"]
+        assert level["server"]["compute_infer_ms"] > 0 and level["latency"]["n"] == level["requests"]
+        assert level["embeddings_per_s"] == pytest.approx(4 * level["throughput_rps"])
+    assert serving["batching"]["concurrency"] == 4 and "batched" in serving["batching"]
+    # the model's own /metrics series, at least as many successes as the case and the sweep sent
+    successes = serving["metrics"]["nv_inference_request_success"]
+    (labels, count), = successes.items()
+    assert f'model="{USER_MODEL}"' in labels and 'version="1"' in labels
+    assert count >= 2 + sum(level["requests"] for level in serving["sweep"]), successes
+
+    html = next(tmp_path.glob("*/report.html")).read_text()
+    served_by = f"{USER_MODEL} v1 on {info['server_version']} at {remote.http_url}"
+    assert served_by in html   # the embedding table's `served by` column
+    assert f"model: {USER_MODEL}, version: 1" in html and f"server: {remote.http_url}" in html   # the serving section
 
 
 def test_a_served_model_that_does_not_fit_says_why():
@@ -171,6 +206,9 @@ def test_a_served_model_that_does_not_fit_says_why():
     wanted = ["input_ids", "attention_mask", "token_type_ids"]
     fits = metadata([("input_ids", "INT32", [-1, -1])], [("last_hidden_state", "FP16", [-1, -1, 384])])
     assert not fit_encoder(fits, {"max_batch_size": 8}, wanted).pooled
+    check_batch(fit_encoder(fits, {"max_batch_size": 8}, wanted), 8)
+    with pytest.raises(Unsupported, match="batch 16 > max_batch_size 8 of served model 'm'"):
+        check_batch(fit_encoder(fits, {"max_batch_size": 8}, wanted), 16)
     cases = {"is not token ids": metadata([("pixel_values", "FP32", [-1, 3, 224, 224])], []),
              "is FP32, token tensors are": metadata([("input_ids", "FP32", [-1, -1])], []),
              "has no floating-point output": metadata([("input_ids", "INT64", [-1, -1])],

@@ -14,6 +14,7 @@ backends.onnx's, with Triton as their runner.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import threading
@@ -31,6 +32,7 @@ from backends.onnx.executors import make_executor
 from backends.onnx.export import export_model
 from backends.triton.client import Client, failure
 from backends.triton.server import ExternalServer, TritonServer, missing_reason
+from harness.models.sentences import texts_for
 
 URL_ENV = "DIFFBENCH_TRITON_URL"
 GRPC_URL_ENV = "DIFFBENCH_TRITON_GRPC_URL"         # --triton-grpc-url
@@ -286,6 +288,7 @@ class TritonBackend(Backend):
         self.models_of[case.id] = {spec.name for spec in specs}
         info = {"triton": {
             "protocol": protocol, "served": {c: spec.name for c, (_, spec) in served.items()},
+            "served_versions": ["1"],   # repository.write_model writes each model as version 1
             "server": "external" if server.external else "local", "url": server.http_url,
             "grpc_url": server.grpc_url, "metrics_url": server.metrics_url,
             "server_version": server_version(server),
@@ -316,6 +319,7 @@ class TritonBackend(Backend):
         (interface,) = component_specs(model, case, [model.encoder])
         metadata, config = user_served.describe(server, name)
         fitted = user_served.fit_encoder(metadata, config, list(interface.inputs))
+        user_served.check_batch(fitted, case.batch)
         protocol = protocol_of(case.variant)
         client = Client(server, protocol)
         runner = user_served.RenamingRunner(TritonRunner(client, fitted.served, model.device), fitted)
@@ -327,8 +331,25 @@ class TritonBackend(Backend):
             "delivery": "the server's own model (--triton-model)", **fitted.description}}
         unjudged = {model.encoder: f"{name} returns pooled embeddings, not the hidden state: its embeddings and "
                                    "ranking are judged"} if fitted.pooled else {}
+        before = user_served.statistics(server, name)   # the case's calls are what is counted from here
+        # the sweep's requests: the case's `batch` sentences of its set, rotating (the cycle of starting sentences
+        # repeats after len / gcd(len, batch) requests), tokenized at its length here, outside the sweep's clocks
+        texts = texts_for(case.seq)
+        requests = [fitted.arrays(model.pipeline.tokenize([texts[(i * case.batch + k) % len(texts)]
+                                                           for k in range(case.batch)], case.seq))
+                    for i in range(len(texts) // math.gcd(len(texts), case.batch))]
+
+        def request(i: int) -> dict:
+            return requests[i % len(requests)]
+
+        def after_measure() -> dict:
+            serving = user_served.serving(server, fitted, request, protocol, case.batch, before, runner.requests,
+                                          user_served.sweep_levels())
+            # the version the case's calls reached, beside the versions the server had ready
+            return {"serving": serving, "triton": {**info["triton"], "measured_version": serving["version"]}}
+
         return Prepared(pipeline=model.pipeline, executors={model.encoder: executor}, build=build, info=info,
-                        on_close=[client.close], unjudged_components=unjudged)
+                        on_close=[client.close], unjudged_components=unjudged, after_measure=after_measure)
 
     def foreign_processes(self, case) -> dict[int, str]:
         """The shared local server belongs to the triton cases: to another backend's case, the whole server (its

@@ -17,9 +17,19 @@ from harness.measure.timing import stats as latency_stats
 
 
 # -- server-side statistics -----------------------------------------------------------------------------------------
-def model_statistics(http_client, model: str) -> dict:
-    """Cumulative counters of one model from the statistics extension (sync tritonclient.http client)."""
-    stats = http_client.get_inference_statistics(model)["model_stats"][0]
+def model_statistics(http_client, model: str, version: str = "") -> dict:
+    """Cumulative counters of one model from the statistics extension (sync tritonclient.http client); `version`
+    picks one of several served versions (default: the first the server lists)."""
+    return _counters(http_client.get_inference_statistics(model, model_version=version)["model_stats"][0])
+
+
+def statistics_by_version(http_client, model: str) -> dict[str, dict]:
+    """model_statistics of every served version of a model: {version: counters}."""
+    return {stats["version"]: _counters(stats)
+            for stats in http_client.get_inference_statistics(model)["model_stats"]}
+
+
+def _counters(stats: dict) -> dict:
     infer = stats["inference_stats"]
     return {"requests": int(infer["success"]["count"]), "failures": int(infer["fail"]["count"]),
             "executions": int(stats.get("execution_count", 0)), "inferences": int(stats.get("inference_count", 0)),
@@ -57,11 +67,11 @@ def scrape_metrics(url: str, timeout: float = 10.0) -> dict[str, dict[str, float
     return metrics
 
 
-def _settled_statistics(client, model: str, expected_requests: int, wait_s: float = 5.0) -> dict:
+def _settled_statistics(client, model: str, expected_requests: int, wait_s: float = 5.0, version: str = "") -> dict:
     """The server counts a request just after sending its response: wait until the counters caught up."""
     deadline = time.monotonic() + wait_s
     while True:
-        stats = model_statistics(client, model)
+        stats = model_statistics(client, model, version)
         if stats["requests"] + stats["failures"] >= expected_requests or time.monotonic() > deadline:
             return stats
         time.sleep(0.02)
@@ -94,8 +104,10 @@ async def _level(server, protocol: str, model: str, request: Callable[[int], dic
 
 def sweep(server, model: str, request: Callable[[int], dict], outputs: list[str], levels=(1, 2, 4, 8),
           requests_per_level: Callable[[int], int] = lambda c: max(4, 2 * c), protocol: str = "http",
-          budget_s: float = 20.0, timeout_s: float = 60.0, stats_client=None, warmup: int = 1) -> list[dict]:
-    """One entry per concurrency level: throughput, client latency stats, server split, executions vs requests.
+          budget_s: float = 20.0, timeout_s: float = 60.0, stats_client=None, warmup: int = 1,
+          version: str = "") -> list[dict]:
+    """One entry per concurrency level: throughput, client latency stats, server split, executions vs requests
+    (the statistics of `version` when the model serves several; requests go to the version the server picks).
     Raises on the first level with errors (the message is the client's, with the server log tail if it died)."""
     import tritonclient.http as httpclient
     own = stats_client is None
@@ -109,13 +121,13 @@ def sweep(server, model: str, request: Callable[[int], dict], outputs: list[str]
                 raise failure(server, "sweep warm-up", RuntimeError(level["errors"][0]))
         for concurrency in levels:
             n = requests_per_level(concurrency)
-            before = model_statistics(stats_client, model)
+            before = model_statistics(stats_client, model, version)
             level = asyncio.run(_level(server, protocol, model, request, outputs, concurrency, n, budget_s,
                                        timeout_s))
             if level["errors"]:
                 raise failure(server, f"sweep at concurrency {concurrency}", RuntimeError(level["errors"][0]))
             done = len(level["latencies"])
-            after = _settled_statistics(stats_client, model, before["requests"] + done)
+            after = _settled_statistics(stats_client, model, before["requests"] + done, version=version)
             delta = statistics_delta(before, after)
             results.append({"concurrency": concurrency, "requests": done, "protocol": protocol,
                             "throughput_rps": done / level["wall"] if level["wall"] else 0.0,

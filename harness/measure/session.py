@@ -21,6 +21,19 @@ from harness.records import Record, RecordWriter, git_info, new_run_id, recorded
 from harness.selection.cases import Case
 
 
+TRITON_LOG_ENV = "DIFFBENCH_TRITON_LOG_DIR"
+_log_dir_we_set: list[str] = []     # the folder the last session of this process set (a user's own is kept)
+
+
+def set_server_log_dir(folder: Path) -> None:
+    """Servers a run starts keep their logs beside its records: each session of a process points them at its own
+    run folder, unless the user named a folder."""
+    current = os.environ.get(TRITON_LOG_ENV)
+    if current is None or current in _log_dir_we_set:
+        os.environ[TRITON_LOG_ENV] = str(folder)
+        _log_dir_we_set[:] = [str(folder)]
+
+
 @dataclass
 class Session:
     """One run: its folder and records file, the reference cache, the environment fingerprint."""
@@ -37,8 +50,7 @@ class Session:
         self.records_path = self.run_dir / "records.jsonl"
         self.done = recorded_case_ids(self.records_path) if self.resume else set()
         self.writer = RecordWriter(self.records_path)
-        # servers we start keep their logs beside the records
-        os.environ.setdefault("DIFFBENCH_TRITON_LOG_DIR", str(self.run_dir / "triton"))
+        set_server_log_dir(self.run_dir / "triton")
         self.env = devinfo.fingerprint(self.options.device)
         self.git = git_info(Path(__file__).resolve().parents[2])
         self.records: dict[str, Record] = {}

@@ -87,7 +87,8 @@ MEASURING = (
            metavar="HOST:PORT"),
     Option("--endpoint", "the http backend's service: its base URL, e.g. http://127.0.0.1:8000 (an endpoint that "
            "does not answer is an error row)", metavar="URL"),
-    Option("--concurrency", "the http backend's load sweep: concurrency levels, e.g. 1,2,4 (default 1,2,4)",
+    Option("--concurrency", "the load sweep of the http backend and of a --triton-model: concurrency levels, e.g. "
+           "1,2,4 (default 1,2,4)",
            metavar="N,N,..."),
     Option("--request-rate", "the http backend's load sweep in request-rate mode (open loop, instead of "
            "--concurrency): requests per second at each level, e.g. 0.5,1,2", metavar="R,R,..."),
@@ -162,7 +163,7 @@ class Settings:
     triton_metrics_url: str | None = None
     triton_model: str | None = None
     endpoint: str | None = None             # the http backend's service
-    concurrency: str | None = None          # the http backend's sweep levels, "1,2,4"
+    concurrency: str | None = None          # the http backend's and a --triton-model's sweep levels, "1,2,4"
     history: str | None = None              # --history STORE: the records are added there at the end
     http_env: dict[str, str] = field(default_factory=dict)   # the http backend's sweep and protocol options
 
@@ -286,6 +287,7 @@ def export_backend_settings(settings: Settings) -> None:
         os.environ["DIFFBENCH_HTTP_ENDPOINT"] = settings.endpoint
     if settings.concurrency:
         os.environ["DIFFBENCH_HTTP_SWEEP"] = settings.concurrency
+        os.environ["DIFFBENCH_TRITON_SWEEP"] = settings.concurrency
     os.environ.update(settings.http_env)
 
 
