@@ -10,7 +10,11 @@ DIFFBENCH_FAULT_SLEEP seconds in every denoiser call), sized to --slowdown of th
              --processes/--repeats/--warmup override ab's defaults, --log appends one JSON line per round
              (time, load average, measured change, band and verdict of each side)
 
-    python -m suites.bench_gate [--mode ab|stored|both] [--slowdown 0.10] [--rounds 3] [--threshold e2e.p50:+5%]
+  simulate -- no pipeline: the gate's paired rule (harness/noise.py paired_band, the +5 % threshold) on synthetic
+             call-pair ratios, heavy-tailed call noise plus a per-process bias, to show how often each setting of
+             process pairs x calls flags an unchanged and a 10 % slower build (seconds; seeded)
+
+    python -m suites.bench_gate [--mode ab|stored|both|simulate] [--slowdown 0.10] [--rounds 3] [--threshold e2e.p50:+5%]
                                 [--processes P] [--repeats N] [--warmup W] [--log rounds.jsonl]
 """
 from __future__ import annotations
@@ -25,7 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from harness import noise
+from harness.timing import stats
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND = "faulty+slow"
@@ -114,9 +121,38 @@ def ab(args, tmp: Path) -> None:
         print(f"    {args.slowdown:.0%} slower       -> {_verdict(slow, 'e2e.p50:+5%')}  [{flagged(slow)}]")
 
 
+def simulate(args) -> None:
+    """How often the paired rule flags a build, by process pairs x calls each, with and without a per-process bias.
+    Call noise: Student-t (3 degrees of freedom, heavy tails as on the shared VM) with a scale that gives 50 pairs
+    in one process a call-pair band of about 3-4 %; a process's bias: normal, sd --process-bias."""
+    rng = np.random.default_rng(0)
+    settings = [(1, 50), (3, 17), (4, 13), (6, 9), (8, 7), (10, 5)]
+    print(f"simulate: {args.trials} trials per line; call noise sd 9 % (t3), process bias sd 0 or "
+          f"{args.process_bias:.0%}; flagged = change > +5 % and beyond the paired band")
+    for bias in (0.0, args.process_bias):
+        for processes, calls in settings:
+            line = f"  bias {bias:4.0%}  {processes:2d} processes x {calls:2d} pairs:"
+            for change in (0.0, args.slowdown):
+                flagged, bands = 0, []
+                for _ in range(args.trials):
+                    log_ratio = (rng.normal(0, bias, (processes, 1))
+                                 + 0.09 * rng.standard_t(3, (processes, calls)) / np.sqrt(3))
+                    ratios = (1 + change) * np.exp(log_ratio)
+                    ratio = stats(ratios.ravel())
+                    if processes > 1:
+                        ratio["process_p50s"] = list(np.median(ratios, axis=1))
+                    pct, band, _kind = noise.paired_band(ratio)
+                    flagged += pct > 5 and pct > band
+                    bands.append(band)
+                line += (f"  {'unchanged' if change == 0 else f'{change:.0%} slower'} flagged "
+                         f"{flagged / args.trials:6.1%} (band median ±{np.median(bands):.1f}%, "
+                         f"95th ±{np.percentile(bands, 95):.1f}%)")
+            print(line, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("ab", "stored", "both"), default="both")
+    parser.add_argument("--mode", choices=("ab", "stored", "both", "simulate"), default="both")
     parser.add_argument("--model", default="tiny-sd")
     parser.add_argument("--slowdown", type=float, default=0.10)
     parser.add_argument("--rounds", type=int, default=3, help="A/B rounds (each: unchanged, then slowed)")
@@ -124,9 +160,13 @@ def main() -> None:
     parser.add_argument("--processes", type=int, help="A/B process pairs (default: diffbench ab's default)")
     parser.add_argument("--warmup", type=int, help="A/B warm-up call pairs (default: diffbench ab's default)")
     parser.add_argument("--log", help="A/B: append one JSON line per round to this file")
+    parser.add_argument("--trials", type=int, default=2000, help="simulate: trials per setting")
+    parser.add_argument("--process-bias", type=float, default=0.03, help="simulate: sd of a process's bias")
     parser.add_argument("--baseline-runs", type=int, default=3)
     parser.add_argument("--threshold", default="e2e.p50:+5%")
     args = parser.parse_args()
+    if args.mode == "simulate":
+        return simulate(args)
     tmp = Path(tempfile.mkdtemp(prefix="diffbench-gate-"))
     if args.mode in ("stored", "both"):
         stored(args, tmp)
