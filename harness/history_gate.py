@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from harness import changepoint
 from harness.errors import UserError
+from harness.gate import Verdicts
 from harness.metrics import METRICS, Metric
 from harness.thresholds import Threshold, parse_thresholds
 
@@ -129,17 +130,9 @@ class HistoryRow:
 
 
 @dataclass
-class HistoryResult:
+class HistoryResult(Verdicts):
     rows: list[HistoryRow]
     thresholds: list[str]
-
-    @property
-    def regressed(self) -> bool:
-        return any(r.verdict == "REGRESSED" for r in self.rows)
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.regressed else 0
 
     def text(self, all_rows: bool = False) -> str:
         shown = [r for r in self.rows if all_rows or r.verdict not in ("PASS",)]
