@@ -50,10 +50,9 @@ class GateRow:
     note: str = ""
 
 
-@dataclass
-class GateResult:
-    rows: list[GateRow] = field(default_factory=list)
-    thresholds: list[str] = field(default_factory=list)
+class Verdicts:
+    """What a gate's result (this one, or the history gate's) says as a whole: any REGRESSED row fails it."""
+    rows: list
 
     @property
     def regressed(self) -> bool:
@@ -62,6 +61,12 @@ class GateResult:
     @property
     def exit_code(self) -> int:
         return 1 if self.regressed else 0
+
+
+@dataclass
+class GateResult(Verdicts):
+    rows: list[GateRow] = field(default_factory=list)
+    thresholds: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return {v: sum(r.verdict == v for r in self.rows) for v in VERDICTS}

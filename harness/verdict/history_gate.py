@@ -17,9 +17,10 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from harness.verdict import changepoint
 from harness.errors import UserError
-from harness.verdict.metrics import METRICS, Metric
+from harness.verdict import changepoint
+from harness.verdict.gate import Verdicts
+from harness.verdict.metrics import Metric, METRICS
 from harness.verdict.thresholds import Threshold, parse_thresholds
 
 MIN_RUNS = 6
@@ -129,17 +130,9 @@ class HistoryRow:
 
 
 @dataclass
-class HistoryResult:
+class HistoryResult(Verdicts):
     rows: list[HistoryRow]
     thresholds: list[str]
-
-    @property
-    def regressed(self) -> bool:
-        return any(r.verdict == "REGRESSED" for r in self.rows)
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.regressed else 0
 
     def text(self, all_rows: bool = False) -> str:
         shown = [r for r in self.rows if all_rows or r.verdict not in ("PASS",)]
