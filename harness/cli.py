@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from harness.commands import (AB_E2E_P50, AB_PROCESSES, AB_REPEATS, cmd_ab, cmd_backends, cmd_baseline, cmd_fit,
+from harness.commands import (AB_PROCESSES, AB_REPEATS, AB_THRESHOLDS, cmd_ab, cmd_backends, cmd_baseline, cmd_fit,
                               cmd_gate, cmd_history, cmd_list, cmd_merge, cmd_models, cmd_report, cmd_run, cmd_service)
 from harness.errors import UserError
 from harness.measure import fit as fit_defaults
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fresh worker pairs per case, alternating which side starts first; the call pairs are "
                          f"shared among them and the spread between them is in the noise (default {AB_PROCESSES})")
     ab.add_argument("--threshold", action="append", default=[],
-                    help=f"gate threshold (default: the gate's defaults with {AB_E2E_P50.replace('%', '%%')})")
+                    help=f"gate threshold (default: {', '.join(AB_THRESHOLDS).replace('%', '%%')}; the "
+                         "tails of an A/B run's few calls are not judged unless asked for)")
     ab.add_argument("--all", action="store_true", help="print every gate row, PASS included")
 
     fit = sub.add_parser("fit", help="what fits in N GB: the fastest correct configuration and largest batch per "
