@@ -76,7 +76,7 @@ def stored(args, tmp: Path) -> None:
 
 
 def ab(args, tmp: Path) -> None:
-    """`diffbench ab` with its own defaults (50 pairs, the gate's thresholds with e2e.p50:+5%)."""
+    """`diffbench ab` with its own defaults (40 call pairs over 4 process pairs, its thresholds with e2e.p50:+5%)."""
     def run(name: str, sleep: float) -> tuple[subprocess.CompletedProcess, Path]:
         proc = _cli("ab", "--baseline-dir", str(ROOT), "--model", args.model, "--backend", BACKEND, "--no-report",
                     "--all", "--results-dir", str(tmp / name), "--baseline-env", "DIFFBENCH_FAULT_SLEEP=0",

@@ -15,7 +15,7 @@ The ratio statistics then span every pair of every process, and the median ratio
 the record (`paired.ratio_current_over_baseline.process_p50s`), so the noise band also covers the spread between
 processes (harness/verdict/noise.py, paired band).
 
-    diffbench ab --baseline-dir ../main-checkout [selection] [--repeats 50]
+    diffbench ab --baseline-dir ../main-checkout [selection] [--repeats 40] [--processes 4]
     diffbench ab --baseline-rev origin/main [selection]       (a temporary git worktree of that revision)
 
 Both sides' records are ordinary records files (RESULTS/ab-ID/{baseline,current}/RUN/records.jsonl); the report
@@ -149,12 +149,12 @@ def run_ab(cases: list[Case], baseline_root: Path, current_root: Path, out_dir: 
             parts = []
             for p in range(processes):
                 first = SIDES[p % 2]   # alternate which side's process starts first and calls first
-                if processes > 1:
-                    start((first, *[s for s in SIDES if s != first]))
                 try:
+                    if processes > 1:   # inside the try: an interrupt while a pair starts is recorded too
+                        start((first, *[s for s in SIDES if s != first]))
                     parts.append(_paced_case(sides, case, warmup, first))
                 except KeyboardInterrupt:
-                    for side in sides.values():
+                    for side in (s for s in sides.values() if s.writer):   # a side never started has no file
                         side.writer.write(_unmeasured_record(case, side, "interrupted", "Interrupted",
                                                              "A/B run interrupted by signal"))
                     raise
