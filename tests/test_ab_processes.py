@@ -73,7 +73,7 @@ def test_merge_processes_pools_calls_and_keeps_failures():
 
 
 def test_ab_defaults_judge_the_paired_centre_not_the_tail_of_few_calls():
-    """One slow call among an A/B run's 40 moves their p99 (about their maximum) by +60 %: `diffbench ab`'s default
+    """One slow call among an A/B run's 40 moves their p99 (about their maximum) by +37 %: `diffbench ab`'s default
     thresholds leave that tail alone (docs/gate.md, round 9 of the quiet rounds) and still catch a 10 % step."""
     import numpy as np
     from harness.commands import AB_THRESHOLDS
@@ -87,9 +87,9 @@ def test_ab_defaults_judge_the_paired_centre_not_the_tail_of_few_calls():
         r["e2e"].update({"p99": float(np.percentile(calls, 99)), "std": float(np.std(calls))})
         return r
     steady = {"p50": 1.0, "p25": 0.99, "p75": 1.01, "n": 40, "process_p50s": [0.99, 1.01, 1.0, 1.0]}
-    explicit = gate.compare([sampled("A", base)], [sampled("B", spiky, steady)], ["e2e.p99:+15%"])
-    assert [r.verdict for r in explicit.rows if r.metric == "e2e.p99"] and float(
-        next(r for r in explicit.rows if r.metric == "e2e.p99").change.rstrip("%")) > 15   # the tail did move
+    tail = next(r for r in gate.compare([sampled("A", base)], [sampled("B", spiky, steady)], ["e2e.p99:+15%"]).rows
+                if r.metric == "e2e.p99")
+    assert float(tail.change.rstrip("%")) > 15   # the tail did move
     result = gate.compare([sampled("A", base)], [sampled("B", spiky, steady)], AB_THRESHOLDS)
     assert result.exit_code == 0 and "e2e.p99" not in {r.metric for r in result.rows}, result.table(all_rows=True)
     slowed = {"p50": 1.10, "p25": 1.09, "p75": 1.11, "n": 40, "process_p50s": [1.09, 1.11, 1.10, 1.10]}
