@@ -104,7 +104,7 @@ def ab(args, tmp: Path) -> None:
     for i in range(args.rounds):
         started, load = time.monotonic(), os.getloadavg()
         row = {"round": i + 1, "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "processes": args.processes,
-               "repeats": args.repeats}
+               "repeats": args.repeats, "warmup": args.warmup}   # None: ab's default
         same, base = run(f"ab-same{i}", 0.0)
         row["unchanged"] = measured(same, f"ab-same{i}", started)
         sleep = args.slowdown * _first(base)["e2e"]["p50"] / _first(base)["steps"]
