@@ -115,13 +115,15 @@ def sweep(server, model: str, request: Callable[[int], dict], outputs: list[str]
     from backends.triton.client import failure
     results = []
     try:
+        before = model_statistics(stats_client, model, version)
         if warmup:   # the first requests pay for lazy initialisation in the model: not part of any level
             level = asyncio.run(_level(server, protocol, model, request, outputs, 1, warmup, budget_s, timeout_s))
             if level["errors"]:
                 raise failure(server, "sweep warm-up", RuntimeError(level["errors"][0]))
+            # counted just after its response: read before it is, the warm-up would land in the first level
+            before = _settled_statistics(stats_client, model, before["requests"] + warmup, version=version)
         for concurrency in levels:
             n = requests_per_level(concurrency)
-            before = model_statistics(stats_client, model, version)
             level = asyncio.run(_level(server, protocol, model, request, outputs, concurrency, n, budget_s,
                                        timeout_s))
             if level["errors"]:
@@ -129,6 +131,7 @@ def sweep(server, model: str, request: Callable[[int], dict], outputs: list[str]
             done = len(level["latencies"])
             after = _settled_statistics(stats_client, model, before["requests"] + done, version=version)
             delta = statistics_delta(before, after)
+            before = after   # settled: the next level counts from here
             results.append({"concurrency": concurrency, "requests": done, "protocol": protocol,
                             "throughput_rps": done / level["wall"] if level["wall"] else 0.0,
                             "latency": latency_stats(level["latencies"]), **delta})
